@@ -1,0 +1,314 @@
+//! The console adapter: prints each action as one readable line (to stdout, or
+//! to any writer, so tests can capture it). For trying Stargazer out without a
+//! platform.
+
+use std::fmt::{self, Write as _};
+use std::io::Write;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::{Adapter, AdapterError, BoxFuture, Capabilities, Delivered, Delivery};
+use crate::envelope::{Action, Button, Envelope};
+
+/// Prints one line per action, such as `[hook] #c1 message (seq 3): hello`.
+/// Messages, files and buttons get synthetic ids (`console-1`, …).
+pub struct ConsoleAdapter {
+    platform: String,
+    out: Mutex<Box<dyn Write + Send>>,
+    next_id: AtomicU64,
+}
+
+impl fmt::Debug for ConsoleAdapter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConsoleAdapter")
+            .field("platform", &self.platform)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ConsoleAdapter {
+    /// A console adapter for `platform` printing to stdout.
+    pub fn stdout(platform: &str) -> Self {
+        Self::with_writer(platform, Box::new(std::io::stdout()))
+    }
+
+    /// A console adapter for `platform` printing to `writer`.
+    pub fn with_writer(platform: &str, writer: Box<dyn Write + Send>) -> Self {
+        Self {
+            platform: platform.to_owned(),
+            out: Mutex::new(writer),
+            next_id: AtomicU64::new(0),
+        }
+    }
+
+    fn write_line(&self, line: &str) -> std::io::Result<()> {
+        // A panic while holding the lock leaves the writer usable.
+        let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
+        out.write_all(line.as_bytes())?;
+        out.write_all(b"\n")?;
+        out.flush()
+    }
+}
+
+/// The one-line description of `envelope` for `platform`.
+fn describe(platform: &str, envelope: &Envelope) -> String {
+    let mut line = format!("[{platform}]");
+    if let Some(channel) = &envelope.channel_id {
+        let _ = write!(line, " #{}", one_line(&channel.0));
+    }
+    let seq = match envelope.seq {
+        Some(n) => format!(" (seq {n})"),
+        None => String::new(),
+    };
+    let _ = match &envelope.action {
+        Action::Message {
+            text,
+            reply_to,
+            buttons,
+        } => {
+            let reply = match reply_to {
+                Some(m) => format!(" reply to {}", one_line(m)),
+                None => String::new(),
+            };
+            let buttons = if buttons.is_empty() {
+                String::new()
+            } else {
+                format!(" {}", button_list(buttons))
+            };
+            write!(line, " message{seq}{reply}: {}{buttons}", one_line(text))
+        }
+        Action::File {
+            data,
+            filename,
+            mimetype,
+            text,
+        } => {
+            let _ = write!(
+                line,
+                " file{seq} {} ({}, {} bytes)",
+                one_line(filename),
+                one_line(mimetype),
+                data.len()
+            );
+            match text {
+                Some(t) => write!(line, ": {}", one_line(t)),
+                None => Ok(()),
+            }
+        }
+        Action::Buttons { text, buttons } => write!(
+            line,
+            " buttons{seq}: {} {}",
+            one_line(text),
+            button_list(buttons)
+        ),
+        Action::StartTyping => write!(line, " typing…"),
+        Action::StopTyping => write!(line, " stopped typing"),
+        Action::Reaction { message_id, emoji } => write!(
+            line,
+            " reaction {} on {}",
+            one_line(emoji),
+            one_line(message_id)
+        ),
+        Action::Presence { text, emoji } => match (emoji, text) {
+            (None, None) => write!(line, " presence cleared"),
+            (Some(e), None) => write!(line, " presence: {}", one_line(e)),
+            (None, Some(t)) => write!(line, " presence: {}", one_line(t)),
+            (Some(e), Some(t)) => write!(line, " presence: {} {}", one_line(e), one_line(t)),
+        },
+        Action::Rpc { method, .. } => write!(line, " rpc {}", one_line(method)),
+    };
+    line
+}
+
+/// `[Yes|No]`; link buttons show their target: `[Docs → https://…]`.
+fn button_list(buttons: &[Button]) -> String {
+    let labels: Vec<String> = buttons
+        .iter()
+        .map(|b| match &b.url {
+            Some(url) => format!("{} → {}", one_line(&b.label), one_line(url)),
+            None => one_line(&b.label),
+        })
+        .collect();
+    format!("[{}]", labels.join("|"))
+}
+
+/// `s` with control characters (newlines, tabs, …) escaped, so every action
+/// stays on one line.
+fn one_line(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+impl Adapter for ConsoleAdapter {
+    fn kind(&self) -> &'static str {
+        "console"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::ALL
+    }
+
+    fn deliver<'a>(
+        &'a self,
+        delivery: Delivery<'a>,
+    ) -> BoxFuture<'a, Result<Delivered, AdapterError>> {
+        Box::pin(async move {
+            let line = describe(&self.platform, delivery.envelope);
+            self.write_line(&line).map_err(|e| {
+                AdapterError::transient(format!("could not write to the console: {e}"))
+            })?;
+            let message_id = match delivery.envelope.action {
+                Action::Message { .. } | Action::File { .. } | Action::Buttons { .. } => {
+                    let n = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+                    Some(format!("console-{n}"))
+                }
+                _ => None,
+            };
+            Ok(Delivered { message_id })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::envelope::{ParseRules, StreamId, parse_entry};
+
+    /// A writer whose output the test can read back.
+    #[derive(Clone, Default)]
+    struct Capture(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Capture {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("capture lock").extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Capture {
+        fn text(&self) -> String {
+            String::from_utf8(self.0.lock().expect("capture lock").clone()).expect("utf-8")
+        }
+    }
+
+    fn envelope(json: &str) -> Envelope {
+        let rules = ParseRules {
+            max_payload_bytes: 1 << 16,
+            signing_secret: None,
+            cache_prefix: "sg:".into(),
+            reply_prefix: "sg:{p}:rpc:reply:".into(),
+        };
+        let mut fields = HashMap::new();
+        fields.insert("payload".to_owned(), json.as_bytes().to_vec());
+        parse_entry(&fields, &rules).result.expect("valid envelope")
+    }
+
+    async fn deliver(adapter: &ConsoleAdapter, json: &str) -> Option<String> {
+        let env = envelope(json);
+        let id = StreamId("1-0".into());
+        adapter
+            .deliver(Delivery {
+                platform: "hook",
+                stream_id: &id,
+                envelope: &env,
+                idempotency_key: "k",
+                attempt: 1,
+                resend: false,
+            })
+            .await
+            .expect("console delivery")
+            .message_id
+    }
+
+    #[tokio::test]
+    async fn prints_one_readable_line_per_action() {
+        let cap = Capture::default();
+        let a = ConsoleAdapter::with_writer("hook", Box::new(cap.clone()));
+        let m = deliver(&a, r#"{"channel_id":"c1","text":"hello","seq":3}"#).await;
+        assert_eq!(m.as_deref(), Some("console-1"));
+        let f = deliver(
+            &a,
+            r#"{"type":"file","channel_id":"c1","file_data":"aGVsbG8=","filename":"report.pdf","mimetype":"application/pdf"}"#,
+        )
+        .await;
+        assert_eq!(f.as_deref(), Some("console-2"));
+        deliver(
+            &a,
+            r#"{"type":"buttons","channel_id":"c1","text":"pick one","buttons":[{"label":"Yes","custom_id":"y"},{"label":"No","custom_id":"n"}]}"#,
+        )
+        .await;
+        assert_eq!(
+            deliver(&a, r#"{"type":"typing","channel_id":"c1"}"#).await,
+            None
+        );
+        deliver(&a, r#"{"type":"stop_typing","channel_id":"c1"}"#).await;
+        deliver(
+            &a,
+            r#"{"type":"reaction","channel_id":"c1","message_id":"m-1","emoji":"👍"}"#,
+        )
+        .await;
+        deliver(&a, r#"{"type":"presence","text":"text"}"#).await;
+        deliver(&a, r#"{"type":"presence"}"#).await;
+        deliver(
+            &a,
+            r#"{"channel_id":"c1","text":"two\nlines","reply_to":"m-0"}"#,
+        )
+        .await;
+        let expected = [
+            "[hook] #c1 message (seq 3): hello",
+            "[hook] #c1 file report.pdf (application/pdf, 5 bytes)",
+            "[hook] #c1 buttons: pick one [Yes|No]",
+            "[hook] #c1 typing…",
+            "[hook] #c1 stopped typing",
+            "[hook] #c1 reaction 👍 on m-1",
+            "[hook] presence: text",
+            "[hook] presence cleared",
+            r"[hook] #c1 message reply to m-0: two\nlines",
+        ];
+        assert_eq!(cap.text(), format!("{}\n", expected.join("\n")));
+        assert_eq!(a.kind(), "console");
+    }
+
+    #[tokio::test]
+    async fn a_failing_writer_is_a_transient_error() {
+        struct Broken;
+        impl Write for Broken {
+            fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+                Err(std::io::Error::from(std::io::ErrorKind::BrokenPipe))
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let a = ConsoleAdapter::with_writer("hook", Box::new(Broken));
+        let env = envelope(r#"{"channel_id":"c1","text":"hello"}"#);
+        let id = StreamId("1-0".into());
+        let err = a
+            .deliver(Delivery {
+                platform: "hook",
+                stream_id: &id,
+                envelope: &env,
+                idempotency_key: "k",
+                attempt: 1,
+                resend: false,
+            })
+            .await
+            .expect_err("writer fails");
+        assert_eq!(err.retry, super::super::Retry::Backoff);
+        assert!(err.message.contains("console"), "{}", err.message);
+    }
+}

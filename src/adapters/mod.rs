@@ -1,0 +1,174 @@
+//! Adapters deliver one action to one platform, and nothing else: no Redis, no
+//! retries, no ordering. The dispatcher decides what to send and when; the
+//! adapter says how it went, classifying failures with [`AdapterError`].
+//!
+//! The trait is object-safe so configuration can pick adapters at run time.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::envelope::{Action, Envelope, StreamId};
+
+pub mod console;
+pub mod null;
+pub mod webhook;
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Which optional actions a platform supports. An envelope asking for an
+/// unsupported one is acknowledged unsent, with a warning and a count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capabilities {
+    pub typing: bool,
+    pub reactions: bool,
+    pub presence: bool,
+    pub buttons: bool,
+    pub files: bool,
+}
+
+impl Capabilities {
+    pub const ALL: Capabilities = Capabilities {
+        typing: true,
+        reactions: true,
+        presence: true,
+        buttons: true,
+        files: true,
+    };
+
+    /// Whether `action` can be delivered on this platform.
+    pub fn supports(&self, action: &Action) -> bool {
+        match action {
+            Action::StartTyping | Action::StopTyping => self.typing,
+            Action::Reaction { .. } => self.reactions,
+            Action::Presence { .. } => self.presence,
+            Action::Buttons { .. } => self.buttons,
+            Action::Message { buttons, .. } => buttons.is_empty() || self.buttons,
+            Action::File { .. } => self.files,
+            Action::Rpc { .. } => true,
+        }
+    }
+}
+
+/// One delivery handed to an adapter.
+#[derive(Debug)]
+pub struct Delivery<'a> {
+    pub platform: &'a str,
+    pub stream_id: &'a StreamId,
+    pub envelope: &'a Envelope,
+    /// Stable across retries and redeliveries of this entry: platforms that
+    /// honour one drop a repeat (G2).
+    pub idempotency_key: &'a str,
+    /// 1 for the first try; counts across redeliveries.
+    pub attempt: u32,
+    /// True when an earlier try of this entry may have reached the platform
+    /// (its sender vanished mid-send).
+    pub resend: bool,
+}
+
+/// What a successful delivery returns.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Delivered {
+    /// The platform's id for the created message, written back to the
+    /// envelope's `message_key`.
+    pub message_id: Option<String>,
+}
+
+/// How a failed delivery may be retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    /// Permanent: retrying cannot help (bad request, unknown channel, …).
+    Never,
+    /// Transient: retry with exponential backoff and jitter; uses an attempt.
+    Backoff,
+    /// The platform asked to wait this long (429, Retry-After); does not use an attempt.
+    After(Duration),
+}
+
+/// A failed delivery, classified.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct AdapterError {
+    pub retry: Retry,
+    /// A readable cause, naming the HTTP status and the platform's message when
+    /// there is one; it goes to the dead-letter entry's `error`.
+    pub message: String,
+}
+
+impl AdapterError {
+    pub fn permanent(message: impl Into<String>) -> Self {
+        Self {
+            retry: Retry::Never,
+            message: message.into(),
+        }
+    }
+
+    pub fn transient(message: impl Into<String>) -> Self {
+        Self {
+            retry: Retry::Backoff,
+            message: message.into(),
+        }
+    }
+
+    pub fn rate_limited(after: Duration, message: impl Into<String>) -> Self {
+        Self {
+            retry: Retry::After(after),
+            message: message.into(),
+        }
+    }
+}
+
+/// A platform connection that can deliver actions.
+pub trait Adapter: Send + Sync + fmt::Debug {
+    /// The adapter kind (`null`, `console`, `webhook`, …), for logs.
+    fn kind(&self) -> &'static str;
+
+    fn capabilities(&self) -> Capabilities;
+
+    /// Deliver one action.
+    fn deliver<'a>(&'a self, delivery: Delivery<'a>) -> BoxFuture<'a, Result<Delivered, AdapterError>>;
+
+    /// Answer an RPC method the platform offers (history, webhook deletion, …).
+    fn call<'a>(
+        &'a self,
+        method: &'a str,
+        _args: &'a Value,
+    ) -> BoxFuture<'a, Result<Value, AdapterError>> {
+        Box::pin(async move {
+            Err(AdapterError::permanent(format!(
+                "the {} adapter has no RPC method `{method}`",
+                self.kind()
+            )))
+        })
+    }
+}
+
+pub type SharedAdapter = Arc<dyn Adapter>;
+
+/// Build the adapter a `[[platform]]` table asks for.
+pub fn build(
+    p: &crate::config::PlatformConfig,
+    secret: Option<String>,
+) -> Result<SharedAdapter, String> {
+    use crate::config::AdapterKind;
+    Ok(match p.adapter {
+        AdapterKind::Null => Arc::new(null::NullAdapter::new(Duration::from_millis(p.delay_ms))),
+        AdapterKind::Console => Arc::new(console::ConsoleAdapter::stdout(&p.name)),
+        AdapterKind::Webhook => {
+            let url = p
+                .url
+                .as_deref()
+                .ok_or_else(|| format!("platform `{}` needs `url`", p.name))?;
+            Arc::new(webhook::WebhookAdapter::new(
+                &p.name,
+                url,
+                secret,
+                Duration::from_millis(p.timeout_ms),
+            )?)
+        }
+    })
+}

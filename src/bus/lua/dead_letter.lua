@@ -1,0 +1,19 @@
+-- Move one entry to the dead-letter stream and acknowledge it, atomically.
+-- KEYS: chan (or the dlq when the entry has no channel), stream, dlq
+-- ARGV: group, me, token ('' when no lock is involved), id, seq, release, lock_ttl_ms,
+--       dlq_maxlen, then field/value pairs for the dead-letter entry
+local chan, stream, dlq, group, me, token = KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3]
+if token ~= '' and not holds(chan, me, token) then return {'stale'} end
+local fields = {}
+for i = 9, #ARGV do fields[#fields + 1] = ARGV[i] end
+if tonumber(ARGV[8]) > 0 then
+  redis.call('XADD', dlq, 'MAXLEN', '~', ARGV[8], '*', unpack(fields))
+else
+  redis.call('XADD', dlq, '*', unpack(fields))
+end
+if token ~= '' then
+  finish_entry(chan, stream, group, ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7]))
+else
+  redis.call('XACK', stream, group, ARGV[4])
+end
+return {'ok'}

@@ -1,0 +1,582 @@
+//! The only code that speaks Redis Streams: the consumer group, reading,
+//! claiming and keeping entries, and the scripts that begin, commit and
+//! dead-letter a delivery atomically with its acknowledgement.
+//!
+//! Connections: one multiplexed [`ConnectionManager`] carries every short
+//! command (scripts pipeline over it when many lanes commit at once); each
+//! blocking reader gets a connection of its own with no response timeout (a
+//! blocked XREADGROUP would otherwise hold up, or time out, everything queued
+//! behind it).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::{AsyncConnectionConfig, Client, RedisResult, Value};
+
+use crate::envelope::StreamId;
+use crate::keys::Keys;
+
+mod scripts;
+pub use scripts::Scripts;
+
+/// A stream entry as read: its id and raw fields.
+#[derive(Debug, Clone)]
+pub struct RawEntry {
+    pub id: StreamId,
+    pub fields: HashMap<String, Vec<u8>>,
+}
+
+/// Redis access for one platform.
+#[derive(Clone)]
+pub struct Bus {
+    keys: Keys,
+    client: Client,
+    conn: ConnectionManager,
+}
+
+impl std::fmt::Debug for Bus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bus").field("keys", &self.keys).finish()
+    }
+}
+
+/// The answer of the begin step for one entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Begin {
+    /// Send it: the channel lock is ours with this fencing token.
+    Go {
+        token: String,
+        /// Attempts this entry already used (across redeliveries).
+        attempts: u32,
+        /// An earlier send of this entry may have reached the platform.
+        resumed: bool,
+        /// The message cache already holds a platform id for its message_key.
+        cached: bool,
+        /// Missing predecessors given up on after `gap_timeout_ms`.
+        gap_skipped: u64,
+        /// Its seq was already passed (its gap was skipped): sent late.
+        late: bool,
+    },
+    /// Another live gateway holds the channel; ask again within this long.
+    Busy(Duration),
+    /// An earlier seq has not finished; ask again within this long.
+    Gap(Duration),
+    /// No longer pending: it was finished before (a proven duplicate).
+    Done,
+    /// Now pending for another consumer, which will handle it.
+    Moved(String),
+}
+
+/// The answer of a commit or dead-letter step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Commit {
+    /// Written and acknowledged; with the begin answer of the next entry if asked.
+    Ok(Option<Begin>),
+    /// The fencing token is no longer ours: nothing was written.
+    Stale,
+}
+
+/// What the commit step is told about the entry.
+#[derive(Debug, Clone)]
+pub struct CommitArgs<'a> {
+    pub chan: &'a str,
+    pub token: &'a str,
+    pub id: &'a StreamId,
+    pub seq: Option<u64>,
+    /// The message cache key to write the platform id to.
+    pub cache: Option<&'a str>,
+    pub message_id: Option<&'a str>,
+    /// Give the channel lock up (nothing else queued for the channel).
+    pub release: bool,
+    /// Begin this next entry of the channel in the same round trip.
+    pub next: Option<BeginArgs<'a>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct BeginArgs<'a> {
+    pub id: &'a StreamId,
+    pub seq: Option<u64>,
+    pub cache: Option<&'a str>,
+}
+
+/// The fields of a dead-letter entry (SPEC §2).
+#[derive(Debug, Clone)]
+pub struct DeadLetter<'a> {
+    pub payload: &'a [u8],
+    pub error: &'a str,
+    pub error_kind: &'a str,
+    pub attempts: u32,
+    pub consumer: &'a str,
+    pub channel_id: Option<&'a str>,
+}
+
+/// Identity of one running consumer: its name in the group and the instance
+/// (`name/random`) it holds channel locks as.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub consumer: String,
+    pub instance: String,
+}
+
+/// Timing knobs the scripts need.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    pub lock_ttl: Duration,
+    pub gap_timeout: Duration,
+    pub dlq_maxlen: u64,
+}
+
+fn seq_arg(seq: Option<u64>) -> String {
+    seq.map(|s| s.to_string()).unwrap_or_default()
+}
+
+fn ms(d: Duration) -> u64 {
+    d.as_millis() as u64
+}
+
+impl Bus {
+    /// Connect to `url` for the platform described by `keys`.
+    pub async fn connect(url: &str, keys: Keys) -> RedisResult<Bus> {
+        let client = Client::open(url)?;
+        let config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(Duration::from_secs(10)))
+            .set_connection_timeout(Some(Duration::from_secs(5)));
+        let conn = ConnectionManager::new_with_config(client.clone(), config).await?;
+        Ok(Bus { keys, client, conn })
+    }
+
+    /// Another Bus on the same connection, for another platform.
+    pub fn for_platform(&self, keys: Keys) -> Bus {
+        Bus {
+            keys,
+            client: self.client.clone(),
+            conn: self.conn.clone(),
+        }
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// The shared multiplexed connection (for short commands only).
+    pub fn conn(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    /// A connection of its own for a blocking command: no response timeout,
+    /// so bound each call with `tokio::time::timeout` yourself.
+    pub async fn blocking_connection(&self) -> RedisResult<MultiplexedConnection> {
+        let config = AsyncConnectionConfig::new()
+            .set_response_timeout(None)
+            .set_connection_timeout(Some(Duration::from_secs(5)));
+        self.client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+    }
+
+    /// Create the consumer group at id 0 (with the stream) unless it exists,
+    /// so a backlog published before the first gateway started is delivered.
+    pub async fn ensure_group(&self) -> RedisResult<()> {
+        let mut conn = self.conn.clone();
+        let r: RedisResult<()> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(self.keys.outbound())
+            .arg(self.keys.group())
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut conn)
+            .await;
+        match r {
+            Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+            other => other,
+        }
+    }
+
+    /// XREADGROUP on `conn` (a blocking connection). `from` is `>` for new
+    /// entries or `0` for this consumer's own pending ones.
+    pub async fn read(
+        &self,
+        conn: &mut MultiplexedConnection,
+        consumer: &str,
+        from: &str,
+        count: usize,
+        block: Option<Duration>,
+    ) -> RedisResult<Vec<RawEntry>> {
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
+            .arg(self.keys.group())
+            .arg(consumer)
+            .arg("COUNT")
+            .arg(count);
+        if let Some(b) = block {
+            cmd.arg("BLOCK").arg(ms(b));
+        }
+        cmd.arg("STREAMS").arg(self.keys.outbound()).arg(from);
+        let v: Value = cmd.query_async(conn).await?;
+        Ok(parse_read_reply(v))
+    }
+
+    /// One XAUTOCLAIM page: entries idle at least `min_idle` move to `consumer`.
+    /// Returns the next cursor (`0-0` when the sweep is complete), the claimed
+    /// entries, and ids that were pending but are gone from the stream.
+    pub async fn autoclaim(
+        &self,
+        consumer: &str,
+        min_idle: Duration,
+        cursor: &str,
+        count: usize,
+    ) -> RedisResult<(String, Vec<RawEntry>, Vec<StreamId>)> {
+        let mut conn = self.conn.clone();
+        let v: Value = redis::cmd("XAUTOCLAIM")
+            .arg(self.keys.outbound())
+            .arg(self.keys.group())
+            .arg(consumer)
+            .arg(ms(min_idle))
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(count)
+            .query_async(&mut conn)
+            .await?;
+        let Value::Array(parts) = v else {
+            return Ok(("0-0".into(), Vec::new(), Vec::new()));
+        };
+        let mut parts = parts.into_iter();
+        let next = parts.next().and_then(as_string).unwrap_or_else(|| "0-0".into());
+        let claimed = parts.next().map(parse_entries).unwrap_or_default();
+        let deleted = match parts.next() {
+            Some(Value::Array(ids)) => ids
+                .into_iter()
+                .filter_map(as_string)
+                .map(StreamId)
+                .collect(),
+            _ => Vec::new(),
+        };
+        Ok((next, claimed, deleted))
+    }
+
+    /// Reset the idle time of entries this consumer still holds, so a sweep
+    /// elsewhere does not take a live consumer's slow entries (XCLAIM JUSTID).
+    pub async fn keep_fresh(&self, consumer: &str, ids: &[StreamId]) -> RedisResult<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.conn.clone();
+        let mut cmd = redis::cmd("XCLAIM");
+        cmd.arg(self.keys.outbound())
+            .arg(self.keys.group())
+            .arg(consumer)
+            .arg(0);
+        for id in ids {
+            cmd.arg(&id.0);
+        }
+        cmd.arg("JUSTID");
+        let _: Value = cmd.query_async(&mut conn).await?;
+        Ok(())
+    }
+
+    /// Begin the send of one entry (see `lua/prelude.lua`).
+    pub async fn begin(
+        &self,
+        who: &Identity,
+        timing: Timing,
+        chan: &str,
+        args: BeginArgs<'_>,
+    ) -> RedisResult<Begin> {
+        let mut conn = self.conn.clone();
+        let v: Value = Scripts::get()
+            .begin
+            .key(chan)
+            .key(self.keys.outbound())
+            .key(args.cache.unwrap_or(chan))
+            .arg(self.keys.group())
+            .arg(&who.instance)
+            .arg(&who.consumer)
+            .arg(&args.id.0)
+            .arg(seq_arg(args.seq))
+            .arg(ms(timing.lock_ttl))
+            .arg(ms(timing.gap_timeout))
+            .arg(if args.cache.is_some() { "1" } else { "0" })
+            .invoke_async(&mut conn)
+            .await?;
+        let Value::Array(items) = v else {
+            return Err(unexpected("begin", &v));
+        };
+        parse_begin(&items).ok_or_else(|| unexpected("begin", &Value::Array(items.clone())))
+    }
+
+    /// Commit a delivery (and maybe begin the next entry).
+    pub async fn commit(
+        &self,
+        who: &Identity,
+        timing: Timing,
+        c: CommitArgs<'_>,
+    ) -> RedisResult<Commit> {
+        let mut conn = self.conn.clone();
+        let next = c.next.as_ref();
+        let v: Value = Scripts::get()
+            .commit
+            .key(c.chan)
+            .key(self.keys.outbound())
+            .key(c.cache.unwrap_or(c.chan))
+            .key(next.and_then(|n| n.cache).unwrap_or(c.chan))
+            .arg(self.keys.group())
+            .arg(&who.instance)
+            .arg(c.token)
+            .arg(&c.id.0)
+            .arg(seq_arg(c.seq))
+            .arg(c.message_id.unwrap_or(""))
+            .arg(if c.release { "1" } else { "0" })
+            .arg(ms(timing.lock_ttl))
+            .arg(next.map(|n| n.id.0.as_str()).unwrap_or(""))
+            .arg(seq_arg(next.and_then(|n| n.seq)))
+            .arg(&who.consumer)
+            .arg(ms(timing.gap_timeout))
+            .arg(if next.and_then(|n| n.cache).is_some() {
+                "1"
+            } else {
+                "0"
+            })
+            .invoke_async(&mut conn)
+            .await?;
+        let Value::Array(items) = v else {
+            return Err(unexpected("commit", &v));
+        };
+        match items.first().and_then(|v| as_str(v)) {
+            Some("stale") => Ok(Commit::Stale),
+            Some("ok") if items.len() == 1 => Ok(Commit::Ok(None)),
+            Some("ok") => parse_begin(&items[1..])
+                .map(|b| Commit::Ok(Some(b)))
+                .ok_or_else(|| unexpected("commit", &Value::Array(items.clone()))),
+            _ => Err(unexpected("commit", &Value::Array(items))),
+        }
+    }
+
+    /// Move an entry to the dead-letter stream and acknowledge it. With a
+    /// lock (`chan` and `token`), the channel's delivered mark also moves past
+    /// it, releasing its successors at once; without one (an entry with no
+    /// channel), it is only moved and acknowledged.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn dead_letter(
+        &self,
+        who: &Identity,
+        timing: Timing,
+        lock: Option<(&str, &str)>,
+        id: &StreamId,
+        seq: Option<u64>,
+        release: bool,
+        dl: DeadLetter<'_>,
+    ) -> RedisResult<Commit> {
+        let mut conn = self.conn.clone();
+        let dlq = self.keys.dlq();
+        let failed_ms = crate::now_ms().to_string();
+        let attempts = dl.attempts.to_string();
+        let mut inv = Scripts::get().dead_letter.prepare_invoke();
+        inv.key(lock.map(|l| l.0).unwrap_or(dlq.as_str()))
+            .key(self.keys.outbound())
+            .key(&dlq)
+            .arg(self.keys.group())
+            .arg(&who.instance)
+            .arg(lock.map(|l| l.1).unwrap_or(""))
+            .arg(&id.0)
+            .arg(seq_arg(seq))
+            .arg(if release { "1" } else { "0" })
+            .arg(ms(timing.lock_ttl))
+            .arg(timing.dlq_maxlen)
+            .arg("payload")
+            .arg(dl.payload)
+            .arg("error")
+            .arg(dl.error)
+            .arg("error_kind")
+            .arg(dl.error_kind)
+            .arg("attempts")
+            .arg(&attempts)
+            .arg("original_id")
+            .arg(&id.0)
+            .arg("consumer")
+            .arg(dl.consumer)
+            .arg("failed_ms")
+            .arg(&failed_ms);
+        if let Some(c) = dl.channel_id {
+            inv.arg("channel_id").arg(c);
+        }
+        if let Some(s) = seq {
+            inv.arg("seq").arg(s);
+        }
+        let v: Value = inv.invoke_async(&mut conn).await?;
+        match &v {
+            Value::Array(items) if items.first().and_then(as_str) == Some("stale") => {
+                Ok(Commit::Stale)
+            }
+            Value::Array(_) => Ok(Commit::Ok(None)),
+            _ => Err(unexpected("dead_letter", &v)),
+        }
+    }
+
+    /// Extend the channel lock; with `attempt_used`, count one attempt.
+    /// Returns the in-flight entry's attempts, or None when the lock is lost.
+    pub async fn renew(
+        &self,
+        who: &Identity,
+        timing: Timing,
+        chan: &str,
+        token: &str,
+        attempt_used: bool,
+    ) -> RedisResult<Option<u32>> {
+        let mut conn = self.conn.clone();
+        let n: i64 = Scripts::get()
+            .renew
+            .key(chan)
+            .arg(&who.instance)
+            .arg(token)
+            .arg(ms(timing.lock_ttl))
+            .arg(if attempt_used { "1" } else { "0" })
+            .invoke_async(&mut conn)
+            .await?;
+        Ok((n >= 0).then_some(n as u32))
+    }
+
+    /// Give the channel lock up if it is still ours.
+    pub async fn release(&self, who: &Identity, chan: &str, token: &str) -> RedisResult<bool> {
+        let mut conn = self.conn.clone();
+        let n: i64 = Scripts::get()
+            .release
+            .key(chan)
+            .arg(&who.instance)
+            .arg(token)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(n == 1)
+    }
+
+    /// Answer an RPC: push the reply (60 s expiry) and acknowledge, atomically.
+    pub async fn rpc_reply(&self, id: &StreamId, reply_key: &str, reply: &str) -> RedisResult<()> {
+        let mut conn = self.conn.clone();
+        redis::pipe()
+            .atomic()
+            .rpush(reply_key, reply)
+            .ignore()
+            .expire(reply_key, 60)
+            .ignore()
+            .xack(self.keys.outbound(), self.keys.group(), &[&id.0])
+            .ignore()
+            .query_async::<()>(&mut conn)
+            .await
+    }
+
+    /// Acknowledge without any other effect (an RPC past its deadline).
+    pub async fn ack(&self, id: &StreamId) -> RedisResult<()> {
+        let mut conn = self.conn.clone();
+        redis::cmd("XACK")
+            .arg(self.keys.outbound())
+            .arg(self.keys.group())
+            .arg(&id.0)
+            .query_async::<()>(&mut conn)
+            .await
+    }
+}
+
+fn unexpected(what: &str, v: &Value) -> redis::RedisError {
+    redis::RedisError::from((
+        redis::ErrorKind::Parse,
+        "unexpected script reply",
+        format!("{what}: {v:?}"),
+    ))
+}
+
+fn as_str(v: &Value) -> Option<&str> {
+    match v {
+        Value::BulkString(b) => std::str::from_utf8(b).ok(),
+        Value::SimpleString(s) => Some(s),
+        _ => None,
+    }
+}
+
+fn as_string(v: Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b).ok(),
+        Value::SimpleString(s) => Some(s),
+        _ => None,
+    }
+}
+
+fn as_u64(v: &Value) -> Option<u64> {
+    match v {
+        Value::Int(i) => u64::try_from(*i).ok(),
+        other => as_str(other).and_then(|s| s.parse().ok()),
+    }
+}
+
+fn parse_begin(items: &[Value]) -> Option<Begin> {
+    let wait = |i: usize| Duration::from_millis(items.get(i).and_then(as_u64).unwrap_or(0));
+    Some(match as_str(items.first()?)? {
+        "go" => {
+            let resumed = as_u64(items.get(3)?)?;
+            Begin::Go {
+                token: as_str(items.get(1)?)?.to_owned(),
+                attempts: as_u64(items.get(2)?)? as u32,
+                resumed: resumed == 1,
+                cached: resumed == 2,
+                gap_skipped: as_u64(items.get(4)?)?,
+                late: as_u64(items.get(5)?)? == 1,
+            }
+        }
+        "busy" => Begin::Busy(wait(1)),
+        "gap" => Begin::Gap(wait(1)),
+        "done" => Begin::Done,
+        "moved" => Begin::Moved(as_str(items.get(1)?)?.to_owned()),
+        _ => return None,
+    })
+}
+
+/// XREADGROUP reply: `[[stream, [[id, [f, v, …] | nil], …]]]` or nil.
+fn parse_read_reply(v: Value) -> Vec<RawEntry> {
+    let Value::Array(streams) = v else {
+        return Vec::new();
+    };
+    streams
+        .into_iter()
+        .flat_map(|s| match s {
+            Value::Array(mut kv) if kv.len() == 2 => parse_entries(kv.pop().unwrap_or(Value::Nil)),
+            _ => Vec::new(),
+        })
+        .collect()
+}
+
+/// `[[id, [f, v, …] | nil], …]`. An entry whose fields are nil (deleted from
+/// the stream while pending) comes back with no fields at all.
+fn parse_entries(v: Value) -> Vec<RawEntry> {
+    let Value::Array(entries) = v else {
+        return Vec::new();
+    };
+    entries
+        .into_iter()
+        .filter_map(|e| {
+            let Value::Array(mut parts) = e else {
+                return None;
+            };
+            if parts.is_empty() {
+                return None;
+            }
+            let fields_v = if parts.len() > 1 {
+                parts.pop()
+            } else {
+                None
+            };
+            let id = as_string(parts.pop()?)?;
+            let mut fields = HashMap::new();
+            if let Some(Value::Array(fv)) = fields_v {
+                let mut it = fv.into_iter();
+                while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                    if let (Some(k), Value::BulkString(v)) = (as_string(k), v) {
+                        fields.insert(k, v);
+                    }
+                }
+            }
+            Some(RawEntry {
+                id: StreamId(id),
+                fields,
+            })
+        })
+        .collect()
+}

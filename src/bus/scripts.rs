@@ -1,0 +1,39 @@
+//! The Lua scripts, each in a file of its own under `lua/`, with the shared
+//! prelude (state layout and helper functions) in front of each.
+
+use std::sync::OnceLock;
+
+use redis::Script;
+
+/// Every script Stargazer runs.
+pub struct Scripts {
+    pub begin: Script,
+    pub commit: Script,
+    pub dead_letter: Script,
+    pub renew: Script,
+    pub release: Script,
+}
+
+macro_rules! script {
+    ($file:literal) => {
+        Script::new(concat!(
+            include_str!("lua/prelude.lua"),
+            "\n",
+            include_str!(concat!("lua/", $file))
+        ))
+    };
+}
+
+impl Scripts {
+    /// The scripts, built once per process (EVALSHA falls back to EVAL by itself).
+    pub fn get() -> &'static Scripts {
+        static SCRIPTS: OnceLock<Scripts> = OnceLock::new();
+        SCRIPTS.get_or_init(|| Scripts {
+            begin: script!("begin.lua"),
+            commit: script!("commit.lua"),
+            dead_letter: script!("dead_letter.lua"),
+            renew: script!("renew.lua"),
+            release: script!("release.lua"),
+        })
+    }
+}

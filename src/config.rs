@@ -1,0 +1,466 @@
+//! Configuration: the TOML file of SPEC §4, every key overridable from the
+//! environment (`STARGAZER_<SECTION>_<KEY>`, e.g. `STARGAZER_REDIS_URL`), and
+//! validated at load with errors that name the key.
+//!
+//! The library never reads the process environment itself: the caller passes
+//! the variables in (see [`Config::load`]).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// A configuration problem, naming the key or file at fault.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+fn err(msg: impl Into<String>) -> ConfigError {
+    ConfigError(msg.into())
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub redis: RedisConfig,
+    #[serde(default)]
+    pub gateway: GatewayConfig,
+    /// Defaults for every platform; `[platform.consumer]` overrides per platform.
+    #[serde(default)]
+    pub consumer: ConsumerConfig,
+    #[serde(default)]
+    pub http: HttpConfig,
+    #[serde(default, rename = "platform")]
+    pub platforms: Vec<PlatformConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// `redis://host:port[/db]`, `rediss://…` or `redis+unix:///path`.
+    pub url: String,
+    /// Prefix of every Stargazer key (`sg` → `sg:{discord}:outbound`).
+    pub prefix: String,
+    /// A `message_key` must start with this, or the envelope is bad input.
+    pub cache_prefix: String,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: "redis://127.0.0.1:6379".into(),
+            prefix: "sg".into(),
+            cache_prefix: "sg:".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayConfig {
+    /// Name of this node in every consumer group; default: host name + pid.
+    /// Keep it stable across restarts so a node takes its own pending entries back.
+    pub consumer_name: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address of the `/healthz` (and later `/metrics`, `/readyz`) listener; off when unset.
+    pub listen: Option<String>,
+}
+
+/// What to do with an entry whose previous send may or may not have reached
+/// the platform (its gateway died mid-send) when the platform cannot de-duplicate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnknownOutcome {
+    Resend,
+    DeadLetter,
+}
+
+macro_rules! consumer_settings {
+    ($( $(#[$doc:meta])* $name:ident : $ty:ty = $default:expr ),* $(,)?) => {
+        /// Settings of one platform's consumer.
+        #[derive(Debug, Clone, Deserialize)]
+        #[serde(deny_unknown_fields, default)]
+        pub struct ConsumerConfig {
+            $( $(#[$doc])* pub $name: $ty, )*
+        }
+
+        impl Default for ConsumerConfig {
+            fn default() -> Self {
+                Self { $( $name: $default, )* }
+            }
+        }
+
+        /// A platform's overrides of [`ConsumerConfig`] (`[platform.consumer]`).
+        #[derive(Debug, Clone, Default, Deserialize)]
+        #[serde(deny_unknown_fields, default)]
+        pub struct ConsumerOverrides {
+            $( pub $name: Option<$ty>, )*
+        }
+
+        impl ConsumerConfig {
+            /// These settings with a platform's overrides applied.
+            pub fn overlay(&self, o: &ConsumerOverrides) -> ConsumerConfig {
+                ConsumerConfig {
+                    $( $name: o.$name.clone().unwrap_or_else(|| self.$name.clone()), )*
+                }
+            }
+        }
+    };
+}
+
+consumer_settings! {
+    /// Entries held in memory at once (read, queued or being sent).
+    max_in_flight: usize = 256,
+    /// Most entries one XREADGROUP asks for.
+    read_batch: usize = 256,
+    /// How long one blocking read waits for new entries.
+    block_ms: u64 = 2000,
+    /// Period of the recovery sweep (XAUTOCLAIM).
+    autoclaim_interval_ms: u64 = 30_000,
+    /// A pending entry idle this long belongs to a dead consumer and is claimed.
+    autoclaim_min_idle_ms: u64 = 60_000,
+    /// Attempts (across redeliveries) before an entry may be dead-lettered…
+    max_attempts: u32 = 5,
+    /// …and the age it must also have reached.
+    max_age_ms: u64 = 600_000,
+    /// How long a later `seq` waits for a predecessor that never arrives.
+    gap_timeout_ms: u64 = 30_000,
+    /// Channel lock lease; renewed while held.
+    lock_ttl_ms: u64 = 10_000,
+    /// Larger payloads are dead-lettered as `too_large`.
+    max_payload_bytes: usize = 8 * 1024 * 1024,
+    /// On SIGTERM, how long in-flight work may take to finish.
+    drain_timeout_ms: u64 = 10_000,
+    /// First retry delay; doubles per attempt, with jitter.
+    backoff_base_ms: u64 = 200,
+    /// Longest retry delay.
+    backoff_max_ms: u64 = 30_000,
+    /// `resend` or `dead_letter` (G2).
+    unknown_outcome: UnknownOutcome = UnknownOutcome::Resend,
+    /// Require every entry to carry `sig`, an HMAC-SHA256 of the payload with this secret.
+    signing_secret: Option<String> = None,
+    /// Cap of the dead-letter stream (approximate, oldest dropped first); 0 = unbounded.
+    dlq_maxlen: u64 = 0,
+}
+
+impl ConsumerConfig {
+    pub fn ms(v: u64) -> Duration {
+        Duration::from_millis(v)
+    }
+
+    fn validate(&self, at: &str) -> Result<(), ConfigError> {
+        let positive = [
+            ("max_in_flight", self.max_in_flight as u64),
+            ("read_batch", self.read_batch as u64),
+            ("block_ms", self.block_ms),
+            ("autoclaim_interval_ms", self.autoclaim_interval_ms),
+            ("autoclaim_min_idle_ms", self.autoclaim_min_idle_ms),
+            ("max_attempts", self.max_attempts as u64),
+            ("lock_ttl_ms", self.lock_ttl_ms),
+            ("max_payload_bytes", self.max_payload_bytes as u64),
+            ("backoff_base_ms", self.backoff_base_ms),
+        ];
+        for (key, v) in positive {
+            if v == 0 {
+                return Err(err(format!("{at}.{key} must be greater than 0")));
+            }
+        }
+        if self.backoff_max_ms < self.backoff_base_ms {
+            return Err(err(format!(
+                "{at}.backoff_max_ms ({}) is below {at}.backoff_base_ms ({})",
+                self.backoff_max_ms, self.backoff_base_ms
+            )));
+        }
+        if self.lock_ttl_ms < 100 {
+            return Err(err(format!(
+                "{at}.lock_ttl_ms must be at least 100 (it is renewed every third of it)"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The adapter a platform uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdapterKind {
+    Null,
+    Console,
+    Webhook,
+}
+
+impl fmt::Display for AdapterKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AdapterKind::Null => "null",
+            AdapterKind::Console => "console",
+            AdapterKind::Webhook => "webhook",
+        })
+    }
+}
+
+/// One `[[platform]]` table.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlatformConfig {
+    /// The platform's name in every key (`sg:{<name>}:outbound`).
+    pub name: String,
+    pub adapter: AdapterKind,
+    /// webhook: where actions are POSTed.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// webhook: HMAC secret for `X-Stargazer-Signature` (or `secret_env`).
+    #[serde(default)]
+    pub secret: Option<String>,
+    /// webhook: name of an environment variable holding the secret.
+    #[serde(default)]
+    pub secret_env: Option<String>,
+    /// webhook: whole-request timeout.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// null: simulated time per delivery, for benchmarks.
+    #[serde(default)]
+    pub delay_ms: u64,
+    #[serde(default)]
+    pub consumer: ConsumerOverrides,
+}
+
+fn default_timeout_ms() -> u64 {
+    10_000
+}
+
+impl fmt::Debug for PlatformConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PlatformConfig")
+            .field("name", &self.name)
+            .field("adapter", &self.adapter)
+            .field("url", &self.url)
+            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .field("secret_env", &self.secret_env)
+            .field("timeout_ms", &self.timeout_ms)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Keys whose environment override is always taken as a string.
+const STRING_KEYS: &[&str] = &[
+    "url",
+    "prefix",
+    "cache_prefix",
+    "consumer_name",
+    "listen",
+    "unknown_outcome",
+    "signing_secret",
+];
+
+impl Config {
+    /// Read `path`, apply `STARGAZER_*` overrides from `env`, validate.
+    pub fn load(
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| err(format!("cannot read config {}: {e}", path.display())))?;
+        Self::from_toml(&text, env).map_err(|e| err(format!("{}: {}", path.display(), e.0)))
+    }
+
+    /// Parse TOML text, apply overrides from `env`, validate.
+    pub fn from_toml(
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut table: toml::Table = text.parse().map_err(|e| err(format!("{e}")))?;
+        for (var, value) in env {
+            let Some(rest) = var.strip_prefix("STARGAZER_") else {
+                continue;
+            };
+            let rest = rest.to_ascii_lowercase();
+            let Some((section, key)) = rest.split_once('_') else {
+                continue;
+            };
+            if !["redis", "gateway", "consumer", "http"].contains(&section) {
+                continue;
+            }
+            let parsed = if STRING_KEYS.contains(&key) {
+                toml::Value::String(value)
+            } else if let Ok(i) = value.parse::<i64>() {
+                toml::Value::Integer(i)
+            } else if let Ok(b) = value.parse::<bool>() {
+                toml::Value::Boolean(b)
+            } else {
+                toml::Value::String(value)
+            };
+            let entry = table
+                .entry(section.to_owned())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            let toml::Value::Table(t) = entry else {
+                return Err(err(format!("`{section}` must be a table")));
+            };
+            t.insert(key.to_owned(), parsed);
+        }
+        let merged = toml::to_string(&table).map_err(|e| err(format!("{e}")))?;
+        let config: Config = toml::from_str(&merged).map_err(|e| err(format!("{e}")))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.redis.prefix.is_empty() || self.redis.prefix.contains(['{', '}']) {
+            return Err(err(
+                "redis.prefix must be non-empty and free of `{` and `}`",
+            ));
+        }
+        self.consumer.validate("consumer")?;
+        if let Some(listen) = &self.http.listen
+            && listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(err(format!(
+                "http.listen `{listen}` is not an address like 127.0.0.1:9464"
+            )));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, p) in self.platforms.iter().enumerate() {
+            let at = format!("platform[{i}]");
+            if p.name.is_empty()
+                || !p
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+            {
+                return Err(err(format!(
+                    "{at}.name `{}` must be non-empty and use only letters, digits, `-`, `_`, `.`",
+                    p.name
+                )));
+            }
+            if !seen.insert(p.name.as_str()) {
+                return Err(err(format!("{at}.name `{}` appears twice", p.name)));
+            }
+            self.consumer
+                .overlay(&p.consumer)
+                .validate(&format!("{at}.consumer"))?;
+            if p.adapter == AdapterKind::Webhook {
+                match &p.url {
+                    None => {
+                        return Err(err(format!(
+                            "{at} (`{}`) uses the webhook adapter and needs `url`",
+                            p.name
+                        )));
+                    }
+                    Some(u) if !(u.starts_with("http://") || u.starts_with("https://")) => {
+                        return Err(err(format!(
+                            "{at}.url `{u}` must start with http:// or https://"
+                        )));
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The consumer settings of platform `p`.
+    pub fn consumer_for(&self, p: &PlatformConfig) -> ConsumerConfig {
+        self.consumer.overlay(&p.consumer)
+    }
+
+    /// The webhook secret of `p`, from `secret` or the variable named by `secret_env`.
+    pub fn secret_for(
+        p: &PlatformConfig,
+        env: &HashMap<String, String>,
+    ) -> Result<Option<String>, ConfigError> {
+        match (&p.secret, &p.secret_env) {
+            (Some(s), _) => Ok(Some(s.clone())),
+            (None, Some(var)) => env.get(var).cloned().map(Some).ok_or_else(|| {
+                err(format!(
+                    "platform `{}`: secret_env names `{var}`, which is not set",
+                    p.name
+                ))
+            }),
+            (None, None) => Ok(None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SPEC: &str = r#"
+[redis]
+url = "redis://127.0.0.1:6379"
+[gateway]
+consumer_name = "gw-1"
+[consumer]
+max_in_flight = 256
+autoclaim_interval_ms = 30000
+autoclaim_min_idle_ms = 60000
+max_attempts = 5
+max_age_ms = 600000
+gap_timeout_ms = 30000
+lock_ttl_ms = 10000
+max_payload_bytes = 8388608
+drain_timeout_ms = 10000
+[http]
+listen = "127.0.0.1:9464"
+[[platform]]
+name = "hook"
+adapter = "webhook"
+url = "http://127.0.0.1:8080/deliver"
+"#;
+
+    #[test]
+    fn the_spec_example_loads() {
+        let c = Config::from_toml(SPEC, []).unwrap();
+        assert_eq!(c.platforms[0].name, "hook");
+        assert_eq!(c.gateway.consumer_name.as_deref(), Some("gw-1"));
+        assert_eq!(c.consumer.max_in_flight, 256);
+    }
+
+    #[test]
+    fn environment_overrides_win() {
+        let env = [
+            ("STARGAZER_REDIS_URL".to_owned(), "redis://10.0.0.1:7000".to_owned()),
+            ("STARGAZER_CONSUMER_MAX_IN_FLIGHT".to_owned(), "9".to_owned()),
+            ("STARGAZER_GATEWAY_CONSUMER_NAME".to_owned(), "123".to_owned()),
+        ];
+        let c = Config::from_toml(SPEC, env).unwrap();
+        assert_eq!(c.redis.url, "redis://10.0.0.1:7000");
+        assert_eq!(c.consumer.max_in_flight, 9);
+        assert_eq!(c.gateway.consumer_name.as_deref(), Some("123"));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = Config::from_toml("[consumer]\nmax_inflight = 3\n", []).unwrap_err();
+        assert!(e.0.contains("max_inflight"), "{e}");
+        let e = Config::from_toml("[consumer]\nmax_in_flight = 0\n", []).unwrap_err();
+        assert!(e.0.contains("consumer.max_in_flight"), "{e}");
+        let e = Config::from_toml("[[platform]]\nname = \"h\"\nadapter = \"webhook\"\n", [])
+            .unwrap_err();
+        assert!(e.0.contains("needs `url`"), "{e}");
+        let e = Config::from_toml("[[platform]]\nname = \"h\"\nadapter = \"fax\"\n", [])
+            .unwrap_err();
+        assert!(e.0.contains("fax"), "{e}");
+        let env = [("STARGAZER_CONSUMER_LOCK_TTL_MS".to_owned(), "soon".to_owned())];
+        let e = Config::from_toml("", env).unwrap_err();
+        assert!(e.0.contains("lock_ttl_ms"), "{e}");
+    }
+
+    #[test]
+    fn platform_overrides_apply() {
+        let c = Config::from_toml(
+            "[consumer]\nmax_attempts = 3\n[[platform]]\nname = \"a\"\nadapter = \"null\"\n[platform.consumer]\nmax_attempts = 7\n",
+            [],
+        )
+        .unwrap();
+        assert_eq!(c.consumer_for(&c.platforms[0]).max_attempts, 7);
+        assert_eq!(c.consumer_for(&c.platforms[0]).max_in_flight, 256);
+    }
+}

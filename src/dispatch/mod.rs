@@ -1,0 +1,295 @@
+//! From a parsed entry to a finished one: entries are routed to per-channel
+//! lanes (one channel strictly one at a time, other channels in parallel),
+//! RPCs run beside the lanes, and channel-less bad input goes straight to the
+//! dead-letter stream. No Redis command is spelled here: every state change
+//! goes through [`crate::bus`]; no platform is spoken to but through the
+//! adapter.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, info_span, warn};
+
+use crate::adapters::SharedAdapter;
+use crate::bus::{Bus, DeadLetter, Identity, Timing};
+use crate::config::UnknownOutcome;
+use crate::envelope::{Action, Parsed, StreamId};
+use crate::stats::Stats;
+
+mod lane;
+pub mod retry;
+
+use retry::RetryPolicy;
+
+/// An entry held in memory, with the permit that bounds how many there are.
+#[derive(Debug)]
+pub struct Entry {
+    pub id: StreamId,
+    pub parsed: Parsed,
+    pub permit: OwnedSemaphorePermit,
+}
+
+/// Everything the lanes share.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub bus: Bus,
+    pub adapter: SharedAdapter,
+    pub who: Identity,
+    pub timing: Timing,
+    pub retry: RetryPolicy,
+    pub unknown_outcome: UnknownOutcome,
+    pub stats: Arc<Stats>,
+    lanes: Mutex<HashMap<String, mpsc::UnboundedSender<Entry>>>,
+    /// Ids held in memory, with when they were last claimed or kept fresh.
+    held: Mutex<HashMap<StreamId, Instant>>,
+    tracker: TaskTracker,
+    /// Stop reading and stop waiting; finish what can be sent now.
+    pub stopping: CancellationToken,
+    /// The drain deadline passed: abandon sends in progress.
+    pub abort: CancellationToken,
+}
+
+/// Routes entries to lanes; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Dispatcher {
+    pub(crate) shared: Arc<Shared>,
+}
+
+/// What a dispatcher needs to be built.
+#[derive(Debug)]
+pub struct DispatcherParts {
+    pub bus: Bus,
+    pub adapter: SharedAdapter,
+    pub who: Identity,
+    pub timing: Timing,
+    pub retry: RetryPolicy,
+    pub unknown_outcome: UnknownOutcome,
+    pub stats: Arc<Stats>,
+}
+
+impl Dispatcher {
+    pub fn new(p: DispatcherParts) -> Self {
+        Dispatcher {
+            shared: Arc::new(Shared {
+                bus: p.bus,
+                adapter: p.adapter,
+                who: p.who,
+                timing: p.timing,
+                retry: p.retry,
+                unknown_outcome: p.unknown_outcome,
+                stats: p.stats,
+                lanes: Mutex::new(HashMap::new()),
+                held: Mutex::new(HashMap::new()),
+                tracker: TaskTracker::new(),
+                stopping: CancellationToken::new(),
+                abort: CancellationToken::new(),
+            }),
+        }
+    }
+
+    /// Take an entry in. One already held (say, claimed back by our own sweep)
+    /// is ignored: the copy in memory stays in charge.
+    pub fn submit(&self, entry: Entry) {
+        let s = &self.shared;
+        {
+            let mut held = s.held.lock().expect("held map poisoned");
+            if held.contains_key(&entry.id) {
+                return;
+            }
+            held.insert(entry.id.clone(), Instant::now());
+        }
+        if let Ok(env) = &entry.parsed.result
+            && let Action::Rpc { .. } = env.action
+        {
+            let shared = s.clone();
+            s.tracker.spawn(rpc(shared, entry));
+            return;
+        }
+        let routing = &entry.parsed.routing;
+        let lane = if routing.presence {
+            Some(("\u{0}presence".to_owned(), s.bus.keys().presence()))
+        } else {
+            routing
+                .channel_id
+                .as_ref()
+                .map(|c| (c.0.clone(), s.bus.keys().channel(&c.0)))
+        };
+        match lane {
+            Some((key, state)) => self.to_lane(key, state, entry),
+            None => {
+                let shared = s.clone();
+                s.tracker.spawn(dead_letter_unrouted(shared, entry));
+            }
+        }
+    }
+
+    fn to_lane(&self, key: String, state: String, entry: Entry) {
+        let s = &self.shared;
+        let mut lanes = s.lanes.lock().expect("lane map poisoned");
+        let entry = match lanes.get(&key) {
+            Some(tx) => match tx.send(entry) {
+                Ok(()) => return,
+                Err(mpsc::error::SendError(e)) => e,
+            },
+            None => entry,
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        tx.send(entry).expect("receiver is alive");
+        lanes.insert(key.clone(), tx);
+        let shared = s.clone();
+        s.tracker
+            .spawn(lane::Lane::new(shared, key, state, rx).run());
+    }
+
+    /// Ids held in memory that were last refreshed longer than `older` ago;
+    /// marks them fresh now.
+    pub fn take_stale_held(&self, older: Duration) -> Vec<StreamId> {
+        let now = Instant::now();
+        let mut held = self.shared.held.lock().expect("held map poisoned");
+        held.iter_mut()
+            .filter(|(_, t)| now.duration_since(**t) >= older)
+            .map(|(id, t)| {
+                *t = now;
+                id.clone()
+            })
+            .collect()
+    }
+
+    pub fn held_count(&self) -> usize {
+        self.shared.held.lock().expect("held map poisoned").len()
+    }
+
+    pub fn stopping(&self) -> &CancellationToken {
+        &self.shared.stopping
+    }
+
+    /// Stop taking work, let lanes finish until `drain`, then abandon the rest
+    /// (it stays pending in Redis) and release every lock.
+    pub async fn shutdown(&self, drain: Duration) {
+        let s = &self.shared;
+        s.stopping.cancel();
+        s.tracker.close();
+        if tokio::time::timeout(drain, s.tracker.wait()).await.is_err() {
+            warn!(
+                held = self.held_count(),
+                "drain timeout reached; unfinished entries stay pending for other gateways"
+            );
+            s.abort.cancel();
+            s.tracker.wait().await;
+        }
+    }
+}
+
+impl Shared {
+    pub(crate) fn forget(&self, id: &StreamId) {
+        self.held.lock().expect("held map poisoned").remove(id);
+    }
+
+    /// Retry a Redis step until it succeeds or the drain deadline passes.
+    pub(crate) async fn persist<T, F, Fut>(&self, what: &str, mut f: F) -> Option<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        let mut delay = Duration::from_millis(50);
+        loop {
+            match f().await {
+                Ok(v) => return Some(v),
+                Err(e) => {
+                    warn!(error = %e, step = what, "redis step failed; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = self.abort.cancelled() => return None,
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+}
+
+/// An entry with no channel that is bad input: dead-letter it, no lock needed.
+async fn dead_letter_unrouted(s: Arc<Shared>, entry: Entry) {
+    let bad = match &entry.parsed.result {
+        Err(b) => (b.kind.as_str(), b.detail.clone()),
+        Ok(env) => (
+            "missing_field",
+            format!(
+                "a `{}` envelope needs the field `channel_id`",
+                env.action.type_name()
+            ),
+        ),
+    };
+    warn!(stream_id = %entry.id, kind = bad.0, error = %bad.1, "bad input dead-lettered");
+    let done = s
+        .persist("dead_letter", || {
+            s.bus.dead_letter(
+                &s.who,
+                s.timing,
+                None,
+                &entry.id,
+                None,
+                false,
+                DeadLetter {
+                    payload: &entry.parsed.payload,
+                    error: &bad.1,
+                    error_kind: bad.0,
+                    attempts: 0,
+                    consumer: &s.who.consumer,
+                    channel_id: None,
+                },
+            )
+        })
+        .await;
+    if done.is_some() {
+        Stats::inc(&s.stats.dead_lettered);
+    }
+    s.forget(&entry.id);
+}
+
+/// Answer one RPC request (G9). RPCs never wait behind a channel's sends.
+async fn rpc(s: Arc<Shared>, entry: Entry) {
+    let Ok(env) = &entry.parsed.result else {
+        return;
+    };
+    let Action::Rpc {
+        method,
+        args,
+        reply_key,
+        deadline_ms,
+    } = &env.action
+    else {
+        return;
+    };
+    let span = info_span!("rpc", platform = s.bus.keys().platform(), method = %method, stream_id = %entry.id);
+    async {
+        if let Some(deadline) = deadline_ms
+            && crate::now_ms() > *deadline
+        {
+            warn!("rpc request past its deadline dropped");
+            if s.persist("ack", || s.bus.ack(&entry.id)).await.is_some() {
+                Stats::inc(&s.stats.rpc_expired);
+            }
+            return;
+        }
+        let reply = match s.adapter.call(method, args).await {
+            Ok(v) => v,
+            Err(e) => serde_json::json!({ "error": e.message }),
+        };
+        let reply = reply.to_string();
+        if s
+            .persist("rpc_reply", || s.bus.rpc_reply(&entry.id, reply_key, &reply))
+            .await
+            .is_some()
+        {
+            Stats::inc(&s.stats.rpc_answered);
+        }
+    }
+    .instrument(span)
+    .await;
+    s.forget(&entry.id);
+}

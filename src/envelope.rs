@@ -1,0 +1,708 @@
+//! The wire format (SPEC §1): parsing a stream entry into an [`Envelope`], and a
+//! named [`BadInput`] reason for every way an entry can be wrong.
+//!
+//! Parsing is strict about what Stargazer needs and lenient about what it does
+//! not: unknown fields are ignored, a missing or mistyped required field is an
+//! error that names the field.
+
+use std::collections::HashMap;
+use std::fmt;
+
+use base64::Engine as _;
+use hmac::{Hmac, Mac};
+use serde_json::{Map, Value};
+use sha2::Sha256;
+
+/// A Redis stream entry id (`<ms>-<n>`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StreamId(pub String);
+
+impl StreamId {
+    /// The millisecond part of the id: when Redis appended the entry.
+    pub fn millis(&self) -> u64 {
+        self.0.split('-').next().and_then(|m| m.parse().ok()).unwrap_or(0)
+    }
+}
+
+impl fmt::Display for StreamId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A platform channel (room, webhook target, …) as the platform names it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ChannelId(pub String);
+
+impl fmt::Display for ChannelId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// One button of a `buttons` envelope (or of a `message` with buttons).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Button {
+    pub label: String,
+    /// Exactly one of `custom_id` and `url` is set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub custom_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub style: Option<String>,
+}
+
+/// What the envelope asks the platform to do.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum Action {
+    Message {
+        text: String,
+        reply_to: Option<String>,
+        buttons: Vec<Button>,
+    },
+    File {
+        data: Vec<u8>,
+        filename: String,
+        mimetype: String,
+        text: Option<String>,
+    },
+    Buttons {
+        text: String,
+        buttons: Vec<Button>,
+    },
+    StartTyping,
+    StopTyping,
+    Reaction {
+        message_id: String,
+        emoji: String,
+    },
+    Presence {
+        text: Option<String>,
+        emoji: Option<String>,
+    },
+    Rpc {
+        method: String,
+        args: Value,
+        reply_key: String,
+        deadline_ms: Option<u64>,
+    },
+}
+
+/// How an action is ordered against the others of its channel (SPEC §3, G3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ordering {
+    /// Sent exactly once, in order.
+    Strict,
+    /// Only the newest matters: a later one supersedes a queued earlier one.
+    LatestWins,
+    /// Not part of a channel's sequence at all (RPC).
+    Unordered,
+}
+
+impl Action {
+    /// The envelope `type` this action came from (canonical spelling).
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Action::Message { .. } => "message",
+            Action::File { .. } => "file",
+            Action::Buttons { .. } => "buttons",
+            Action::StartTyping => "start_typing",
+            Action::StopTyping => "stop_typing",
+            Action::Reaction { .. } => "reaction",
+            Action::Presence { .. } => "presence",
+            Action::Rpc { .. } => "rpc_request",
+        }
+    }
+
+    pub fn ordering(&self) -> Ordering {
+        match self {
+            Action::StartTyping | Action::StopTyping | Action::Presence { .. } => {
+                Ordering::LatestWins
+            }
+            Action::Rpc { .. } => Ordering::Unordered,
+            _ => Ordering::Strict,
+        }
+    }
+}
+
+/// A parsed, validated outbound envelope.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Envelope {
+    pub action: Action,
+    /// `None` only for `presence` and channel-less RPCs.
+    pub channel_id: Option<ChannelId>,
+    pub seq: Option<u64>,
+    pub message_key: Option<String>,
+    pub idempotency_key: Option<String>,
+    pub created_ms: Option<u64>,
+    pub expires_ms: Option<u64>,
+    pub trace_id: Option<String>,
+    /// The envelope's own JSON object, kept so adapters that forward the whole
+    /// envelope (the webhook) can pass its other fields along.
+    pub raw: Map<String, Value>,
+}
+
+/// Why an entry is bad input (G6). The `kind` goes to the dead-letter stream's
+/// `error_kind`, the `detail` (naming the field or problem) to `error`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{kind}: {detail}")]
+pub struct BadInput {
+    pub kind: BadInputKind,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BadInputKind {
+    /// The stream entry has no `payload` field.
+    MissingPayload,
+    /// `payload` is not valid UTF-8 JSON.
+    NotJson,
+    /// `payload` is JSON but not an object.
+    NotObject,
+    MissingField,
+    /// A field has the wrong JSON type or an impossible value.
+    BadField,
+    UnknownType,
+    BadBase64,
+    TooLarge,
+    BadSignature,
+    /// `message_key` or `reply_key` lies outside the prefix Stargazer may write.
+    ForbiddenKey,
+}
+
+impl BadInputKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BadInputKind::MissingPayload => "missing_payload",
+            BadInputKind::NotJson => "not_json",
+            BadInputKind::NotObject => "not_object",
+            BadInputKind::MissingField => "missing_field",
+            BadInputKind::BadField => "bad_field",
+            BadInputKind::UnknownType => "unknown_type",
+            BadInputKind::BadBase64 => "bad_base64",
+            BadInputKind::TooLarge => "too_large",
+            BadInputKind::BadSignature => "bad_signature",
+            BadInputKind::ForbiddenKey => "forbidden_key",
+        }
+    }
+}
+
+impl fmt::Display for BadInputKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+fn bad(kind: BadInputKind, detail: impl Into<String>) -> BadInput {
+    BadInput {
+        kind,
+        detail: detail.into(),
+    }
+}
+
+/// The limits and keys a gateway checks entries against.
+#[derive(Debug, Clone)]
+pub struct ParseRules {
+    pub max_payload_bytes: usize,
+    /// When set, every entry must carry a valid `sig` (HMAC-SHA256 of the payload).
+    pub signing_secret: Option<Vec<u8>>,
+    /// `message_key` must start with this (SPEC §2: `sg:` by default).
+    pub cache_prefix: String,
+    /// `reply_key` must start with this (the platform's RPC reply prefix).
+    pub reply_prefix: String,
+}
+
+/// What the gateway can learn from an entry even when it is bad: enough to
+/// dead-letter it in its channel's order, so its successors are released.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Routing {
+    pub channel_id: Option<ChannelId>,
+    pub seq: Option<u64>,
+    pub presence: bool,
+}
+
+/// The outcome of parsing one stream entry.
+#[derive(Debug, Clone)]
+pub struct Parsed {
+    /// The raw `payload` bytes, kept for the dead-letter stream.
+    pub payload: Vec<u8>,
+    pub routing: Routing,
+    pub result: Result<Envelope, BadInput>,
+}
+
+/// `sha256=<hex>` of the HMAC-SHA256 of `payload` under `secret`.
+pub fn sign(secret: &[u8], payload: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes any key length");
+    mac.update(payload);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+fn verify(secret: &[u8], payload: &[u8], sig: &[u8]) -> bool {
+    let Some(hex_part) = sig.strip_prefix(b"sha256=") else {
+        return false;
+    };
+    let Ok(expected) = hex::decode(hex_part) else {
+        return false;
+    };
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes any key length");
+    mac.update(payload);
+    mac.verify_slice(&expected).is_ok()
+}
+
+/// Parse one stream entry's fields.
+pub fn parse_entry(fields: &HashMap<String, Vec<u8>>, rules: &ParseRules) -> Parsed {
+    let Some(payload) = fields.get("payload") else {
+        return Parsed {
+            payload: Vec::new(),
+            routing: Routing {
+                channel_id: None,
+                seq: None,
+                presence: false,
+            },
+            result: Err(bad(
+                BadInputKind::MissingPayload,
+                "stream entry has no `payload` field",
+            )),
+        };
+    };
+    let (routing, result) = parse_payload(payload, fields.get("sig").map(Vec::as_slice), rules);
+    Parsed {
+        payload: payload.clone(),
+        routing,
+        result,
+    }
+}
+
+fn parse_payload(
+    payload: &[u8],
+    sig: Option<&[u8]>,
+    rules: &ParseRules,
+) -> (Routing, Result<Envelope, BadInput>) {
+    let mut routing = Routing {
+        channel_id: None,
+        seq: None,
+        presence: false,
+    };
+    if payload.len() > rules.max_payload_bytes {
+        let e = bad(
+            BadInputKind::TooLarge,
+            format!(
+                "payload is {} bytes, the limit (max_payload_bytes) is {}",
+                payload.len(),
+                rules.max_payload_bytes
+            ),
+        );
+        return (routing, Err(e));
+    }
+    let value: Value = match serde_json::from_slice(payload) {
+        Ok(v) => v,
+        Err(e) => {
+            return (
+                routing,
+                Err(bad(BadInputKind::NotJson, format!("payload is not JSON: {e}"))),
+            );
+        }
+    };
+    let Value::Object(obj) = value else {
+        return (
+            routing,
+            Err(bad(
+                BadInputKind::NotObject,
+                format!("payload is JSON {} , not an object", json_kind(&value)),
+            )),
+        );
+    };
+    // Routing first, leniently: a bad entry is still dead-lettered in its place.
+    routing.channel_id = channel_of(&obj).ok().flatten();
+    routing.seq = obj.get("seq").and_then(Value::as_u64).filter(|s| *s > 0);
+    routing.presence = obj.get("type").and_then(Value::as_str) == Some("presence");
+
+    if let Some(secret) = &rules.signing_secret {
+        match sig {
+            None => {
+                return (
+                    routing,
+                    Err(bad(
+                        BadInputKind::BadSignature,
+                        "entry has no `sig` field but signing is required",
+                    )),
+                );
+            }
+            Some(sig) if !verify(secret, payload, sig) => {
+                return (
+                    routing,
+                    Err(bad(
+                        BadInputKind::BadSignature,
+                        "`sig` does not match the payload's HMAC-SHA256",
+                    )),
+                );
+            }
+            Some(_) => {}
+        }
+    }
+    let result = envelope_from(obj, rules);
+    (routing, result)
+}
+
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+/// `channel_id` as a string; platforms with numeric ids may send a number.
+fn channel_of(obj: &Map<String, Value>) -> Result<Option<ChannelId>, BadInput> {
+    match obj.get("channel_id") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.is_empty() => Err(bad(
+            BadInputKind::BadField,
+            "field `channel_id` is an empty string",
+        )),
+        Some(Value::String(s)) => Ok(Some(ChannelId(s.clone()))),
+        Some(Value::Number(n)) if n.is_u64() || n.is_i64() => Ok(Some(ChannelId(n.to_string()))),
+        Some(v) => Err(bad(
+            BadInputKind::BadField,
+            format!(
+                "field `channel_id` must be a string, found {}",
+                json_kind(v)
+            ),
+        )),
+    }
+}
+
+struct Fields<'a>(&'a Map<String, Value>);
+
+impl Fields<'_> {
+    fn opt_str(&self, name: &str) -> Result<Option<String>, BadInput> {
+        match self.0.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(v) => Err(bad(
+                BadInputKind::BadField,
+                format!("field `{name}` must be a string, found {}", json_kind(v)),
+            )),
+        }
+    }
+
+    fn req_str(&self, name: &str, ty: &str) -> Result<String, BadInput> {
+        self.opt_str(name)?.ok_or_else(|| {
+            bad(
+                BadInputKind::MissingField,
+                format!("a `{ty}` envelope needs the field `{name}`"),
+            )
+        })
+    }
+
+    fn opt_u64(&self, name: &str) -> Result<Option<u64>, BadInput> {
+        match self.0.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Number(n)) if n.is_u64() => Ok(n.as_u64()),
+            Some(v) => Err(bad(
+                BadInputKind::BadField,
+                format!("field `{name}` must be a non-negative integer, found {v}"),
+            )),
+        }
+    }
+
+    fn buttons(&self, ty: &str, required: bool) -> Result<Vec<Button>, BadInput> {
+        let list = match self.0.get("buttons") {
+            None | Some(Value::Null) if !required => return Ok(Vec::new()),
+            None | Some(Value::Null) => {
+                return Err(bad(
+                    BadInputKind::MissingField,
+                    format!("a `{ty}` envelope needs the field `buttons`"),
+                ));
+            }
+            Some(Value::Array(a)) => a,
+            Some(v) => {
+                return Err(bad(
+                    BadInputKind::BadField,
+                    format!("field `buttons` must be a list, found {}", json_kind(v)),
+                ));
+            }
+        };
+        if required && list.is_empty() {
+            return Err(bad(BadInputKind::BadField, "field `buttons` is empty"));
+        }
+        list.iter()
+            .enumerate()
+            .map(|(i, b)| {
+                let Value::Object(o) = b else {
+                    return Err(bad(
+                        BadInputKind::BadField,
+                        format!("buttons[{i}] must be an object, found {}", json_kind(b)),
+                    ));
+                };
+                let f = Fields(o);
+                let label = f.opt_str("label")?.ok_or_else(|| {
+                    bad(
+                        BadInputKind::MissingField,
+                        format!("buttons[{i}] needs the field `label`"),
+                    )
+                })?;
+                let custom_id = f.opt_str("custom_id")?;
+                let url = f.opt_str("url")?;
+                if custom_id.is_some() == url.is_some() {
+                    return Err(bad(
+                        BadInputKind::BadField,
+                        format!("buttons[{i}] needs exactly one of `custom_id` and `url`"),
+                    ));
+                }
+                Ok(Button {
+                    label,
+                    custom_id,
+                    url,
+                    style: f.opt_str("style")?,
+                })
+            })
+            .collect()
+    }
+}
+
+fn envelope_from(obj: Map<String, Value>, rules: &ParseRules) -> Result<Envelope, BadInput> {
+    let f = Fields(&obj);
+    let ty = f.opt_str("type")?.unwrap_or_else(|| "message".to_owned());
+    let channel_id = channel_of(&obj)?;
+    let needs_channel = |ty: &str| {
+        channel_id.clone().ok_or_else(|| {
+            bad(
+                BadInputKind::MissingField,
+                format!("a `{ty}` envelope needs the field `channel_id`"),
+            )
+        })
+    };
+    let action = match ty.as_str() {
+        "message" => {
+            needs_channel("message")?;
+            Action::Message {
+                text: f.req_str("text", "message")?,
+                reply_to: f.opt_str("reply_to")?,
+                buttons: f.buttons("message", false)?,
+            }
+        }
+        "file" => {
+            needs_channel("file")?;
+            let b64 = f.req_str("file_data", "file")?;
+            let data = base64::engine::general_purpose::STANDARD
+                .decode(b64.trim())
+                .map_err(|e| {
+                    bad(
+                        BadInputKind::BadBase64,
+                        format!("field `file_data` is not valid base64: {e}"),
+                    )
+                })?;
+            Action::File {
+                data,
+                filename: f.opt_str("filename")?.unwrap_or_else(|| "file".to_owned()),
+                mimetype: f
+                    .opt_str("mimetype")?
+                    .unwrap_or_else(|| "application/octet-stream".to_owned()),
+                text: f.opt_str("text")?,
+            }
+        }
+        "buttons" => {
+            needs_channel("buttons")?;
+            Action::Buttons {
+                text: f.req_str("text", "buttons")?,
+                buttons: f.buttons("buttons", true)?,
+            }
+        }
+        "typing" | "start_typing" => {
+            needs_channel(&ty)?;
+            Action::StartTyping
+        }
+        "stop_typing" => {
+            needs_channel("stop_typing")?;
+            Action::StopTyping
+        }
+        "reaction" => {
+            needs_channel("reaction")?;
+            Action::Reaction {
+                message_id: f.req_str("message_id", "reaction")?,
+                emoji: f.req_str("emoji", "reaction")?,
+            }
+        }
+        "presence" => Action::Presence {
+            text: f.opt_str("text")?,
+            emoji: f.opt_str("emoji")?,
+        },
+        "rpc_request" => {
+            let method = match f.opt_str("rpc_method")? {
+                Some(m) => m,
+                None => f.req_str("action", "rpc_request").map_err(|_| {
+                    bad(
+                        BadInputKind::MissingField,
+                        "a `rpc_request` envelope needs the field `rpc_method`",
+                    )
+                })?,
+            };
+            let args = match obj.get("rpc_args").or_else(|| obj.get("kwargs")) {
+                None | Some(Value::Null) => Value::Object(Map::new()),
+                Some(v @ Value::Object(_)) => v.clone(),
+                Some(v) => {
+                    return Err(bad(
+                        BadInputKind::BadField,
+                        format!("field `rpc_args` must be an object, found {}", json_kind(v)),
+                    ));
+                }
+            };
+            let reply_key = f.req_str("reply_key", "rpc_request")?;
+            if !reply_key.starts_with(&rules.reply_prefix) {
+                return Err(bad(
+                    BadInputKind::ForbiddenKey,
+                    format!(
+                        "reply_key `{reply_key}` lies outside the reply prefix `{}`",
+                        rules.reply_prefix
+                    ),
+                ));
+            }
+            Action::Rpc {
+                method,
+                args,
+                reply_key,
+                deadline_ms: f.opt_u64("deadline_ms")?,
+            }
+        }
+        other => {
+            return Err(bad(
+                BadInputKind::UnknownType,
+                format!("unknown envelope type `{other}`"),
+            ));
+        }
+    };
+    let seq = f.opt_u64("seq")?;
+    if seq == Some(0) {
+        return Err(bad(
+            BadInputKind::BadField,
+            "field `seq` must start at 1, found 0",
+        ));
+    }
+    let message_key = f.opt_str("message_key")?;
+    if let Some(k) = &message_key
+        && !k.starts_with(&rules.cache_prefix)
+    {
+        return Err(bad(
+            BadInputKind::ForbiddenKey,
+            format!(
+                "message_key `{k}` lies outside the message-cache prefix `{}`",
+                rules.cache_prefix
+            ),
+        ));
+    }
+    Ok(Envelope {
+        channel_id,
+        seq,
+        idempotency_key: f.opt_str("idempotency_key")?,
+        created_ms: f.opt_u64("created_ms")?,
+        expires_ms: f.opt_u64("expires_ms")?,
+        trace_id: f.opt_str("trace_id")?,
+        message_key,
+        action,
+        raw: obj,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules() -> ParseRules {
+        ParseRules {
+            max_payload_bytes: 1024,
+            signing_secret: None,
+            cache_prefix: "sg:".into(),
+            reply_prefix: "sg:{p}:rpc:reply:".into(),
+        }
+    }
+
+    fn parse(json: &str) -> Result<Envelope, BadInput> {
+        let mut f = HashMap::new();
+        f.insert("payload".to_owned(), json.as_bytes().to_vec());
+        parse_entry(&f, &rules()).result
+    }
+
+    fn kind(json: &str) -> BadInputKind {
+        parse(json).unwrap_err().kind
+    }
+
+    #[test]
+    fn message_is_the_default_type() {
+        let e = parse(r#"{"channel_id":"c1","text":"hi","seq":3,"extra":1}"#).unwrap();
+        assert_eq!(e.action.type_name(), "message");
+        assert_eq!(e.seq, Some(3));
+        assert_eq!(e.channel_id, Some(ChannelId("c1".into())));
+    }
+
+    #[test]
+    fn every_bad_input_has_its_reason() {
+        assert_eq!(kind("{nope"), BadInputKind::NotJson);
+        assert_eq!(kind("[1,2]"), BadInputKind::NotObject);
+        assert_eq!(kind(r#"{"text":"hi"}"#), BadInputKind::MissingField);
+        assert_eq!(
+            kind(r#"{"type":"fax","channel_id":"c"}"#),
+            BadInputKind::UnknownType
+        );
+        assert_eq!(
+            kind(r#"{"type":"file","channel_id":"c","file_data":"%%%"}"#),
+            BadInputKind::BadBase64
+        );
+        assert_eq!(
+            kind(r#"{"channel_id":"c","text":"x","message_key":"other:1"}"#),
+            BadInputKind::ForbiddenKey
+        );
+        assert_eq!(
+            kind(r#"{"channel_id":"c","text":5}"#),
+            BadInputKind::BadField
+        );
+        let big = format!(r#"{{"channel_id":"c","text":"{}"}}"#, "x".repeat(2000));
+        assert_eq!(kind(&big), BadInputKind::TooLarge);
+        let e = parse(r#"{"type":"reaction","channel_id":"c","emoji":"x"}"#).unwrap_err();
+        assert!(e.detail.contains("message_id"), "{}", e.detail);
+    }
+
+    #[test]
+    fn bad_entries_keep_their_routing() {
+        let mut f = HashMap::new();
+        f.insert(
+            "payload".to_owned(),
+            br#"{"type":"fax","channel_id":"c9","seq":4}"#.to_vec(),
+        );
+        let p = parse_entry(&f, &rules());
+        assert!(p.result.is_err());
+        assert_eq!(p.routing.channel_id, Some(ChannelId("c9".into())));
+        assert_eq!(p.routing.seq, Some(4));
+    }
+
+    #[test]
+    fn signatures_are_checked_when_required() {
+        let mut r = rules();
+        r.signing_secret = Some(b"k".to_vec());
+        let payload = br#"{"channel_id":"c","text":"hi"}"#.to_vec();
+        let mut f = HashMap::new();
+        f.insert("payload".to_owned(), payload.clone());
+        assert_eq!(
+            parse_entry(&f, &r).result.unwrap_err().kind,
+            BadInputKind::BadSignature
+        );
+        f.insert("sig".to_owned(), sign(b"k", &payload).into_bytes());
+        assert!(parse_entry(&f, &r).result.is_ok());
+        f.insert("sig".to_owned(), sign(b"other", &payload).into_bytes());
+        assert!(parse_entry(&f, &r).result.is_err());
+    }
+
+    #[test]
+    fn rpc_reply_key_must_carry_the_prefix() {
+        let ok = r#"{"type":"rpc_request","rpc_method":"m","reply_key":"sg:{p}:rpc:reply:1"}"#;
+        assert!(parse(ok).is_ok());
+        let e = r#"{"type":"rpc_request","action":"m","reply_key":"sg:victim"}"#;
+        assert_eq!(kind(e), BadInputKind::ForbiddenKey);
+    }
+}

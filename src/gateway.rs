@@ -1,0 +1,113 @@
+//! A gateway node: one consumer per configured platform, the HTTP listener,
+//! and the two-phase shutdown of G8.
+
+use std::collections::HashMap;
+use std::future::Future;
+
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::adapters;
+use crate::bus::Bus;
+use crate::config::Config;
+use crate::consumer::{Consumer, ConsumerParts};
+use crate::keys::Keys;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("redis at {url}: {source}")]
+    Redis {
+        url: String,
+        #[source]
+        source: redis::RedisError,
+    },
+    #[error("{0}")]
+    Config(#[from] crate::config::ConfigError),
+    #[error("platform `{platform}`: {message}")]
+    Adapter { platform: String, message: String },
+    #[error("http listener on {addr}: {source}")]
+    Http {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The default consumer name: host name and process id.
+pub fn default_consumer_name(env: &HashMap<String, String>) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .or_else(|| env.get("HOSTNAME").cloned())
+        .unwrap_or_else(|| "gateway".into());
+    format!("{host}-{}", std::process::id())
+}
+
+/// Run every platform of `config` until `shutdown` resolves, then drain.
+pub async fn run(
+    config: Config,
+    env: HashMap<String, String>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), GatewayError> {
+    let consumer_name = config
+        .gateway
+        .consumer_name
+        .clone()
+        .unwrap_or_else(|| default_consumer_name(&env));
+    let redis_err = |source| GatewayError::Redis {
+        url: config.redis.url.clone(),
+        source,
+    };
+    let http_stop = CancellationToken::new();
+    if let Some(listen) = &config.http.listen {
+        let addr = listen.parse().map_err(|_| {
+            GatewayError::Config(crate::config::ConfigError(format!(
+                "http.listen `{listen}` is not an address"
+            )))
+        })?;
+        let bound = crate::http::serve(addr, http_stop.clone())
+            .await
+            .map_err(|source| GatewayError::Http {
+                addr: listen.clone(),
+                source,
+            })?;
+        info!(%bound, "http listener up (/healthz)");
+    }
+    let mut consumers = Vec::new();
+    let mut base: Option<Bus> = None;
+    for p in &config.platforms {
+        let keys = Keys::new(&config.redis.prefix, &p.name);
+        let bus = match &base {
+            Some(b) => b.for_platform(keys),
+            None => {
+                let b = Bus::connect(&config.redis.url, keys)
+                    .await
+                    .map_err(redis_err)?;
+                base = Some(b.clone());
+                b
+            }
+        };
+        let secret = Config::secret_for(p, &env)?;
+        let adapter = adapters::build(p, secret).map_err(|message| GatewayError::Adapter {
+            platform: p.name.clone(),
+            message,
+        })?;
+        let consumer = Consumer::start(ConsumerParts {
+            bus,
+            adapter,
+            settings: config.consumer_for(p),
+            consumer_name: consumer_name.clone(),
+            cache_prefix: config.redis.cache_prefix.clone(),
+        })
+        .await
+        .map_err(redis_err)?;
+        consumers.push(consumer);
+    }
+    info!(consumer = %consumer_name, platforms = consumers.len(), "gateway running");
+    shutdown.await;
+    info!("shutting down: no more reads, draining in-flight work");
+    futures::future::join_all(consumers.into_iter().map(Consumer::shutdown)).await;
+    http_stop.cancel();
+    info!("gateway stopped");
+    Ok(())
+}

@@ -1,0 +1,75 @@
+//! Every Redis key name Stargazer uses (SPEC §2), in one place.
+//!
+//! All keys of one platform carry the hash tag `{<platform>}`, so a platform
+//! lives on one Redis Cluster slot and the multi-key scripts stay legal there.
+
+/// Key names of one platform under one prefix (`sg` by default).
+#[derive(Debug, Clone)]
+pub struct Keys {
+    prefix: String,
+    platform: String,
+}
+
+impl Keys {
+    pub fn new(prefix: &str, platform: &str) -> Self {
+        Self {
+            prefix: prefix.to_owned(),
+            platform: platform.to_owned(),
+        }
+    }
+
+    pub fn platform(&self) -> &str {
+        &self.platform
+    }
+
+    /// `sg:{P}:outbound` — the stream workers publish to.
+    pub fn outbound(&self) -> String {
+        format!("{}:{{{}}}:outbound", self.prefix, self.platform)
+    }
+
+    /// `sg:gateway:P` — the consumer group of every gateway serving P.
+    pub fn group(&self) -> String {
+        format!("{}:gateway:{}", self.prefix, self.platform)
+    }
+
+    /// `sg:{P}:outbound:dlq` — the dead-letter stream.
+    pub fn dlq(&self) -> String {
+        format!("{}:{{{}}}:outbound:dlq", self.prefix, self.platform)
+    }
+
+    /// `sg:{P}:inbound` — platform events for workers.
+    pub fn inbound(&self) -> String {
+        format!("{}:{{{}}}:inbound", self.prefix, self.platform)
+    }
+
+    /// `sg:{P}:chan:<channel>` — sequence counter, delivered mark, lock.
+    pub fn channel(&self, channel: &str) -> String {
+        format!("{}:{{{}}}:chan:{}", self.prefix, self.platform, channel)
+    }
+
+    /// The state hash of the platform-wide presence lane (presence has no channel).
+    pub fn presence(&self) -> String {
+        format!("{}:{{{}}}:presence", self.prefix, self.platform)
+    }
+
+    /// `sg:{P}:rpc:reply:` — every RPC reply list starts with this.
+    pub fn reply_prefix(&self) -> String {
+        format!("{}:{{{}}}:rpc:reply:", self.prefix, self.platform)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_matches_the_spec() {
+        let k = Keys::new("sg", "discord");
+        assert_eq!(k.outbound(), "sg:{discord}:outbound");
+        assert_eq!(k.group(), "sg:gateway:discord");
+        assert_eq!(k.dlq(), "sg:{discord}:outbound:dlq");
+        assert_eq!(k.inbound(), "sg:{discord}:inbound");
+        assert_eq!(k.channel("42"), "sg:{discord}:chan:42");
+        assert_eq!(k.reply_prefix(), "sg:{discord}:rpc:reply:");
+    }
+}

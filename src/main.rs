@@ -1,0 +1,396 @@
+//! The `stargazer` command line: a thin shell over the library.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use base64::Engine as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use serde_json::{Map, Value, json};
+
+use stargazer::bus::Bus;
+use stargazer::config::Config;
+use stargazer::keys::Keys;
+use stargazer::publish::Publisher;
+
+#[derive(Parser)]
+#[command(name = "stargazer", version, about = "Outbound actions from bot workers to platform gateways, through Redis Streams")]
+struct Cli {
+    /// Log format on stderr (level from RUST_LOG, default info).
+    #[arg(long, value_enum, default_value_t = LogFormat::Human, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a gateway node for every platform in the config file.
+    Gateway {
+        #[arg(long, short, env = "STARGAZER_CONFIG")]
+        config: PathBuf,
+    },
+    /// Publish an envelope, taking the channel's next seq.
+    Send(SendArgs),
+    /// A whole round trip on this machine, with a private redis-server.
+    Demo,
+}
+
+#[derive(clap::Args)]
+struct SendArgs {
+    /// Take the Redis URL, key prefix and signing secret from this config.
+    #[arg(long, short, env = "STARGAZER_CONFIG")]
+    config: Option<PathBuf>,
+    /// Redis URL when no config is given.
+    #[arg(long, env = "STARGAZER_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    redis_url: String,
+    #[arg(long)]
+    platform: String,
+    /// Channel id (not needed for presence).
+    #[arg(long)]
+    channel: Option<String>,
+    #[arg(long = "type", value_enum, default_value_t = Kind::Message)]
+    kind: Kind,
+    /// Text of the message (or caption of a file, presence text).
+    text: Option<String>,
+    /// file: path of the file to send.
+    #[arg(long)]
+    file: Option<PathBuf>,
+    /// file: MIME type (default application/octet-stream).
+    #[arg(long)]
+    mimetype: Option<String>,
+    /// buttons: `LABEL=CUSTOM_ID` or `LABEL=https://…`, repeatable.
+    #[arg(long = "button")]
+    buttons: Vec<String>,
+    /// message: platform id of the message this replies to.
+    #[arg(long)]
+    reply_to: Option<String>,
+    /// reaction: the message to react to.
+    #[arg(long)]
+    message_id: Option<String>,
+    /// reaction / presence: the emoji.
+    #[arg(long)]
+    emoji: Option<String>,
+    /// typing / presence: drop it unsent after this many ms.
+    #[arg(long)]
+    ttl_ms: Option<u64>,
+    /// Publish this many copies (numbered " #i" when above 1).
+    #[arg(long, default_value_t = 1)]
+    count: u64,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Kind {
+    Message,
+    File,
+    Buttons,
+    Typing,
+    StopTyping,
+    Reaction,
+    Presence,
+}
+
+fn init_logs(format: LogFormat, default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => b.init(),
+        LogFormat::Json => b.json().init(),
+    }
+}
+
+fn env_map() -> HashMap<String, String> {
+    std::env::vars().collect()
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Gateway { config } => {
+            init_logs(cli.log_format, "info");
+            let env = env_map();
+            let config = Config::load(&config, env.clone())?;
+            if config.platforms.is_empty() {
+                bail!("the config has no [[platform]]: nothing to serve");
+            }
+            stargazer::gateway::run(config, env, shutdown_signal()).await?;
+            Ok(())
+        }
+        Command::Send(args) => {
+            init_logs(cli.log_format, "warn");
+            send(args).await
+        }
+        Command::Demo => {
+            init_logs(cli.log_format, "warn");
+            demo().await
+        }
+    }
+}
+
+/// Resolves on the first SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+fn envelope_of(a: &SendArgs, text: Option<String>) -> Result<Map<String, Value>> {
+    let mut env = Map::new();
+    let ty = match a.kind {
+        Kind::Message => "message",
+        Kind::File => "file",
+        Kind::Buttons => "buttons",
+        Kind::Typing => "start_typing",
+        Kind::StopTyping => "stop_typing",
+        Kind::Reaction => "reaction",
+        Kind::Presence => "presence",
+    };
+    env.insert("type".into(), ty.into());
+    if a.kind != Kind::Presence {
+        let c = a
+            .channel
+            .clone()
+            .context("--channel is needed for every type but presence")?;
+        env.insert("channel_id".into(), c.into());
+    }
+    let needs_text = matches!(a.kind, Kind::Message | Kind::Buttons);
+    match text {
+        Some(t) => {
+            env.insert("text".into(), t.into());
+        }
+        None if needs_text => bail!("TEXT is needed for a {ty}"),
+        None => {}
+    }
+    if let Some(r) = &a.reply_to {
+        env.insert("reply_to".into(), r.clone().into());
+    }
+    match a.kind {
+        Kind::File => {
+            let path = a.file.as_ref().context("--file is needed for a file")?;
+            let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            env.insert(
+                "file_data".into(),
+                base64::engine::general_purpose::STANDARD.encode(data).into(),
+            );
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "file".into());
+            env.insert("filename".into(), name.into());
+            if let Some(m) = &a.mimetype {
+                env.insert("mimetype".into(), m.clone().into());
+            }
+        }
+        Kind::Buttons | Kind::Message if !a.buttons.is_empty() => {
+            let buttons: Result<Vec<Value>> = a
+                .buttons
+                .iter()
+                .map(|b| {
+                    let (label, target) = b
+                        .split_once('=')
+                        .with_context(|| format!("--button `{b}` is not LABEL=ID or LABEL=URL"))?;
+                    Ok(if target.starts_with("http://") || target.starts_with("https://") {
+                        json!({"label": label, "url": target})
+                    } else {
+                        json!({"label": label, "custom_id": target})
+                    })
+                })
+                .collect();
+            env.insert("buttons".into(), Value::Array(buttons?));
+        }
+        Kind::Buttons => bail!("a buttons envelope needs at least one --button"),
+        Kind::Reaction => {
+            let m = a.message_id.clone().context("--message-id is needed for a reaction")?;
+            let e = a.emoji.clone().context("--emoji is needed for a reaction")?;
+            env.insert("message_id".into(), m.into());
+            env.insert("emoji".into(), e.into());
+        }
+        _ => {}
+    }
+    if a.kind == Kind::Presence
+        && let Some(e) = &a.emoji
+    {
+        env.insert("emoji".into(), e.clone().into());
+    }
+    if let Some(ttl) = a.ttl_ms {
+        env.insert("expires_ms".into(), (stargazer::now_ms() + ttl).into());
+    }
+    Ok(env)
+}
+
+async fn send(a: SendArgs) -> Result<()> {
+    let (url, prefix, cache_prefix, secret) = match &a.config {
+        Some(path) => {
+            let c = Config::load(path, env_map())?;
+            let p = c.platforms.iter().find(|p| p.name == a.platform);
+            let secret = p
+                .map(|p| c.consumer_for(p))
+                .unwrap_or(c.consumer.clone())
+                .signing_secret;
+            (c.redis.url, c.redis.prefix, c.redis.cache_prefix, secret)
+        }
+        None => (a.redis_url.clone(), "sg".into(), "sg:".into(), None),
+    };
+    let keys = Keys::new(&prefix, &a.platform);
+    let bus = Bus::connect(&url, keys.clone())
+        .await
+        .with_context(|| format!("connecting to {url}"))?;
+    let publisher = Publisher::new(bus.conn(), keys, &cache_prefix, secret.map(String::into_bytes));
+    for i in 1..=a.count {
+        let text = match (&a.text, a.count) {
+            (Some(t), 1) => Some(t.clone()),
+            (Some(t), _) => Some(format!("{t} #{i}")),
+            (None, _) => None,
+        };
+        let env = envelope_of(&a, text)?;
+        let p = publisher.publish(env).await?;
+        if a.count <= 20 {
+            match p.seq {
+                Some(s) => println!("published {} (seq {s})", p.id),
+                None => println!("published {}", p.id),
+            }
+        }
+    }
+    if a.count > 20 {
+        println!("published {} envelopes to {}", a.count, publisher.keys().outbound());
+    }
+    Ok(())
+}
+
+/// The README's first command: publish a mix of actions (and two poison
+/// entries) to a private Redis, run a gateway with the console adapter, and
+/// report what happened.
+async fn demo() -> Result<()> {
+    let bin = std::env::var("STARGAZER_REDIS_SERVER").ok();
+    let server = stargazer::redis_server::RedisServer::start(bin.as_deref())
+        .context("starting a private redis-server for the demo")?;
+    println!("• private redis-server on {}", server.url());
+    let text = format!(
+        r#"
+[redis]
+url = "{}"
+[gateway]
+consumer_name = "demo-gw"
+[consumer]
+autoclaim_interval_ms = 1000
+[[platform]]
+name = "demo"
+adapter = "console"
+"#,
+        server.url()
+    );
+    let config = Config::from_toml(&text, [])?;
+    let keys = Keys::new("sg", "demo");
+    let bus = Bus::connect(&server.url(), keys.clone()).await?;
+    let publisher = Publisher::new(bus.conn(), keys.clone(), "sg:", None);
+
+    println!("• a worker publishes to {} before any gateway runs:", keys.outbound());
+    let mut published = 0u64;
+    for round in 1..=3 {
+        for ch in ["general", "support"] {
+            publisher
+                .publish(obj(json!({"channel_id": ch, "text": format!("hello {ch}, message {round}")})))
+                .await?;
+            published += 1;
+        }
+    }
+    let steps = [
+        json!({"type": "start_typing", "channel_id": "general"}),
+        json!({"type": "stop_typing", "channel_id": "general"}),
+        json!({"type": "buttons", "channel_id": "support", "text": "Was this helpful?",
+               "buttons": [{"label": "Yes", "custom_id": "yes"}, {"label": "Docs", "url": "https://example.org/docs"}]}),
+        json!({"type": "file", "channel_id": "support", "filename": "notes.txt", "mimetype": "text/plain",
+               "file_data": base64::engine::general_purpose::STANDARD.encode("remember the milk\n")}),
+        json!({"type": "reaction", "channel_id": "general", "message_id": "m-1", "emoji": "👍"}),
+        json!({"type": "presence", "text": "watching the stars"}),
+        json!({"type": "file", "channel_id": "general", "file_data": "not base64!"}),
+        json!({"channel_id": "general", "text": "after the poison, still in order"}),
+    ];
+    for s in steps {
+        publisher.publish(obj(s)).await?;
+        published += 1;
+    }
+    publisher.publish_raw(b"{this is not json").await?;
+    published += 1;
+    println!("  {published} entries, including two poison ones");
+
+    println!("• a gateway starts (console adapter) and drains them:\n");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let gw = tokio::spawn(stargazer::gateway::run(config, HashMap::new(), {
+        let stop = stop.clone();
+        async move { stop.cancelled().await }
+    }));
+    let started = Instant::now();
+    loop {
+        let (pending, lag) = group_backlog(&bus, &keys).await?;
+        if pending == 0 && lag == 0 {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            bail!("the demo did not drain in 30 s (pending {pending}, lag {lag})");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.cancel();
+    gw.await??;
+
+    let mut conn = bus.conn();
+    let dlq: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(keys.dlq())
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await?;
+    println!("\n• dead-letter stream {} holds {} entries:", keys.dlq(), dlq.ids.len());
+    for e in &dlq.ids {
+        let f = |k: &str| e.get::<String>(k).unwrap_or_default();
+        println!("  {} [{}] {}", f("original_id"), f("error_kind"), f("error"));
+    }
+    let (pending, lag) = group_backlog(&bus, &keys).await?;
+    println!("• group {}: pending {pending}, lag {lag} — every entry delivered, skipped or dead-lettered", keys.group());
+    println!("• took {:.0} ms; the redis-server stops with the demo", started.elapsed().as_secs_f64() * 1000.0);
+    Ok(())
+}
+
+fn obj(v: Value) -> Map<String, Value> {
+    match v {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    }
+}
+
+/// (pending, lag) of the platform's consumer group.
+async fn group_backlog(bus: &Bus, keys: &Keys) -> Result<(u64, u64)> {
+    let mut conn = bus.conn();
+    let v: Vec<HashMap<String, redis::Value>> = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(keys.outbound())
+        .query_async(&mut conn)
+        .await?;
+    for g in v {
+        let name = g.get("name").and_then(|n| redis::from_redis_value_ref::<String>(n).ok());
+        if name.as_deref() == Some(keys.group().as_str()) {
+            let num = |k: &str| {
+                g.get(k)
+                    .and_then(|n| redis::from_redis_value_ref::<u64>(n).ok())
+                    .unwrap_or(0)
+            };
+            return Ok((num("pending"), num("lag")));
+        }
+    }
+    Ok((0, u64::MAX))
+}

@@ -1,0 +1,130 @@
+//! Publishing envelopes, as workers and `stargazer send` do: the channel's
+//! next `seq` from its state hash (HINCRBY), `created_ms`, a `message_key`,
+//! and the `sig` field when signing is configured.
+
+use redis::aio::ConnectionManager;
+use redis::{AsyncCommands, RedisResult};
+use serde_json::{Map, Value};
+
+use crate::envelope::{StreamId, sign};
+use crate::keys::Keys;
+
+/// Publishes to one platform's outbound stream.
+#[derive(Clone)]
+pub struct Publisher {
+    conn: ConnectionManager,
+    keys: Keys,
+    cache_prefix: String,
+    secret: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Publisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Publisher")
+            .field("keys", &self.keys)
+            .field("signed", &self.secret.is_some())
+            .finish()
+    }
+}
+
+/// Where an envelope landed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    pub id: StreamId,
+    pub seq: Option<u64>,
+    pub message_key: Option<String>,
+}
+
+const IDLE_EXPIRY_MS: i64 = 30 * 24 * 3600 * 1000;
+
+/// Types that take a place in their channel's sequence (G3 strict kinds).
+fn is_sequenced(ty: &str) -> bool {
+    matches!(ty, "message" | "file" | "buttons" | "reaction")
+}
+
+impl Publisher {
+    pub fn new(
+        conn: ConnectionManager,
+        keys: Keys,
+        cache_prefix: &str,
+        secret: Option<Vec<u8>>,
+    ) -> Self {
+        Publisher {
+            conn,
+            keys,
+            cache_prefix: cache_prefix.to_owned(),
+            secret,
+        }
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// Take the channel's next sequence number.
+    pub async fn next_seq(&self, channel: &str) -> RedisResult<u64> {
+        let mut conn = self.conn.clone();
+        let key = self.keys.channel(channel);
+        let (seq,): (u64,) = redis::pipe()
+            .hincr(&key, "seq", 1)
+            .pexpire(&key, IDLE_EXPIRY_MS)
+            .ignore()
+            .query_async(&mut conn)
+            .await?;
+        Ok(seq)
+    }
+
+    /// Publish an envelope object. Strict kinds with a channel and no `seq`
+    /// get the channel's next one; `created_ms` is set when missing; messages,
+    /// files and buttons get a `message_key` when they have none.
+    pub async fn publish(&self, mut env: Map<String, Value>) -> RedisResult<Published> {
+        let ty = env
+            .get("type")
+            .and_then(Value::as_str)
+            .unwrap_or("message")
+            .to_owned();
+        let channel = match env.get("channel_id") {
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(Value::Number(n)) => Some(n.to_string()),
+            _ => None,
+        };
+        let mut seq = env.get("seq").and_then(Value::as_u64);
+        if seq.is_none()
+            && is_sequenced(&ty)
+            && let Some(c) = &channel
+        {
+            let s = self.next_seq(c).await?;
+            env.insert("seq".into(), s.into());
+            seq = Some(s);
+        }
+        if !env.contains_key("created_ms") {
+            env.insert("created_ms".into(), crate::now_ms().into());
+        }
+        if !env.contains_key("message_key") && matches!(ty.as_str(), "message" | "file" | "buttons") {
+            let key = format!("{}msg:{}:{:016x}", self.cache_prefix, self.keys.platform(), rand::random::<u64>());
+            env.insert("message_key".into(), key.into());
+        }
+        let message_key = env.get("message_key").and_then(Value::as_str).map(str::to_owned);
+        let payload = Value::Object(env).to_string();
+        let id = self.publish_raw(payload.as_bytes()).await?;
+        Ok(Published {
+            id,
+            seq,
+            message_key,
+        })
+    }
+
+    /// Append `payload` as it is (signed when a secret is set).
+    pub async fn publish_raw(&self, payload: &[u8]) -> RedisResult<StreamId> {
+        let mut conn = self.conn.clone();
+        let id: String = match &self.secret {
+            Some(secret) => {
+                let sig = sign(secret, payload);
+                conn.xadd(self.keys.outbound(), "*", &[("payload", payload), ("sig", sig.as_bytes())])
+                    .await?
+            }
+            None => conn.xadd(self.keys.outbound(), "*", &[("payload", payload)]).await?,
+        };
+        Ok(StreamId(id))
+    }
+}
