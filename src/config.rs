@@ -426,9 +426,18 @@ url = "http://127.0.0.1:8080/deliver"
     #[test]
     fn environment_overrides_win() {
         let env = [
-            ("STARGAZER_REDIS_URL".to_owned(), "redis://10.0.0.1:7000".to_owned()),
-            ("STARGAZER_CONSUMER_MAX_IN_FLIGHT".to_owned(), "9".to_owned()),
-            ("STARGAZER_GATEWAY_CONSUMER_NAME".to_owned(), "123".to_owned()),
+            (
+                "STARGAZER_REDIS_URL".to_owned(),
+                "redis://10.0.0.1:7000".to_owned(),
+            ),
+            (
+                "STARGAZER_CONSUMER_MAX_IN_FLIGHT".to_owned(),
+                "9".to_owned(),
+            ),
+            (
+                "STARGAZER_GATEWAY_CONSUMER_NAME".to_owned(),
+                "123".to_owned(),
+            ),
         ];
         let c = Config::from_toml(SPEC, env).unwrap();
         assert_eq!(c.redis.url, "redis://10.0.0.1:7000");
@@ -445,10 +454,13 @@ url = "http://127.0.0.1:8080/deliver"
         let e = Config::from_toml("[[platform]]\nname = \"h\"\nadapter = \"webhook\"\n", [])
             .unwrap_err();
         assert!(e.0.contains("needs `url`"), "{e}");
-        let e = Config::from_toml("[[platform]]\nname = \"h\"\nadapter = \"fax\"\n", [])
-            .unwrap_err();
+        let e =
+            Config::from_toml("[[platform]]\nname = \"h\"\nadapter = \"fax\"\n", []).unwrap_err();
         assert!(e.0.contains("fax"), "{e}");
-        let env = [("STARGAZER_CONSUMER_LOCK_TTL_MS".to_owned(), "soon".to_owned())];
+        let env = [(
+            "STARGAZER_CONSUMER_LOCK_TTL_MS".to_owned(),
+            "soon".to_owned(),
+        )];
         let e = Config::from_toml("", env).unwrap_err();
         assert!(e.0.contains("lock_ttl_ms"), "{e}");
     }

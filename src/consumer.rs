@@ -184,7 +184,9 @@ async fn read_loop(ctx: Arc<Ctx>, mut conn: redis::aio::MultiplexedConnection) {
             Some(c) => (c.clone(), None),
             None => (">".to_owned(), Some(block)),
         };
-        let call = ctx.bus.read(&mut conn, &ctx.who.consumer, &from, want, blocking);
+        let call = ctx
+            .bus
+            .read(&mut conn, &ctx.who.consumer, &from, want, blocking);
         let result = match tokio::time::timeout(block + Duration::from_secs(10), call).await {
             Ok(r) => r,
             Err(_) => Err(redis::RedisError::from((
@@ -309,7 +311,8 @@ async fn sweep(ctx: &Ctx) -> RedisResult<()> {
 
 async fn keep_fresh_loop(ctx: Arc<Ctx>) {
     let stopping = ctx.dispatcher.stopping().clone();
-    let every = ConsumerConfig::ms(ctx.settings.autoclaim_min_idle_ms / 3).max(Duration::from_millis(10));
+    let every =
+        ConsumerConfig::ms(ctx.settings.autoclaim_min_idle_ms / 3).max(Duration::from_millis(10));
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}

@@ -20,7 +20,11 @@ pub struct StreamId(pub String);
 impl StreamId {
     /// The millisecond part of the id: when Redis appended the entry.
     pub fn millis(&self) -> u64 {
-        self.0.split('-').next().and_then(|m| m.parse().ok()).unwrap_or(0)
+        self.0
+            .split('-')
+            .next()
+            .and_then(|m| m.parse().ok())
+            .unwrap_or(0)
     }
 }
 
@@ -287,6 +291,11 @@ fn parse_payload(
         presence: false,
     };
     if payload.len() > rules.max_payload_bytes {
+        // Still learn its channel and seq, so it is dead-lettered in its
+        // place and its successors are released.
+        if let Ok(Value::Object(obj)) = serde_json::from_slice::<Value>(payload) {
+            routing = routing_of(&obj);
+        }
         let e = bad(
             BadInputKind::TooLarge,
             format!(
@@ -302,7 +311,10 @@ fn parse_payload(
         Err(e) => {
             return (
                 routing,
-                Err(bad(BadInputKind::NotJson, format!("payload is not JSON: {e}"))),
+                Err(bad(
+                    BadInputKind::NotJson,
+                    format!("payload is not JSON: {e}"),
+                )),
             );
         }
     };
@@ -311,14 +323,12 @@ fn parse_payload(
             routing,
             Err(bad(
                 BadInputKind::NotObject,
-                format!("payload is JSON {} , not an object", json_kind(&value)),
+                format!("payload is JSON {}, not an object", json_kind(&value)),
             )),
         );
     };
     // Routing first, leniently: a bad entry is still dead-lettered in its place.
-    routing.channel_id = channel_of(&obj).ok().flatten();
-    routing.seq = obj.get("seq").and_then(Value::as_u64).filter(|s| *s > 0);
-    routing.presence = obj.get("type").and_then(Value::as_str) == Some("presence");
+    routing = routing_of(&obj);
 
     if let Some(secret) = &rules.signing_secret {
         match sig {
@@ -345,6 +355,14 @@ fn parse_payload(
     }
     let result = envelope_from(obj, rules);
     (routing, result)
+}
+
+fn routing_of(obj: &Map<String, Value>) -> Routing {
+    Routing {
+        channel_id: channel_of(obj).ok().flatten(),
+        seq: obj.get("seq").and_then(Value::as_u64).filter(|s| *s > 0),
+        presence: obj.get("type").and_then(Value::as_str) == Some("presence"),
+    }
 }
 
 fn json_kind(v: &Value) -> &'static str {

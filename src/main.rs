@@ -15,7 +15,11 @@ use stargazer::keys::Keys;
 use stargazer::publish::Publisher;
 
 #[derive(Parser)]
-#[command(name = "stargazer", version, about = "Outbound actions from bot workers to platform gateways, through Redis Streams")]
+#[command(
+    name = "stargazer",
+    version,
+    about = "Outbound actions from bot workers to platform gateways, through Redis Streams"
+)]
 struct Cli {
     /// Log format on stderr (level from RUST_LOG, default info).
     #[arg(long, value_enum, default_value_t = LogFormat::Human, global = true)]
@@ -38,7 +42,7 @@ enum Command {
         config: PathBuf,
     },
     /// Publish an envelope, taking the channel's next seq.
-    Send(SendArgs),
+    Send(Box<SendArgs>),
     /// A whole round trip on this machine, with a private redis-server.
     Demo,
 }
@@ -49,7 +53,11 @@ struct SendArgs {
     #[arg(long, short, env = "STARGAZER_CONFIG")]
     config: Option<PathBuf>,
     /// Redis URL when no config is given.
-    #[arg(long, env = "STARGAZER_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    #[arg(
+        long,
+        env = "STARGAZER_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379"
+    )]
     redis_url: String,
     #[arg(long)]
     platform: String,
@@ -129,7 +137,7 @@ async fn main() -> Result<()> {
         }
         Command::Send(args) => {
             init_logs(cli.log_format, "warn");
-            send(args).await
+            send(*args).await
         }
         Command::Demo => {
             init_logs(cli.log_format, "warn");
@@ -181,10 +189,13 @@ fn envelope_of(a: &SendArgs, text: Option<String>) -> Result<Map<String, Value>>
     match a.kind {
         Kind::File => {
             let path = a.file.as_ref().context("--file is needed for a file")?;
-            let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            let data =
+                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
             env.insert(
                 "file_data".into(),
-                base64::engine::general_purpose::STANDARD.encode(data).into(),
+                base64::engine::general_purpose::STANDARD
+                    .encode(data)
+                    .into(),
             );
             let name = path
                 .file_name()
@@ -203,19 +214,27 @@ fn envelope_of(a: &SendArgs, text: Option<String>) -> Result<Map<String, Value>>
                     let (label, target) = b
                         .split_once('=')
                         .with_context(|| format!("--button `{b}` is not LABEL=ID or LABEL=URL"))?;
-                    Ok(if target.starts_with("http://") || target.starts_with("https://") {
-                        json!({"label": label, "url": target})
-                    } else {
-                        json!({"label": label, "custom_id": target})
-                    })
+                    Ok(
+                        if target.starts_with("http://") || target.starts_with("https://") {
+                            json!({"label": label, "url": target})
+                        } else {
+                            json!({"label": label, "custom_id": target})
+                        },
+                    )
                 })
                 .collect();
             env.insert("buttons".into(), Value::Array(buttons?));
         }
         Kind::Buttons => bail!("a buttons envelope needs at least one --button"),
         Kind::Reaction => {
-            let m = a.message_id.clone().context("--message-id is needed for a reaction")?;
-            let e = a.emoji.clone().context("--emoji is needed for a reaction")?;
+            let m = a
+                .message_id
+                .clone()
+                .context("--message-id is needed for a reaction")?;
+            let e = a
+                .emoji
+                .clone()
+                .context("--emoji is needed for a reaction")?;
             env.insert("message_id".into(), m.into());
             env.insert("emoji".into(), e.into());
         }
@@ -249,7 +268,12 @@ async fn send(a: SendArgs) -> Result<()> {
     let bus = Bus::connect(&url, keys.clone())
         .await
         .with_context(|| format!("connecting to {url}"))?;
-    let publisher = Publisher::new(bus.conn(), keys, &cache_prefix, secret.map(String::into_bytes));
+    let publisher = Publisher::new(
+        bus.conn(),
+        keys,
+        &cache_prefix,
+        secret.map(String::into_bytes),
+    );
     for i in 1..=a.count {
         let text = match (&a.text, a.count) {
             (Some(t), 1) => Some(t.clone()),
@@ -266,7 +290,11 @@ async fn send(a: SendArgs) -> Result<()> {
         }
     }
     if a.count > 20 {
-        println!("published {} envelopes to {}", a.count, publisher.keys().outbound());
+        println!(
+            "published {} envelopes to {}",
+            a.count,
+            publisher.keys().outbound()
+        );
     }
     Ok(())
 }
@@ -298,12 +326,17 @@ adapter = "console"
     let bus = Bus::connect(&server.url(), keys.clone()).await?;
     let publisher = Publisher::new(bus.conn(), keys.clone(), "sg:", None);
 
-    println!("• a worker publishes to {} before any gateway runs:", keys.outbound());
+    println!(
+        "• a worker publishes to {} before any gateway runs:",
+        keys.outbound()
+    );
     let mut published = 0u64;
     for round in 1..=3 {
         for ch in ["general", "support"] {
             publisher
-                .publish(obj(json!({"channel_id": ch, "text": format!("hello {ch}, message {round}")})))
+                .publish(obj(
+                    json!({"channel_id": ch, "text": format!("hello {ch}, message {round}")}),
+                ))
                 .await?;
             published += 1;
         }
@@ -355,14 +388,29 @@ adapter = "console"
         .arg("+")
         .query_async(&mut conn)
         .await?;
-    println!("\n• dead-letter stream {} holds {} entries:", keys.dlq(), dlq.ids.len());
+    println!(
+        "\n• dead-letter stream {} holds {} entries:",
+        keys.dlq(),
+        dlq.ids.len()
+    );
     for e in &dlq.ids {
         let f = |k: &str| e.get::<String>(k).unwrap_or_default();
-        println!("  {} [{}] {}", f("original_id"), f("error_kind"), f("error"));
+        println!(
+            "  {} [{}] {}",
+            f("original_id"),
+            f("error_kind"),
+            f("error")
+        );
     }
     let (pending, lag) = group_backlog(&bus, &keys).await?;
-    println!("• group {}: pending {pending}, lag {lag} — every entry delivered, skipped or dead-lettered", keys.group());
-    println!("• took {:.0} ms; the redis-server stops with the demo", started.elapsed().as_secs_f64() * 1000.0);
+    println!(
+        "• group {}: pending {pending}, lag {lag} — every entry delivered, skipped or dead-lettered",
+        keys.group()
+    );
+    println!(
+        "• took {:.0} ms; the redis-server stops with the demo",
+        started.elapsed().as_secs_f64() * 1000.0
+    );
     Ok(())
 }
 
@@ -382,7 +430,9 @@ async fn group_backlog(bus: &Bus, keys: &Keys) -> Result<(u64, u64)> {
         .query_async(&mut conn)
         .await?;
     for g in v {
-        let name = g.get("name").and_then(|n| redis::from_redis_value_ref::<String>(n).ok());
+        let name = g
+            .get("name")
+            .and_then(|n| redis::from_redis_value_ref::<String>(n).ok());
         if name.as_deref() == Some(keys.group().as_str()) {
             let num = |k: &str| {
                 g.get(k)

@@ -100,11 +100,20 @@ impl Publisher {
         if !env.contains_key("created_ms") {
             env.insert("created_ms".into(), crate::now_ms().into());
         }
-        if !env.contains_key("message_key") && matches!(ty.as_str(), "message" | "file" | "buttons") {
-            let key = format!("{}msg:{}:{:016x}", self.cache_prefix, self.keys.platform(), rand::random::<u64>());
+        if !env.contains_key("message_key") && matches!(ty.as_str(), "message" | "file" | "buttons")
+        {
+            let key = format!(
+                "{}msg:{}:{:016x}",
+                self.cache_prefix,
+                self.keys.platform(),
+                rand::random::<u64>()
+            );
             env.insert("message_key".into(), key.into());
         }
-        let message_key = env.get("message_key").and_then(Value::as_str).map(str::to_owned);
+        let message_key = env
+            .get("message_key")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
         let payload = Value::Object(env).to_string();
         let id = self.publish_raw(payload.as_bytes()).await?;
         Ok(Published {
@@ -120,10 +129,17 @@ impl Publisher {
         let id: String = match &self.secret {
             Some(secret) => {
                 let sig = sign(secret, payload);
-                conn.xadd(self.keys.outbound(), "*", &[("payload", payload), ("sig", sig.as_bytes())])
+                conn.xadd(
+                    self.keys.outbound(),
+                    "*",
+                    &[("payload", payload), ("sig", sig.as_bytes())],
+                )
+                .await?
+            }
+            None => {
+                conn.xadd(self.keys.outbound(), "*", &[("payload", payload)])
                     .await?
             }
-            None => conn.xadd(self.keys.outbound(), "*", &[("payload", payload)]).await?,
         };
         Ok(StreamId(id))
     }

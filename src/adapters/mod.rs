@@ -130,7 +130,10 @@ pub trait Adapter: Send + Sync + fmt::Debug {
     fn capabilities(&self) -> Capabilities;
 
     /// Deliver one action.
-    fn deliver<'a>(&'a self, delivery: Delivery<'a>) -> BoxFuture<'a, Result<Delivered, AdapterError>>;
+    fn deliver<'a>(
+        &'a self,
+        delivery: Delivery<'a>,
+    ) -> BoxFuture<'a, Result<Delivered, AdapterError>>;
 
     /// Answer an RPC method the platform offers (history, webhook deletion, …).
     fn call<'a>(

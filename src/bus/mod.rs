@@ -242,7 +242,10 @@ impl Bus {
             return Ok(("0-0".into(), Vec::new(), Vec::new()));
         };
         let mut parts = parts.into_iter();
-        let next = parts.next().and_then(as_string).unwrap_or_else(|| "0-0".into());
+        let next = parts
+            .next()
+            .and_then(as_string)
+            .unwrap_or_else(|| "0-0".into());
         let claimed = parts.next().map(parse_entries).unwrap_or_default();
         let deleted = match parts.next() {
             Some(Value::Array(ids)) => ids
@@ -558,11 +561,7 @@ fn parse_entries(v: Value) -> Vec<RawEntry> {
             if parts.is_empty() {
                 return None;
             }
-            let fields_v = if parts.len() > 1 {
-                parts.pop()
-            } else {
-                None
-            };
+            let fields_v = if parts.len() > 1 { parts.pop() } else { None };
             let id = as_string(parts.pop()?)?;
             let mut fields = HashMap::new();
             if let Some(Value::Array(fv)) = fields_v {

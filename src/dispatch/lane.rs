@@ -168,7 +168,12 @@ impl Lane {
         BeginArgs {
             id: &e.id,
             seq: e.parsed.routing.seq,
-            cache: e.parsed.result.as_ref().ok().and_then(|env| env.message_key.as_deref()),
+            cache: e
+                .parsed
+                .result
+                .as_ref()
+                .ok()
+                .and_then(|env| env.message_key.as_deref()),
         }
     }
 
@@ -182,7 +187,9 @@ impl Lane {
                 let chan = self.chan.clone();
                 let args = Self::begin_args(&self.queue[0]);
                 match s
-                    .persist("begin", || s.bus.begin(&s.who, s.timing, &chan, args.clone()))
+                    .persist("begin", || {
+                        s.bus.begin(&s.who, s.timing, &chan, args.clone())
+                    })
                     .await
                 {
                     Some(b) => b,
@@ -368,13 +375,19 @@ impl Lane {
         if resumed {
             // The interrupted try counts: a message that crashes its gateway
             // every time still runs out of attempts.
-            attempts = match s.bus.renew(&s.who, s.timing, &self.chan, &token, true).await {
+            attempts = match s
+                .bus
+                .renew(&s.who, s.timing, &self.chan, &token, true)
+                .await
+            {
                 Ok(Some(n)) => n,
                 Ok(None) => return Err(Interrupted::LockLost),
                 Err(_) => attempts + 1,
             };
             Stats::inc(&s.stats.unknown_outcome_resends);
-            warn!("re-sending an entry whose earlier send may have reached the platform (same idempotency key)");
+            warn!(
+                "re-sending an entry whose earlier send may have reached the platform (same idempotency key)"
+            );
         }
         loop {
             let delivery = Delivery {
@@ -404,7 +417,11 @@ impl Lane {
                     });
                 }
                 Retry::Backoff => {
-                    attempts = match s.bus.renew(&s.who, s.timing, &self.chan, &token, true).await {
+                    attempts = match s
+                        .bus
+                        .renew(&s.who, s.timing, &self.chan, &token, true)
+                        .await
+                    {
                         Ok(Some(n)) => n,
                         Ok(None) => return Err(Interrupted::LockLost),
                         Err(_) => attempts + 1,
@@ -500,7 +517,12 @@ impl Lane {
                     error_kind: kind,
                     attempts: *attempts,
                     consumer: &s.who.consumer,
-                    channel_id: entry.parsed.routing.channel_id.as_ref().map(|c| c.0.as_str()),
+                    channel_id: entry
+                        .parsed
+                        .routing
+                        .channel_id
+                        .as_ref()
+                        .map(|c| c.0.as_str()),
                 };
                 s.persist("dead_letter", || {
                     s.bus.dead_letter(

@@ -281,10 +281,11 @@ async fn rpc(s: Arc<Shared>, entry: Entry) {
             Err(e) => serde_json::json!({ "error": e.message }),
         };
         let reply = reply.to_string();
-        if s
-            .persist("rpc_reply", || s.bus.rpc_reply(&entry.id, reply_key, &reply))
-            .await
-            .is_some()
+        if s.persist("rpc_reply", || {
+            s.bus.rpc_reply(&entry.id, reply_key, &reply)
+        })
+        .await
+        .is_some()
         {
             Stats::inc(&s.stats.rpc_answered);
         }

@@ -1,0 +1,825 @@
+//! The delivery engine's guarantees (SPEC §3), each against a private
+//! redis-server: nothing lost, nothing duplicated, per-channel order across
+//! gateways, fencing, bad input, retries, recovery and shutdown.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{Recorder, Rig, fast, order_by_channel};
+use serde_json::json;
+use stargazer::adapters::{AdapterError, Capabilities};
+use stargazer::bus::{Begin, BeginArgs, Commit, CommitArgs, Identity, Timing};
+use stargazer::envelope::StreamId;
+
+const T: Duration = Duration::from_secs(20);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_consumers_keep_per_channel_order_over_50_channels() {
+    let rig = Rig::new().await;
+    let rec = Recorder::build(
+        Box::new(|_, _| Ok(())),
+        Duration::from_micros(300),
+        Capabilities::ALL,
+    );
+    let mut s = fast();
+    s.read_batch = 16;
+    let a = rig.start("gw-a", rec.clone(), s.clone()).await;
+    let b = rig.start("gw-b", rec.clone(), s).await;
+    for i in 0..1000 {
+        rig.publish(json!({"channel_id": format!("c{}", i % 50), "text": format!("m{i}")}))
+            .await;
+    }
+    rec.wait_sent(1000, T).await;
+    rig.drained(T).await;
+    let sent = rec.sent();
+    assert_eq!(sent.len(), 1000, "each message sent exactly once");
+    let order = order_by_channel(&sent);
+    assert_eq!(order.len(), 50);
+    for (c, seqs) in &order {
+        assert_eq!(
+            seqs,
+            &(1..=20).collect::<Vec<u64>>(),
+            "channel {c} out of order"
+        );
+    }
+    let (sa, sb) = (a.stats().snapshot(), b.stats().snapshot());
+    assert!(
+        sa.read > 0 && sb.read > 0,
+        "both gateways took part: {sa:?} {sb:?}"
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_gateway_that_died_before_sending_loses_nothing() {
+    let rig = Rig::new().await;
+    for i in 0..10 {
+        rig.publish(json!({"channel_id": "c", "text": format!("m{i}")}))
+            .await;
+    }
+    let stranded = rig.read_as("dead-gw", 10).await;
+    assert_eq!(stranded.len(), 10);
+    let rec = Recorder::ok();
+    let gw = rig.start("live-gw", rec.clone(), fast()).await;
+    rec.wait_sent(10, T).await;
+    rig.drained(T).await;
+    let order = order_by_channel(&rec.sent());
+    assert_eq!(order["c"], (1..=10).collect::<Vec<_>>());
+    assert!(
+        rec.sent().iter().all(|s| !s.resend),
+        "nothing had been sent before"
+    );
+    assert_eq!(gw.stats().snapshot().claimed, 10);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_gateway_that_died_after_sending_is_resent_with_the_same_idempotency_key() {
+    let rig = Rig::new().await;
+    let p = rig
+        .publish(json!({"channel_id": "c", "text": "once", "message_key": "sg:msg:once"}))
+        .await;
+    rig.read_as("dead-gw", 1).await;
+    // The dead gateway began the send (lock, in-flight record) and vanished
+    // before its commit: the platform may or may not have the message.
+    let dead = Identity {
+        consumer: "dead-gw".into(),
+        instance: "dead-gw/1".into(),
+    };
+    let timing = Timing {
+        lock_ttl: Duration::from_millis(300),
+        gap_timeout: Duration::from_secs(60),
+        dlq_maxlen: 0,
+    };
+    let chan = rig.keys.channel("c");
+    let b = rig
+        .bus
+        .begin(
+            &dead,
+            timing,
+            &chan,
+            BeginArgs {
+                id: &p.id,
+                seq: p.seq,
+                cache: Some("sg:msg:once"),
+            },
+        )
+        .await
+        .unwrap();
+    assert!(matches!(b, Begin::Go { .. }), "{b:?}");
+
+    let rec = Recorder::ok();
+    let gw = rig.start("live-gw", rec.clone(), fast()).await;
+    rec.wait_sent(1, T).await;
+    rig.drained(T).await;
+    let sent = rec.sent();
+    assert_eq!(sent.len(), 1);
+    assert!(sent[0].resend, "marked as a possible repeat");
+    assert_eq!(sent[0].idempotency_key, "sg:msg:once");
+    assert_eq!(gw.stats().snapshot().unknown_outcome_resends, 1);
+    let mid: Option<String> = rig.cmd(&["HGET", "sg:msg:once", "message_id"]).await;
+    assert_eq!(mid, Some(format!("pm-{}", p.id)));
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn unknown_outcome_can_be_dead_lettered_instead() {
+    let rig = Rig::new().await;
+    let p = rig
+        .publish(json!({"channel_id": "c", "text": "maybe"}))
+        .await;
+    rig.read_as("dead-gw", 1).await;
+    let dead = Identity {
+        consumer: "dead-gw".into(),
+        instance: "dead-gw/1".into(),
+    };
+    let timing = Timing {
+        lock_ttl: Duration::from_millis(200),
+        gap_timeout: Duration::from_secs(60),
+        dlq_maxlen: 0,
+    };
+    rig.bus
+        .begin(
+            &dead,
+            timing,
+            &rig.keys.channel("c"),
+            BeginArgs {
+                id: &p.id,
+                seq: p.seq,
+                cache: None,
+            },
+        )
+        .await
+        .unwrap();
+    let mut s = fast();
+    s.unknown_outcome = stargazer::config::UnknownOutcome::DeadLetter;
+    let rec = Recorder::ok();
+    let gw = rig.start("live-gw", rec.clone(), s).await;
+    rig.drained(T).await;
+    assert!(rec.calls().is_empty());
+    let dlq = rig.dlq().await;
+    assert_eq!(dlq.len(), 1);
+    assert_eq!(dlq[0]["error_kind"], "unknown_outcome");
+    assert_eq!(dlq[0]["original_id"], p.id.0);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn every_bad_input_is_dead_lettered_with_its_reason_while_the_channel_flows() {
+    let rig = Rig::new().await;
+    let good = |n: u32| json!({"channel_id": "c", "text": format!("good {n}")});
+    rig.publish(good(1)).await;
+    rig.publish(json!({"type": "fax", "channel_id": "c", "seq": 2}))
+        .await;
+    rig.publish(json!({"channel_id": "c", "seq": 3, "text": "x", "message_key": "victim:key"}))
+        .await;
+    rig.publish(json!({"type": "file", "channel_id": "c", "seq": 4, "file_data": "@@@"}))
+        .await;
+    rig.publish(json!({"type": "reaction", "channel_id": "c", "seq": 5, "emoji": "x"}))
+        .await;
+    rig.publish(json!({"channel_id": "c", "seq": 6, "text": 42}))
+        .await;
+    rig.publisher.publish_raw(b"not json at all").await.unwrap();
+    rig.publisher.publish_raw(b"[1, 2, 3]").await.unwrap();
+    rig.publish(json!({"text": "no channel"})).await;
+    let big = "x".repeat(2000);
+    rig.publish(json!({"channel_id": "c", "seq": 7, "text": big}))
+        .await;
+    let _: String = rig
+        .cmd(&[
+            "XADD",
+            &rig.keys.outbound(),
+            "*",
+            "body",
+            "no payload field",
+        ])
+        .await;
+    rig.publish(json!({"channel_id": "c", "seq": 8, "text": "good 8"}))
+        .await;
+
+    let mut s = fast();
+    s.max_payload_bytes = 1000;
+    s.gap_timeout_ms = 60_000; // order must not depend on gap skipping
+    let rec = Recorder::ok();
+    let gw = rig.start("gw", rec.clone(), s).await;
+    rec.wait_sent(2, T).await;
+    rig.drained(T).await;
+    let order = order_by_channel(&rec.sent());
+    assert_eq!(order["c"], vec![1, 8]);
+    let mut kinds: Vec<String> = rig
+        .dlq()
+        .await
+        .iter()
+        .map(|d| d["error_kind"].clone())
+        .collect();
+    kinds.sort();
+    assert_eq!(
+        kinds,
+        vec![
+            "bad_base64",
+            "bad_field",
+            "forbidden_key",
+            "missing_field",
+            "missing_field",
+            "missing_payload",
+            "not_json",
+            "not_object",
+            "too_large",
+            "unknown_type"
+        ]
+    );
+    for d in rig.dlq().await {
+        assert!(!d["error"].is_empty());
+        assert!(d.contains_key("original_id") && d.contains_key("failed_ms"));
+        assert_eq!(d["consumer"], "gw");
+        if d["error_kind"] == "unknown_type" {
+            assert!(d["error"].contains("fax"), "{}", d["error"]);
+            assert!(d["payload"].contains("fax"));
+        }
+    }
+    assert_eq!(gw.stats().snapshot().gaps_skipped, 0);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn unsigned_or_forged_entries_are_dead_lettered_when_signing_is_required() {
+    let rig = Rig::new().await;
+    let signer = stargazer::publish::Publisher::new(
+        rig.bus.conn(),
+        rig.keys.clone(),
+        "sg:",
+        Some(b"k1".to_vec()),
+    );
+    let forger = stargazer::publish::Publisher::new(
+        rig.bus.conn(),
+        rig.keys.clone(),
+        "sg:",
+        Some(b"k2".to_vec()),
+    );
+    let env = |t: &str| {
+        json!({"channel_id": "c", "text": t})
+            .as_object()
+            .unwrap()
+            .clone()
+    };
+    signer.publish(env("signed")).await.unwrap();
+    forger.publish(env("forged")).await.unwrap();
+    rig.publish(json!({"channel_id": "c", "text": "unsigned"}))
+        .await;
+    signer.publish(env("signed again")).await.unwrap();
+    let mut s = fast();
+    s.signing_secret = Some("k1".into());
+    let rec = Recorder::ok();
+    let gw = rig.start("gw", rec.clone(), s).await;
+    rec.wait_sent(2, T).await;
+    rig.drained(T).await;
+    let texts: Vec<_> = rec.sent().iter().map(|s| s.text.clone().unwrap()).collect();
+    assert_eq!(texts, vec!["signed", "signed again"]);
+    let dlq = rig.dlq().await;
+    assert_eq!(dlq.len(), 2);
+    assert!(dlq.iter().all(|d| d["error_kind"] == "bad_signature"));
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_dead_lettered_predecessor_releases_its_successors_at_once() {
+    let rig = Rig::new().await;
+    rig.publish(json!({"channel_id": "c", "text": "poison"}))
+        .await;
+    rig.publish(json!({"channel_id": "c", "text": "next"}))
+        .await;
+    let mut s = fast();
+    s.gap_timeout_ms = 600_000; // a wait for the gap would outlast the test
+    let rec = Recorder::scripted(|s, _| match s.text.as_deref() {
+        Some("poison") => Err(AdapterError::permanent(
+            "400 Bad Request: cannot send poison",
+        )),
+        _ => Ok(()),
+    });
+    let gw = rig.start("gw", rec.clone(), s).await;
+    rec.wait_sent(1, Duration::from_secs(5)).await;
+    rig.drained(T).await;
+    let dlq = rig.dlq().await;
+    assert_eq!(dlq.len(), 1);
+    assert_eq!(dlq[0]["error_kind"], "rejected");
+    assert!(dlq[0]["error"].contains("400"));
+    assert_eq!(dlq[0]["attempts"], "1");
+    assert_eq!(rec.sent()[0].seq, Some(2));
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_dead_lettered_predecessor_on_another_gateway_releases_the_successor_at_once() {
+    let rig = Rig::new().await;
+    rig.publish(json!({"channel_id": "c", "text": "poison"}))
+        .await;
+    rig.publish(json!({"channel_id": "c", "text": "next"}))
+        .await;
+    // seq 1 is pending for gateway A, seq 2 for gateway B.
+    assert_eq!(rig.read_as("gw-a", 1).await.len(), 1);
+    assert_eq!(rig.read_as("gw-b", 1).await.len(), 1);
+    let mut s = fast();
+    s.gap_timeout_ms = 600_000; // waiting out the gap would outlast the test
+    s.autoclaim_min_idle_ms = 600_000;
+    let rec_b = Recorder::ok();
+    let b = rig.start("gw-b", rec_b.clone(), s.clone()).await;
+    let rec_a = Recorder::scripted(|_, _| Err(AdapterError::permanent("404: unknown channel")));
+    let a = rig.start("gw-a", rec_a.clone(), s).await;
+    rec_b.wait_sent(1, Duration::from_secs(5)).await;
+    rig.drained(T).await;
+    assert_eq!(rec_b.sent()[0].seq, Some(2));
+    assert_eq!(rec_a.calls().len(), 1);
+    assert_eq!(rig.dlq().await[0]["seq"], "1");
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn server_errors_are_retried_and_client_errors_are_not() {
+    let rig = Rig::new().await;
+    rig.publish(json!({"channel_id": "a", "text": "flaky"}))
+        .await;
+    rig.publish(json!({"channel_id": "b", "text": "refused"}))
+        .await;
+    let rec = Recorder::scripted(|s, nth| match s.text.as_deref() {
+        Some("flaky") if nth < 2 => Err(AdapterError::transient("503 Service Unavailable")),
+        Some("refused") => Err(AdapterError::permanent("403 Forbidden: missing access")),
+        _ => Ok(()),
+    });
+    let gw = rig.start("gw", rec.clone(), fast()).await;
+    rec.wait_sent(1, T).await;
+    rig.drained(T).await;
+    let calls = rec.calls();
+    let flaky: Vec<_> = calls
+        .iter()
+        .filter(|c| c.text.as_deref() == Some("flaky"))
+        .collect();
+    assert_eq!(flaky.len(), 3);
+    assert_eq!(
+        flaky.iter().map(|c| c.attempt).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    assert!(
+        flaky
+            .iter()
+            .all(|c| c.idempotency_key == flaky[0].idempotency_key)
+    );
+    let refused = calls
+        .iter()
+        .filter(|c| c.text.as_deref() == Some("refused"))
+        .count();
+    assert_eq!(refused, 1, "a permanent error is not retried");
+    let dlq = rig.dlq().await;
+    assert_eq!(dlq.len(), 1);
+    assert_eq!(dlq[0]["error_kind"], "rejected");
+    assert!(dlq[0]["error"].contains("403 Forbidden: missing access"));
+    assert_eq!(gw.stats().snapshot().retries, 2);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn rate_limits_wait_their_retry_after_and_use_no_attempt() {
+    let rig = Rig::new().await;
+    rig.publish(json!({"channel_id": "a", "text": "limited"}))
+        .await;
+    let rec = Recorder::scripted(|_, nth| {
+        if nth < 3 {
+            Err(AdapterError::rate_limited(
+                Duration::from_millis(150),
+                "429 Too Many Requests",
+            ))
+        } else {
+            Ok(())
+        }
+    });
+    let mut s = fast();
+    s.max_attempts = 1; // a 429 must not use it up
+    let gw = rig.start("gw", rec.clone(), s).await;
+    rec.wait_sent(1, T).await;
+    let calls = rec.calls();
+    assert_eq!(calls.len(), 4);
+    for w in calls.windows(2) {
+        let gap = w[1].at - w[0].at;
+        assert!(gap >= Duration::from_millis(150), "retried after {gap:?}");
+    }
+    assert!(calls.iter().all(|c| c.attempt == 1), "429s used no attempt");
+    rig.drained(T).await;
+    assert!(rig.dlq().await.is_empty());
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn retries_exhausted_needs_attempts_and_age() {
+    let rig = Rig::new().await;
+    rig.publish(json!({"channel_id": "a", "text": "down"}))
+        .await;
+    let rec = Recorder::scripted(|_, _| Err(AdapterError::transient("connection refused")));
+    let mut s = fast();
+    s.max_attempts = 3;
+    s.max_age_ms = 400;
+    let started = Instant::now();
+    let gw = rig.start("gw", rec.clone(), s).await;
+    rig.drained(T).await;
+    let dlq = rig.dlq().await;
+    assert_eq!(dlq.len(), 1);
+    assert_eq!(dlq[0]["error_kind"], "retries_exhausted");
+    assert!(dlq[0]["error"].contains("connection refused"));
+    let attempts: u32 = dlq[0]["attempts"].parse().unwrap();
+    assert!(attempts >= 3, "{attempts}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "not before max_age_ms"
+    );
+    assert!(rec.calls().len() >= 3);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_stale_lock_holder_cannot_commit() {
+    let rig = Rig::new().await;
+    let p1 = rig.publish(json!({"channel_id": "c", "text": "one"})).await;
+    rig.read_as("gw-old", 1).await;
+    let old = Identity {
+        consumer: "gw-old".into(),
+        instance: "gw-old/1".into(),
+    };
+    let new = Identity {
+        consumer: "gw-old".into(),
+        instance: "gw-new/2".into(),
+    };
+    let timing = Timing {
+        lock_ttl: Duration::from_millis(150),
+        gap_timeout: Duration::from_secs(60),
+        dlq_maxlen: 0,
+    };
+    let chan = rig.keys.channel("c");
+    let args = BeginArgs {
+        id: &p1.id,
+        seq: p1.seq,
+        cache: None,
+    };
+    let Begin::Go {
+        token: old_token, ..
+    } = rig
+        .bus
+        .begin(&old, timing, &chan, args.clone())
+        .await
+        .unwrap()
+    else {
+        panic!("old holder should begin")
+    };
+    // The old holder stalls past its lease; a new holder takes the channel.
+    let new_token = loop {
+        match rig
+            .bus
+            .begin(&new, timing, &chan, args.clone())
+            .await
+            .unwrap()
+        {
+            Begin::Go { token, resumed, .. } => {
+                assert!(resumed, "the new holder knows the send may have happened");
+                break token;
+            }
+            Begin::Busy(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            other => panic!("{other:?}"),
+        }
+    };
+    assert!(new_token.parse::<u64>().unwrap() > old_token.parse::<u64>().unwrap());
+    let commit = |who: &'static Identity, token: String| {
+        let rig = &rig;
+        let chan = chan.clone();
+        let id = p1.id.clone();
+        async move {
+            rig.bus
+                .commit(
+                    who,
+                    timing,
+                    CommitArgs {
+                        chan: &chan,
+                        token: &token,
+                        id: &id,
+                        seq: Some(1),
+                        cache: None,
+                        message_id: Some("m"),
+                        release: true,
+                        next: None,
+                    },
+                )
+                .await
+                .unwrap()
+        }
+    };
+    let old: &'static Identity = Box::leak(Box::new(old));
+    let new: &'static Identity = Box::leak(Box::new(new));
+    assert_eq!(commit(old, old_token).await, Commit::Stale);
+    assert_eq!(
+        rig.pending().await,
+        1,
+        "a refused commit acknowledges nothing"
+    );
+    let done: Option<u64> = rig.cmd(&["HGET", &chan, "done"]).await;
+    assert_eq!(done, None, "nor moves the delivered mark");
+    assert_eq!(commit(new, new_token).await, Commit::Ok(None));
+    assert_eq!(rig.pending().await, 0);
+    let done: Option<u64> = rig.cmd(&["HGET", &chan, "done"]).await;
+    assert_eq!(done, Some(1));
+}
+
+#[tokio::test]
+async fn a_pending_list_longer_than_one_sweep_page_is_fully_recovered() {
+    let rig = Rig::new().await;
+    for i in 0..350 {
+        rig.publish(json!({"channel_id": format!("c{}", i % 7), "text": format!("m{i}")}))
+            .await;
+    }
+    assert_eq!(rig.read_as("dead-gw", 350).await.len(), 350);
+    let rec = Recorder::ok();
+    let mut s = fast();
+    s.max_in_flight = 1000;
+    let gw = rig.start("gw", rec.clone(), s).await;
+    rec.wait_sent(350, T).await;
+    rig.drained(T).await;
+    let sent = rec.sent();
+    let ids: HashSet<_> = sent.iter().map(|s| s.stream_id.clone()).collect();
+    assert_eq!((sent.len(), ids.len()), (350, 350));
+    for (c, seqs) in order_by_channel(&sent) {
+        assert_eq!(seqs, (1..=50).collect::<Vec<_>>(), "channel {c}");
+    }
+    assert_eq!(gw.stats().snapshot().claimed, 350);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn entries_deleted_from_the_stream_while_pending_are_recorded_as_lost() {
+    let rig = Rig::new().await;
+    let p = rig
+        .publish(json!({"channel_id": "c", "text": "vanishing"}))
+        .await;
+    rig.read_as("dead-gw", 1).await;
+    let _: i64 = rig.cmd(&["XDEL", &rig.keys.outbound(), &p.id.0]).await;
+    let rec = Recorder::ok();
+    let gw = rig.start("gw", rec.clone(), fast()).await;
+    rig.drained(T).await;
+    let deadline = Instant::now() + T;
+    let dlq = loop {
+        let d = rig.dlq().await;
+        if !d.is_empty() || Instant::now() > deadline {
+            break d;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(dlq.len(), 1);
+    assert_eq!(dlq[0]["error_kind"], "lost_in_stream");
+    assert_eq!(dlq[0]["original_id"], p.id.0);
+    assert!(rec.calls().is_empty());
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_live_consumers_slow_entries_are_not_stolen() {
+    let rig = Rig::new().await;
+    for i in 0..4 {
+        rig.publish(json!({"channel_id": "slow", "text": format!("m{i}")}))
+            .await;
+    }
+    // Each send takes longer than autoclaim_min_idle_ms: without keep-fresh a
+    // sweep elsewhere would claim the queued ones.
+    let rec = Recorder::build(
+        Box::new(|_, _| Ok(())),
+        Duration::from_millis(500),
+        Capabilities::ALL,
+    );
+    let mut s = fast();
+    s.autoclaim_min_idle_ms = 300;
+    s.lock_ttl_ms = 3000;
+    let a = rig.start("gw-a", rec.clone(), s.clone()).await;
+    let deadline = Instant::now() + T;
+    while a.in_flight() < 4 {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let other = Recorder::ok();
+    let b = rig.start("gw-b", other.clone(), s).await;
+    rec.wait_sent(4, T).await;
+    rig.drained(T).await;
+    assert_eq!(
+        b.stats().snapshot().claimed,
+        0,
+        "gw-b took gw-a's live entries"
+    );
+    assert!(other.calls().is_empty());
+    assert_eq!(order_by_channel(&rec.sent())["slow"], vec![1, 2, 3, 4]);
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_missing_seq_is_skipped_after_the_gap_timeout_and_delivered_late_if_it_shows_up() {
+    let rig = Rig::new().await;
+    // A producer took seq 1 and died before publishing; seq 2 must not wait forever.
+    rig.publish(json!({"channel_id": "c", "text": "two", "seq": 2}))
+        .await;
+    let mut s = fast();
+    s.gap_timeout_ms = 300;
+    let rec = Recorder::ok();
+    let started = Instant::now();
+    let gw = rig.start("gw", rec.clone(), s).await;
+    rec.wait_sent(1, T).await;
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert_eq!(gw.stats().snapshot().gaps_skipped, 1);
+    // It does arrive after all: delivered (late), never dropped.
+    rig.publish(json!({"channel_id": "c", "text": "one", "seq": 1}))
+        .await;
+    rec.wait_sent(2, T).await;
+    rig.drained(T).await;
+    assert_eq!(gw.stats().snapshot().late, 1);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn typing_is_latest_wins_and_expired_updates_are_never_sent() {
+    let rig = Rig::new().await;
+    rig.publish(json!({"type": "start_typing", "channel_id": "c"}))
+        .await;
+    rig.publish(json!({"type": "stop_typing", "channel_id": "c"}))
+        .await;
+    rig.publish(json!({"type": "start_typing", "channel_id": "d", "expires_ms": 1}))
+        .await;
+    rig.publish(json!({"type": "presence", "text": "old"}))
+        .await;
+    rig.publish(json!({"type": "presence", "text": "new"}))
+        .await;
+    rig.publish(json!({"channel_id": "d", "text": "after"}))
+        .await;
+    let rec = Recorder::ok();
+    let gw = rig.start("gw", rec.clone(), fast()).await;
+    rig.drained(T).await;
+    let kinds: Vec<_> = rec
+        .sent()
+        .iter()
+        .map(|s| (s.channel.clone(), s.kind))
+        .collect();
+    assert!(kinds.contains(&(Some("c".into()), "stop_typing")));
+    assert!(
+        !kinds.contains(&(Some("c".into()), "start_typing")),
+        "superseded"
+    );
+    assert!(
+        !kinds.contains(&(Some("d".into()), "start_typing")),
+        "expired"
+    );
+    assert_eq!(kinds.iter().filter(|k| k.1 == "presence").count(), 1);
+    let st = gw.stats().snapshot();
+    assert_eq!((st.superseded, st.expired), (2, 1));
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn unsupported_actions_are_acknowledged_unsent_and_counted() {
+    let rig = Rig::new().await;
+    rig.publish(json!({"type": "reaction", "channel_id": "c", "message_id": "m", "emoji": "x"}))
+        .await;
+    rig.publish(json!({"channel_id": "c", "text": "hi"})).await;
+    let caps = Capabilities {
+        reactions: false,
+        ..Capabilities::ALL
+    };
+    let rec = Recorder::build(Box::new(|_, _| Ok(())), Duration::ZERO, caps);
+    let gw = rig.start("gw", rec.clone(), fast()).await;
+    rig.drained(T).await;
+    assert_eq!(rec.sent().len(), 1);
+    assert_eq!(gw.stats().snapshot().unsupported, 1);
+    assert!(rig.dlq().await.is_empty());
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_platform_id_is_written_back_and_a_repeated_message_key_is_not_sent_twice() {
+    let rig = Rig::new().await;
+    let _: () = rig.cmd(&["HSET", "sg:msg:existing", "author", "bot"]).await;
+    let _: () = rig.cmd(&["PERSIST", "sg:msg:existing"]).await;
+    let p1 = rig
+        .publish(json!({"channel_id": "c", "text": "a", "message_key": "sg:msg:new"}))
+        .await;
+    let p2 = rig
+        .publish(json!({"channel_id": "c", "text": "b", "message_key": "sg:msg:existing"}))
+        .await;
+    rig.publish(json!({"channel_id": "c", "text": "a again", "message_key": "sg:msg:new"}))
+        .await;
+    let rec = Recorder::ok();
+    let gw = rig.start("gw", rec.clone(), fast()).await;
+    rig.drained(T).await;
+    assert_eq!(
+        rec.sent().len(),
+        2,
+        "the repeated message_key is not sent again"
+    );
+    let new_id: String = rig.cmd(&["HGET", "sg:msg:new", "message_id"]).await;
+    assert_eq!(new_id, format!("pm-{}", p1.id));
+    let ttl: i64 = rig.cmd(&["TTL", "sg:msg:new"]).await;
+    assert!(
+        ttl > 89 * 86400,
+        "a new cache key expires in 90 days: {ttl}"
+    );
+    let old: HashMap<String, String> = rig.cmd(&["HGETALL", "sg:msg:existing"]).await;
+    assert_eq!(old["message_id"], format!("pm-{}", p2.id));
+    assert_eq!(old["author"], "bot");
+    let ttl: i64 = rig.cmd(&["TTL", "sg:msg:existing"]).await;
+    assert_eq!(ttl, -1, "an existing key keeps its expiry");
+    assert_eq!(gw.stats().snapshot().cached_skipped, 1);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_entry_already_acknowledged_is_never_sent_again() {
+    let rig = Rig::new().await;
+    let p = rig.publish(json!({"channel_id": "c", "text": "x"})).await;
+    rig.read_as("gw", 1).await;
+    let _: i64 = rig
+        .cmd(&["XACK", &rig.keys.outbound(), &rig.keys.group(), &p.id.0])
+        .await;
+    // A redelivery of it (say, a stale copy) begins: Redis says it is done.
+    let who = Identity {
+        consumer: "gw".into(),
+        instance: "gw/1".into(),
+    };
+    let timing = Timing {
+        lock_ttl: Duration::from_secs(1),
+        gap_timeout: Duration::from_secs(1),
+        dlq_maxlen: 0,
+    };
+    let b = rig
+        .bus
+        .begin(
+            &who,
+            timing,
+            &rig.keys.channel("c"),
+            BeginArgs {
+                id: &p.id,
+                seq: p.seq,
+                cache: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(b, Begin::Done);
+    let _ = StreamId(String::new());
+}
+
+#[tokio::test]
+async fn rpc_requests_are_answered_on_their_reply_key() {
+    let rig = Rig::new().await;
+    let reply = format!("{}abc", rig.keys.reply_prefix());
+    rig.publish(json!({"type": "rpc_request", "rpc_method": "nope", "reply_key": reply}))
+        .await;
+    rig.publish(json!({"type": "rpc_request", "rpc_method": "late", "reply_key": format!("{reply}2"), "deadline_ms": 1})).await;
+    let rec = Recorder::ok();
+    let gw = rig.start("gw", rec.clone(), fast()).await;
+    rig.drained(T).await;
+    let v: Vec<String> = rig.cmd(&["LRANGE", &reply, "0", "-1"]).await;
+    assert_eq!(v.len(), 1);
+    assert!(v[0].contains("error") && v[0].contains("nope"), "{}", v[0]);
+    let ttl: i64 = rig.cmd(&["TTL", &reply]).await;
+    assert!(ttl > 0 && ttl <= 60);
+    let late: i64 = rig.cmd(&["EXISTS", &format!("{reply}2")]).await;
+    assert_eq!(late, 0, "a request past its deadline is dropped");
+    assert_eq!(gw.stats().snapshot().rpc_expired, 1);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn shutdown_drains_in_flight_work_and_a_later_gateway_delivers_the_rest() {
+    let rig = Rig::new().await;
+    for i in 0..200 {
+        rig.publish(json!({"channel_id": format!("c{}", i % 4), "text": format!("m{i}")}))
+            .await;
+    }
+    let rec = Recorder::build(
+        Box::new(|_, _| Ok(())),
+        Duration::from_millis(5),
+        Capabilities::ALL,
+    );
+    let mut s = fast();
+    s.max_in_flight = 20;
+    let a = rig.start("gw-a", rec.clone(), s.clone()).await;
+    rec.wait_sent(10, T).await;
+    a.shutdown().await;
+    let after_a = rec.sent().len();
+    assert!(after_a < 200, "stopped before the end");
+    let pending_a: u64 = rig.pending().await;
+    assert_eq!(pending_a, 0, "everything read was finished in the drain");
+    let b = rig.start("gw-b", rec.clone(), s).await;
+    rec.wait_sent(200, T).await;
+    rig.drained(T).await;
+    let sent = rec.sent();
+    assert_eq!(sent.len(), 200);
+    for (c, seqs) in order_by_channel(&sent) {
+        assert_eq!(seqs, (1..=50).collect::<Vec<_>>(), "channel {c}");
+    }
+    b.shutdown().await;
+    let _ = Arc::new(());
+}
