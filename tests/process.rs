@@ -1,0 +1,223 @@
+//! The `stargazer` binary as an operator runs it: real processes, real
+//! signals, the webhook adapter against a local HTTP receiver.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::post;
+use common::Rig;
+use serde_json::{Value, json};
+
+/// One request the receiver got.
+#[derive(Debug, Clone)]
+struct Got {
+    body: Value,
+    idempotency_key: String,
+}
+
+#[derive(Clone)]
+struct Receiver {
+    got: Arc<Mutex<Vec<Got>>>,
+    /// Hang (never answer) while this is set.
+    hang: Arc<Mutex<bool>>,
+    delay: Duration,
+    tick: tokio::sync::watch::Sender<usize>,
+}
+
+async fn receive(State(r): State<Receiver>, headers: HeaderMap, Json(body): Json<Value>) -> (StatusCode, Json<Value>) {
+    let key = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let n = {
+        let mut got = r.got.lock().unwrap();
+        got.push(Got { body: body.clone(), idempotency_key: key });
+        got.len()
+    };
+    r.tick.send_replace(n);
+    if *r.hang.lock().unwrap() {
+        std::future::pending::<()>().await;
+    }
+    tokio::time::sleep(r.delay).await;
+    (StatusCode::OK, Json(json!({"message_id": format!("wh-{n}")})))
+}
+
+impl Receiver {
+    async fn start(delay: Duration) -> (Receiver, String) {
+        let r = Receiver {
+            got: Arc::default(),
+            hang: Arc::default(),
+            delay,
+            tick: tokio::sync::watch::channel(0).0,
+        };
+        let app = axum::Router::new().route("/deliver", post(receive)).with_state(r.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/deliver", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (r, url)
+    }
+
+    async fn wait(&self, n: usize, within: Duration) {
+        let mut rx = self.tick.subscribe();
+        let ok = tokio::time::timeout(within, rx.wait_for(|c| *c >= n)).await.is_ok();
+        assert!(ok, "receiver got {} of {n}", self.got.lock().unwrap().len());
+    }
+
+    fn got(&self) -> Vec<Got> {
+        self.got.lock().unwrap().clone()
+    }
+}
+
+fn gateway(rig: &Rig, name: &str, url: &str, extra: &str) -> (Child, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("stargazer.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[redis]
+url = "{}"
+[gateway]
+consumer_name = "{name}"
+[consumer]
+autoclaim_interval_ms = 200
+autoclaim_min_idle_ms = 800
+lock_ttl_ms = 900
+block_ms = 200
+drain_timeout_ms = 5000
+{extra}
+[[platform]]
+name = "{}"
+adapter = "webhook"
+url = "{url}"
+timeout_ms = 60000
+"#,
+            rig.server.url(),
+            rig.keys.platform()
+        ),
+    )
+    .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_stargazer"))
+        .args(["gateway", "--config"])
+        .arg(&path)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("start gateway");
+    (child, dir)
+}
+
+fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig}");
+}
+
+async fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st;
+        }
+        assert!(Instant::now() < deadline, "gateway did not exit");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn by_channel(got: &[Got]) -> std::collections::HashMap<String, Vec<u64>> {
+    let mut m: std::collections::HashMap<String, Vec<u64>> = Default::default();
+    for g in got {
+        let c = g.body["channel_id"].as_str().unwrap().to_owned();
+        m.entry(c).or_default().push(g.body["seq"].as_u64().unwrap());
+    }
+    m
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_exits_zero_and_a_later_gateway_delivers_the_rest() {
+    let rig = Rig::new().await;
+    let (rx, url) = Receiver::start(Duration::from_millis(10)).await;
+    for i in 0..300 {
+        rig.publish(json!({"channel_id": format!("c{}", i % 3), "text": format!("m{i}")})).await;
+    }
+    let (mut a, _da) = gateway(&rig, "gw-a", &url, "max_in_flight = 30");
+    rx.wait(30, Duration::from_secs(30)).await;
+    signal(&a, "-TERM");
+    let status = wait_exit(&mut a, Duration::from_secs(15)).await;
+    assert!(status.success(), "exit status {status:?}");
+    let delivered_by_a = rx.got().len();
+    assert!(delivered_by_a < 300, "stopped before the end ({delivered_by_a})");
+    assert_eq!(rig.pending().await, 0, "what was read was finished and acknowledged");
+    let locks: Vec<String> = rig.cmd(&["KEYS", &format!("sg:{{{}}}:chan:*", rig.keys.platform())]).await;
+    for k in locks {
+        let owner: Option<String> = rig.cmd(&["HGET", &k, "owner"]).await;
+        assert_eq!(owner, None, "lock on {k} released");
+    }
+
+    let (mut b, _db) = gateway(&rig, "gw-b", &url, "");
+    rx.wait(300, Duration::from_secs(30)).await;
+    rig.drained(Duration::from_secs(30)).await;
+    signal(&b, "-INT");
+    assert!(wait_exit(&mut b, Duration::from_secs(15)).await.success());
+    let got = rx.got();
+    assert_eq!(got.len(), 300, "each message exactly once");
+    for (c, seqs) in by_channel(&got) {
+        assert_eq!(seqs, (1..=100).collect::<Vec<_>>(), "channel {c}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_killed_mid_send_is_recovered_with_the_same_idempotency_key() {
+    let rig = Rig::new().await;
+    let (rx, url) = Receiver::start(Duration::ZERO).await;
+    *rx.hang.lock().unwrap() = true;
+    rig.publish(json!({"channel_id": "c", "text": "first", "message_key": "sg:msg:first"})).await;
+    rig.publish(json!({"channel_id": "c", "text": "second"})).await;
+    let (mut a, _da) = gateway(&rig, "gw-a", &url, "");
+    rx.wait(1, Duration::from_secs(30)).await;
+    // The request reached the platform; the gateway dies before it hears back.
+    signal(&a, "-KILL");
+    wait_exit(&mut a, Duration::from_secs(10)).await;
+    *rx.hang.lock().unwrap() = false;
+
+    let (mut b, _db) = gateway(&rig, "gw-b", &url, "");
+    rx.wait(3, Duration::from_secs(30)).await;
+    rig.drained(Duration::from_secs(30)).await;
+    signal(&b, "-TERM");
+    assert!(wait_exit(&mut b, Duration::from_secs(15)).await.success());
+    let got = rx.got();
+    assert_eq!(got.len(), 3, "{got:?}");
+    assert_eq!(got[0].body["text"], "first");
+    assert_eq!(got[1].body["text"], "first", "the interrupted send is repeated…");
+    assert_eq!(got[1].idempotency_key, got[0].idempotency_key, "…with the same idempotency key");
+    assert_eq!(got[1].idempotency_key, "sg:msg:first");
+    assert_eq!(got[1].body["resend"], true);
+    assert_eq!(got[2].body["text"], "second", "and order holds");
+    let mid: String = rig.cmd(&["HGET", "sg:msg:first", "message_id"]).await;
+    assert_eq!(mid, "wh-2");
+}
+
+#[tokio::test]
+async fn a_bad_config_is_refused_with_the_key_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, "[consumer]\nmax_in_flight = 0\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_stargazer"))
+        .args(["gateway", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("consumer.max_in_flight"), "{err}");
+}
