@@ -67,7 +67,18 @@ impl Consumer {
             dlq_maxlen: st.dlq_maxlen,
         };
         let stats = Arc::new(Stats::default());
+        let rules = ParseRules {
+            max_payload_bytes: st.max_payload_bytes,
+            signing_secret: st.signing_secret.as_ref().map(|s| s.as_bytes().to_vec()),
+            cache_prefix: p.cache_prefix.clone(),
+            reply_prefix: p.bus.keys().reply_prefix(),
+        };
+        let room = Arc::new(Semaphore::new(st.max_in_flight));
         let dispatcher = Dispatcher::new(DispatcherParts {
+            room: room.clone(),
+            max_in_flight: st.max_in_flight,
+            rules: rules.clone(),
+            handoff_idle: ConsumerConfig::ms(st.autoclaim_min_idle_ms),
             bus: p.bus.clone(),
             adapter: p.adapter.clone(),
             who: who.clone(),
@@ -81,19 +92,13 @@ impl Consumer {
             unknown_outcome: st.unknown_outcome,
             stats: stats.clone(),
         });
-        let rules = ParseRules {
-            max_payload_bytes: st.max_payload_bytes,
-            signing_secret: st.signing_secret.as_ref().map(|s| s.as_bytes().to_vec()),
-            cache_prefix: p.cache_prefix.clone(),
-            reply_prefix: p.bus.keys().reply_prefix(),
-        };
         let ctx = Arc::new(Ctx {
             bus: p.bus.clone(),
             dispatcher: dispatcher.clone(),
             settings: p.settings.clone(),
             rules,
             who,
-            room: Arc::new(Semaphore::new(st.max_in_flight)),
+            room,
             stats: stats.clone(),
         });
         let span = info_span!("consumer", platform = %platform, consumer = %p.consumer_name);
@@ -124,6 +129,11 @@ impl Consumer {
     /// Entries held in memory right now.
     pub fn in_flight(&self) -> usize {
         self.dispatcher.held_count()
+    }
+
+    /// A handle on the dispatcher (cheap clone), for the gauges.
+    pub fn dispatcher(&self) -> Dispatcher {
+        self.dispatcher.clone()
     }
 
     /// G8: stop reading, finish in-flight work until the drain timeout,

@@ -823,3 +823,46 @@ async fn shutdown_drains_in_flight_work_and_a_later_gateway_delivers_the_rest() 
     b.shutdown().await;
     let _ = Arc::new(());
 }
+
+#[tokio::test]
+async fn a_rate_limited_channel_does_not_stall_the_others() {
+    let rig = Rig::new().await;
+    for i in 0..100 {
+        rig.publish(json!({"channel_id": "slow", "text": format!("s{i}")}))
+            .await;
+    }
+    for i in 0..100 {
+        rig.publish(json!({"channel_id": format!("c{}", i % 10), "text": format!("m{i}")}))
+            .await;
+    }
+    let gate = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let g = gate.clone();
+    let rec = Recorder::scripted(move |s, _| {
+        if s.channel.as_deref() == Some("slow") && g.load(std::sync::atomic::Ordering::SeqCst) {
+            Err(AdapterError::rate_limited(
+                Duration::from_millis(50),
+                "429 Too Many Requests",
+            ))
+        } else {
+            Ok(())
+        }
+    });
+    let mut s = fast();
+    s.max_in_flight = 20; // far fewer than the slow channel's backlog
+    let gw = rig.start("gw", rec.clone(), s).await;
+    rec.wait_sent(100, T).await;
+    assert!(
+        rec.sent()
+            .iter()
+            .all(|s| s.channel.as_deref() != Some("slow")),
+        "the other channels went first"
+    );
+    assert!(gw.in_flight() <= 100 + 20);
+    gate.store(false, std::sync::atomic::Ordering::SeqCst);
+    rec.wait_sent(200, T).await;
+    rig.drained(T).await;
+    let order = order_by_channel(&rec.sent());
+    assert_eq!(order["slow"], (1..=100).collect::<Vec<_>>());
+    assert_eq!(rec.sent().len(), 200);
+    gw.shutdown().await;
+}

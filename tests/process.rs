@@ -30,7 +30,11 @@ struct Receiver {
     tick: tokio::sync::watch::Sender<usize>,
 }
 
-async fn receive(State(r): State<Receiver>, headers: HeaderMap, Json(body): Json<Value>) -> (StatusCode, Json<Value>) {
+async fn receive(
+    State(r): State<Receiver>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> (StatusCode, Json<Value>) {
     let key = headers
         .get("idempotency-key")
         .and_then(|v| v.to_str().ok())
@@ -38,7 +42,10 @@ async fn receive(State(r): State<Receiver>, headers: HeaderMap, Json(body): Json
         .to_owned();
     let n = {
         let mut got = r.got.lock().unwrap();
-        got.push(Got { body: body.clone(), idempotency_key: key });
+        got.push(Got {
+            body: body.clone(),
+            idempotency_key: key,
+        });
         got.len()
     };
     r.tick.send_replace(n);
@@ -46,7 +53,10 @@ async fn receive(State(r): State<Receiver>, headers: HeaderMap, Json(body): Json
         std::future::pending::<()>().await;
     }
     tokio::time::sleep(r.delay).await;
-    (StatusCode::OK, Json(json!({"message_id": format!("wh-{n}")})))
+    (
+        StatusCode::OK,
+        Json(json!({"message_id": format!("wh-{n}")})),
+    )
 }
 
 impl Receiver {
@@ -57,7 +67,9 @@ impl Receiver {
             delay,
             tick: tokio::sync::watch::channel(0).0,
         };
-        let app = axum::Router::new().route("/deliver", post(receive)).with_state(r.clone());
+        let app = axum::Router::new()
+            .route("/deliver", post(receive))
+            .with_state(r.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/deliver", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, app).await });
@@ -66,7 +78,9 @@ impl Receiver {
 
     async fn wait(&self, n: usize, within: Duration) {
         let mut rx = self.tick.subscribe();
-        let ok = tokio::time::timeout(within, rx.wait_for(|c| *c >= n)).await.is_ok();
+        let ok = tokio::time::timeout(within, rx.wait_for(|c| *c >= n))
+            .await
+            .is_ok();
         assert!(ok, "receiver got {} of {n}", self.got.lock().unwrap().len());
     }
 
@@ -138,7 +152,9 @@ fn by_channel(got: &[Got]) -> std::collections::HashMap<String, Vec<u64>> {
     let mut m: std::collections::HashMap<String, Vec<u64>> = Default::default();
     for g in got {
         let c = g.body["channel_id"].as_str().unwrap().to_owned();
-        m.entry(c).or_default().push(g.body["seq"].as_u64().unwrap());
+        m.entry(c)
+            .or_default()
+            .push(g.body["seq"].as_u64().unwrap());
     }
     m
 }
@@ -148,7 +164,8 @@ async fn sigterm_drains_exits_zero_and_a_later_gateway_delivers_the_rest() {
     let rig = Rig::new().await;
     let (rx, url) = Receiver::start(Duration::from_millis(10)).await;
     for i in 0..300 {
-        rig.publish(json!({"channel_id": format!("c{}", i % 3), "text": format!("m{i}")})).await;
+        rig.publish(json!({"channel_id": format!("c{}", i % 3), "text": format!("m{i}")}))
+            .await;
     }
     let (mut a, _da) = gateway(&rig, "gw-a", &url, "max_in_flight = 30");
     rx.wait(30, Duration::from_secs(30)).await;
@@ -156,9 +173,36 @@ async fn sigterm_drains_exits_zero_and_a_later_gateway_delivers_the_rest() {
     let status = wait_exit(&mut a, Duration::from_secs(15)).await;
     assert!(status.success(), "exit status {status:?}");
     let delivered_by_a = rx.got().len();
-    assert!(delivered_by_a < 300, "stopped before the end ({delivered_by_a})");
-    assert_eq!(rig.pending().await, 0, "what was read was finished and acknowledged");
-    let locks: Vec<String> = rig.cmd(&["KEYS", &format!("sg:{{{}}}:chan:*", rig.keys.platform())]).await;
+    assert!(
+        delivered_by_a < 300,
+        "stopped before the end ({delivered_by_a})"
+    );
+    // What it read but did not finish is left pending, marked idle so the
+    // next gateway's first sweep takes it.
+    let pending = rig.pending().await;
+    let idle: redis::Value = rig
+        .cmd(&[
+            "XPENDING",
+            &rig.keys.outbound(),
+            &rig.keys.group(),
+            "IDLE",
+            "800",
+            "-",
+            "+",
+            "1000",
+        ])
+        .await;
+    let redis::Value::Array(idle) = idle else {
+        panic!()
+    };
+    assert_eq!(
+        idle.len() as u64,
+        pending,
+        "every unfinished entry handed off"
+    );
+    let locks: Vec<String> = rig
+        .cmd(&["KEYS", &format!("sg:{{{}}}:chan:*", rig.keys.platform())])
+        .await;
     for k in locks {
         let owner: Option<String> = rig.cmd(&["HGET", &k, "owner"]).await;
         assert_eq!(owner, None, "lock on {k} released");
@@ -181,8 +225,10 @@ async fn a_gateway_killed_mid_send_is_recovered_with_the_same_idempotency_key() 
     let rig = Rig::new().await;
     let (rx, url) = Receiver::start(Duration::ZERO).await;
     *rx.hang.lock().unwrap() = true;
-    rig.publish(json!({"channel_id": "c", "text": "first", "message_key": "sg:msg:first"})).await;
-    rig.publish(json!({"channel_id": "c", "text": "second"})).await;
+    rig.publish(json!({"channel_id": "c", "text": "first", "message_key": "sg:msg:first"}))
+        .await;
+    rig.publish(json!({"channel_id": "c", "text": "second"}))
+        .await;
     let (mut a, _da) = gateway(&rig, "gw-a", &url, "");
     rx.wait(1, Duration::from_secs(30)).await;
     // The request reached the platform; the gateway dies before it hears back.
@@ -198,8 +244,14 @@ async fn a_gateway_killed_mid_send_is_recovered_with_the_same_idempotency_key() 
     let got = rx.got();
     assert_eq!(got.len(), 3, "{got:?}");
     assert_eq!(got[0].body["text"], "first");
-    assert_eq!(got[1].body["text"], "first", "the interrupted send is repeated…");
-    assert_eq!(got[1].idempotency_key, got[0].idempotency_key, "…with the same idempotency key");
+    assert_eq!(
+        got[1].body["text"], "first",
+        "the interrupted send is repeated…"
+    );
+    assert_eq!(
+        got[1].idempotency_key, got[0].idempotency_key,
+        "…with the same idempotency key"
+    );
     assert_eq!(got[1].idempotency_key, "sg:msg:first");
     assert_eq!(got[1].body["resend"], true);
     assert_eq!(got[2].body["text"], "second", "and order holds");

@@ -278,6 +278,62 @@ impl Bus {
         Ok(())
     }
 
+    /// Take entries back (with their fields) that this consumer parked, which
+    /// also resets their idle time. Ids no longer pending are not returned.
+    pub async fn claim(&self, consumer: &str, ids: &[StreamId]) -> RedisResult<Vec<RawEntry>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut conn = self.conn.clone();
+        let mut cmd = redis::cmd("XCLAIM");
+        cmd.arg(self.keys.outbound())
+            .arg(self.keys.group())
+            .arg(consumer)
+            .arg(0);
+        for id in ids {
+            cmd.arg(&id.0);
+        }
+        let v: Value = cmd.query_async(&mut conn).await?;
+        Ok(parse_entries(v))
+    }
+
+    /// Mark entries this consumer gives up (shutdown) as idle for `idle`, so
+    /// the next recovery sweep of another gateway takes them at once.
+    pub async fn hand_off(
+        &self,
+        consumer: &str,
+        ids: &[StreamId],
+        idle: Duration,
+    ) -> RedisResult<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.conn.clone();
+        let mut cmd = redis::cmd("XCLAIM");
+        cmd.arg(self.keys.outbound())
+            .arg(self.keys.group())
+            .arg(consumer)
+            .arg(0);
+        for id in ids {
+            cmd.arg(&id.0);
+        }
+        cmd.arg("IDLE").arg(ms(idle)).arg("JUSTID");
+        let _: Value = cmd.query_async(&mut conn).await?;
+        Ok(())
+    }
+
+    /// Whether the stream still holds entry `id`.
+    pub async fn exists(&self, id: &StreamId) -> RedisResult<bool> {
+        let mut conn = self.conn.clone();
+        let v: Value = redis::cmd("XRANGE")
+            .arg(self.keys.outbound())
+            .arg(&id.0)
+            .arg(&id.0)
+            .query_async(&mut conn)
+            .await?;
+        Ok(matches!(v, Value::Array(a) if !a.is_empty()))
+    }
+
     /// Begin the send of one entry (see `lua/prelude.lua`).
     pub async fn begin(
         &self,

@@ -11,16 +11,17 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tracing::{Instrument, debug, info_span, warn};
 
-use super::{Entry, Shared};
+use super::{Entry, LaneMsg, Parked, Shared};
 use crate::adapters::{Delivery, Retry};
-use crate::bus::{Begin, BeginArgs, Commit, CommitArgs, DeadLetter};
+use crate::bus::{Begin, BeginArgs, Commit, CommitArgs, DeadLetter, Timing};
 use crate::config::UnknownOutcome;
-use crate::envelope::{Action, Envelope, Ordering};
+use crate::envelope::{Action, Envelope, Ordering, parse_entry};
 use crate::stats::Stats;
 
 /// How an entry ended (or is known to have ended, when a commit must be redone).
@@ -47,8 +48,12 @@ pub(super) struct Lane {
     key: String,
     /// The channel state hash (seq, delivered mark, lock).
     chan: String,
-    rx: mpsc::UnboundedReceiver<Entry>,
+    rx: mpsc::UnboundedReceiver<LaneMsg>,
     queue: VecDeque<Entry>,
+    /// Entries of this channel left in Redis until the queue has room.
+    parked: VecDeque<Parked>,
+    /// Entries held in memory (shared with the dispatcher, which parks beyond a cap).
+    load: Arc<AtomicUsize>,
     /// Fencing token while we hold the channel lock.
     token: Option<String>,
     /// The front entry has begun (its in-flight record is ours).
@@ -69,7 +74,8 @@ impl Lane {
         s: Arc<Shared>,
         key: String,
         chan: String,
-        rx: mpsc::UnboundedReceiver<Entry>,
+        rx: mpsc::UnboundedReceiver<LaneMsg>,
+        load: Arc<AtomicUsize>,
     ) -> Self {
         Lane {
             s,
@@ -77,6 +83,8 @@ impl Lane {
             chan,
             rx,
             queue: VecDeque::new(),
+            parked: VecDeque::new(),
+            load,
             token: None,
             begun: false,
             prefetched: None,
@@ -106,29 +114,100 @@ impl Lane {
         self.queue.push_back(e);
     }
 
-    fn pull(&mut self) {
-        while let Ok(e) = self.rx.try_recv() {
-            self.insert(e);
+    fn take(&mut self, msg: LaneMsg) {
+        match msg {
+            LaneMsg::Entry(e) => self.insert(*e),
+            LaneMsg::Parked(p) => self.parked.push_back(p),
         }
+    }
+
+    fn pull(&mut self) {
+        while let Ok(m) = self.rx.try_recv() {
+            self.take(m);
+        }
+    }
+
+    /// Bring parked entries back into memory while the queue is short.
+    /// Returns false when the lane must stop.
+    async fn unpark(&mut self) -> bool {
+        let s = self.s.clone();
+        let want = s.lane_cap.saturating_sub(self.queue.len());
+        if self.parked.is_empty() || self.queue.len() > s.lane_cap / 2 || want == 0 {
+            return true;
+        }
+        let n = want.min(self.parked.len());
+        let permit = tokio::select! {
+            p = s.room.clone().acquire_many_owned(n as u32) => p,
+            _ = s.stopping.cancelled() => return true,
+        };
+        let Ok(mut permit) = permit else { return false };
+        let ids: Vec<_> = self.parked.iter().take(n).map(|p| p.id.clone()).collect();
+        let Some(raw) = s
+            .persist("claim parked", || s.bus.claim(&s.who.consumer, &ids))
+            .await
+        else {
+            return false;
+        };
+        self.parked.drain(..n);
+        let mut back = std::collections::HashSet::new();
+        for r in raw {
+            let Some(one) = permit.split(1) else { break };
+            back.insert(r.id.clone());
+            let parsed = parse_entry(&r.fields, &s.rules);
+            self.load.fetch_add(1, AtomicOrdering::Relaxed);
+            self.insert(Entry {
+                id: r.id,
+                parsed,
+                permit: one,
+            });
+        }
+        for id in ids.iter().filter(|id| !back.contains(*id)) {
+            // Not pending for us any more: finished elsewhere, or deleted
+            // from the stream — which must not pass silently.
+            if let Some(false) = s.persist("check entry", || s.bus.exists(id)).await {
+                Stats::inc(&s.stats.lost_in_stream);
+                let timing = Timing { ..s.timing };
+                let _ = s
+                    .persist("dead_letter", || {
+                        s.bus.dead_letter(&s.who, timing, None, id, None, false, crate::bus::DeadLetter {
+                            payload: b"",
+                            error: "the entry was pending but had been deleted from the stream (trimmed or XDEL'd) before it was delivered",
+                            error_kind: "lost_in_stream",
+                            attempts: 0,
+                            consumer: &s.who.consumer,
+                            channel_id: Some(&self.key),
+                        })
+                    })
+                    .await;
+            }
+            s.forget(id);
+        }
+        true
     }
 
     pub(super) async fn run(mut self) {
         loop {
             self.pull();
-            if self.queue.is_empty() {
+            let stopping = self.s.stopping.is_cancelled();
+            if !stopping && !self.unpark().await {
+                break;
+            }
+            // While stopping, finish what is in memory; parked entries are handed off.
+            if self.queue.is_empty() && (self.parked.is_empty() || stopping) {
                 self.release().await;
                 // Leave only when nothing can be in flight to us: senders hold
                 // the same lock while they pick or create a lane.
-                let lanes = self.s.lanes.lock().expect("lane map poisoned");
+                let mut lanes = self.s.lanes.lock().expect("lane map poisoned");
                 match self.rx.try_recv() {
-                    Ok(e) => {
+                    Ok(m) => {
                         drop(lanes);
-                        self.insert(e);
+                        self.take(m);
                         continue;
                     }
                     Err(_) => {
-                        let mut lanes = lanes;
                         lanes.remove(&self.key);
+                        drop(lanes);
+                        self.hand_off();
                         return;
                     }
                 }
@@ -136,22 +215,37 @@ impl Lane {
             if self.s.abort.is_cancelled() {
                 break;
             }
+            if self.queue.is_empty() {
+                continue;
+            }
             if !self.step().await {
                 break;
             }
         }
-        // Abandoned (drain deadline or stop while waiting): entries stay pending.
+        // Abandoned (drain deadline, or stopped while waiting): what is left
+        // stays pending, handed off to the other gateways.
         self.release().await;
-        let lanes_key = self.key.clone();
-        let mut lanes = self.s.lanes.lock().expect("lane map poisoned");
-        lanes.remove(&lanes_key);
-        drop(lanes);
-        while let Ok(e) = self.rx.try_recv() {
-            self.s.forget(&e.id);
+        self.s
+            .lanes
+            .lock()
+            .expect("lane map poisoned")
+            .remove(&self.key);
+        self.pull();
+        self.hand_off();
+    }
+
+    /// Give every entry still held back to Redis for the other gateways.
+    fn hand_off(&mut self) {
+        let ids: Vec<_> = self
+            .queue
+            .drain(..)
+            .map(|e| e.id)
+            .chain(self.parked.drain(..).map(|p| p.id))
+            .collect();
+        for id in &ids {
+            self.s.forget(id);
         }
-        for e in self.queue.drain(..) {
-            self.s.forget(&e.id);
-        }
+        self.s.hand_off(ids);
     }
 
     async fn release(&mut self) {
@@ -247,7 +341,7 @@ impl Lane {
         self.poll = (self.poll * 2).min(POLL_MAX);
         tokio::select! {
             _ = tokio::time::sleep(d) => true,
-            Some(e) = self.rx.recv() => { self.insert(e); true }
+            Some(m) = self.rx.recv() => { self.take(m); true }
             _ = self.s.stopping.cancelled() => false,
         }
     }
@@ -255,6 +349,7 @@ impl Lane {
     fn finish_front(&mut self) {
         if let Some(e) = self.queue.pop_front() {
             self.s.forget(&e.id);
+            self.load.fetch_sub(1, AtomicOrdering::Relaxed);
         }
         self.begun = false;
         self.known = None;

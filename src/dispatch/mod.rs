@@ -9,7 +9,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info_span, warn};
@@ -17,7 +19,7 @@ use tracing::{Instrument, info_span, warn};
 use crate::adapters::SharedAdapter;
 use crate::bus::{Bus, DeadLetter, Identity, Timing};
 use crate::config::UnknownOutcome;
-use crate::envelope::{Action, Parsed, StreamId};
+use crate::envelope::{Action, ParseRules, Parsed, StreamId};
 use crate::stats::Stats;
 
 mod lane;
@@ -33,6 +35,29 @@ pub struct Entry {
     pub permit: OwnedSemaphorePermit,
 }
 
+/// What a lane is handed: an entry to hold, or only the id of one it must
+/// fetch again later (the channel already holds its share of memory).
+#[derive(Debug)]
+pub(crate) enum LaneMsg {
+    Entry(Box<Entry>),
+    Parked(Parked),
+}
+
+/// An entry left in Redis (pending for this gateway, kept fresh) while its
+/// channel is busy, so one slow channel cannot take all of `max_in_flight`.
+#[derive(Debug)]
+pub(crate) struct Parked {
+    pub id: StreamId,
+    pub _slot: OwnedSemaphorePermit,
+}
+
+#[derive(Debug)]
+struct LaneHandle {
+    tx: mpsc::UnboundedSender<LaneMsg>,
+    /// Entries the lane holds in memory.
+    load: Arc<AtomicUsize>,
+}
+
 /// Everything the lanes share.
 #[derive(Debug)]
 pub(crate) struct Shared {
@@ -43,9 +68,22 @@ pub(crate) struct Shared {
     pub retry: RetryPolicy,
     pub unknown_outcome: UnknownOutcome,
     pub stats: Arc<Stats>,
-    lanes: Mutex<HashMap<String, mpsc::UnboundedSender<Entry>>>,
+    lanes: Mutex<HashMap<String, LaneHandle>>,
+    /// Most entries one lane holds in memory; the rest of its entries are parked.
+    pub lane_cap: usize,
+    /// Permits for entries in memory (`max_in_flight`).
+    pub room: Arc<Semaphore>,
+    /// Permits for parked ids; when none is left, entries stay in memory and
+    /// the reader waits for room instead.
+    park_room: Arc<Semaphore>,
+    pub rules: ParseRules,
     /// Ids held in memory, with when they were last claimed or kept fresh.
     held: Mutex<HashMap<StreamId, Instant>>,
+    /// Ids abandoned at shutdown, to be marked idle for the other gateways.
+    handed_off: Mutex<Vec<StreamId>>,
+    /// The idle time given to handed-off entries (`autoclaim_min_idle_ms`),
+    /// so the next sweep elsewhere takes them at once.
+    handoff_idle: Duration,
     tracker: TaskTracker,
     /// Stop reading and stop waiting; finish what can be sent now.
     pub stopping: CancellationToken,
@@ -69,6 +107,10 @@ pub struct DispatcherParts {
     pub retry: RetryPolicy,
     pub unknown_outcome: UnknownOutcome,
     pub stats: Arc<Stats>,
+    pub room: Arc<Semaphore>,
+    pub max_in_flight: usize,
+    pub rules: ParseRules,
+    pub handoff_idle: Duration,
 }
 
 impl Dispatcher {
@@ -83,7 +125,13 @@ impl Dispatcher {
                 unknown_outcome: p.unknown_outcome,
                 stats: p.stats,
                 lanes: Mutex::new(HashMap::new()),
+                lane_cap: (p.max_in_flight / 4).max(1),
+                room: p.room,
+                park_room: Arc::new(Semaphore::new(p.max_in_flight.saturating_mul(64))),
+                rules: p.rules,
                 held: Mutex::new(HashMap::new()),
+                handed_off: Mutex::new(Vec::new()),
+                handoff_idle: p.handoff_idle,
                 tracker: TaskTracker::new(),
                 stopping: CancellationToken::new(),
                 abort: CancellationToken::new(),
@@ -131,18 +179,50 @@ impl Dispatcher {
         let s = &self.shared;
         let mut lanes = s.lanes.lock().expect("lane map poisoned");
         let entry = match lanes.get(&key) {
-            Some(tx) => match tx.send(entry) {
-                Ok(()) => return,
-                Err(mpsc::error::SendError(e)) => e,
-            },
+            Some(lane) => {
+                let msg = if lane.load.load(AtomicOrdering::Relaxed) >= s.lane_cap
+                    && let Ok(slot) = s.park_room.clone().try_acquire_owned()
+                {
+                    // Dropping the entry gives its room back to the reader.
+                    LaneMsg::Parked(Parked {
+                        id: entry.id,
+                        _slot: slot,
+                    })
+                } else {
+                    lane.load.fetch_add(1, AtomicOrdering::Relaxed);
+                    LaneMsg::Entry(Box::new(entry))
+                };
+                match lane.tx.send(msg) {
+                    Ok(()) => return,
+                    Err(mpsc::error::SendError(LaneMsg::Entry(e))) => {
+                        lane.load.fetch_sub(1, AtomicOrdering::Relaxed);
+                        *e
+                    }
+                    Err(mpsc::error::SendError(LaneMsg::Parked(p))) => {
+                        // The lane is gone: nothing holds this id any more.
+                        // It stays pending for us and comes back with a sweep.
+                        drop(lanes);
+                        self.shared.forget(&p.id);
+                        return;
+                    }
+                }
+            }
             None => entry,
         };
         let (tx, rx) = mpsc::unbounded_channel();
-        tx.send(entry).expect("receiver is alive");
-        lanes.insert(key.clone(), tx);
+        let load = Arc::new(AtomicUsize::new(1));
+        tx.send(LaneMsg::Entry(Box::new(entry)))
+            .expect("receiver is alive");
+        lanes.insert(
+            key.clone(),
+            LaneHandle {
+                tx,
+                load: load.clone(),
+            },
+        );
         let shared = s.clone();
         s.tracker
-            .spawn(lane::Lane::new(shared, key, state, rx).run());
+            .spawn(lane::Lane::new(shared, key, state, rx, load).run());
     }
 
     /// Ids held in memory that were last refreshed longer than `older` ago;
@@ -159,8 +239,18 @@ impl Dispatcher {
             .collect()
     }
 
+    /// Channels with a lane right now.
+    pub fn lane_count(&self) -> usize {
+        self.shared.lanes.lock().expect("lane map poisoned").len()
+    }
+
     pub fn held_count(&self) -> usize {
         self.shared.held.lock().expect("held map poisoned").len()
+    }
+
+    /// Channel lanes running now.
+    pub fn lanes_count(&self) -> usize {
+        self.shared.lanes.lock().expect("lane map poisoned").len()
     }
 
     pub fn stopping(&self) -> &CancellationToken {
@@ -181,10 +271,31 @@ impl Dispatcher {
             s.abort.cancel();
             s.tracker.wait().await;
         }
+        let ids = std::mem::take(&mut *s.handed_off.lock().expect("handoff poisoned"));
+        if !ids.is_empty() {
+            for chunk in ids.chunks(500) {
+                if let Err(e) = s.bus.hand_off(&s.who.consumer, chunk, s.handoff_idle).await {
+                    warn!(error = %e, "could not mark unfinished entries for takeover; they are claimed once idle");
+                }
+            }
+            tracing::info!(
+                entries = ids.len(),
+                "unfinished entries handed off to the other gateways"
+            );
+        }
     }
 }
 
 impl Shared {
+    pub(crate) fn hand_off(&self, ids: Vec<StreamId>) {
+        if !ids.is_empty() {
+            self.handed_off
+                .lock()
+                .expect("handoff poisoned")
+                .extend(ids);
+        }
+    }
+
     pub(crate) fn forget(&self, id: &StreamId) {
         self.held.lock().expect("held map poisoned").remove(id);
     }
