@@ -69,7 +69,7 @@ pub struct GatewayConfig {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
-    /// Address of the `/healthz` (and later `/metrics`, `/readyz`) listener; off when unset.
+    /// Address of the `/healthz`, `/readyz` and `/metrics` listener; off when unset.
     pub listen: Option<String>,
 }
 
@@ -146,8 +146,14 @@ consumer_settings! {
     unknown_outcome: UnknownOutcome = UnknownOutcome::Resend,
     /// Require every entry to carry `sig`, an HMAC-SHA256 of the payload with this secret.
     signing_secret: Option<String> = None,
+    /// Directory of delegated tools for `execute_tool` RPCs (loaded on first use).
+    tools_dir: Option<String> = None,
     /// Cap of the dead-letter stream (approximate, oldest dropped first); 0 = unbounded.
     dlq_maxlen: u64 = 0,
+    /// Period of the outbound stream trimming (XTRIM MINID); 0 = never trim.
+    trim_interval_ms: u64 = 60_000,
+    /// Keep acknowledged entries at least this long (0 = trim as soon as acked).
+    retention_ms: u64 = 3_600_000,
 }
 
 impl ConsumerConfig {
@@ -258,6 +264,7 @@ const STRING_KEYS: &[&str] = &[
     "listen",
     "unknown_outcome",
     "signing_secret",
+    "tools_dir",
 ];
 
 impl Config {

@@ -39,6 +39,9 @@ pub struct ConsumerParts {
     pub consumer_name: String,
     /// `message_key` must start with this.
     pub cache_prefix: String,
+    /// Tools registered from Rust, offered through `execute_tool` beside
+    /// those of `tools_dir`.
+    pub tools: Vec<Arc<dyn crate::tools::Tool>>,
 }
 
 struct Ctx {
@@ -79,6 +82,12 @@ impl Consumer {
             max_in_flight: st.max_in_flight,
             rules: rules.clone(),
             handoff_idle: ConsumerConfig::ms(st.autoclaim_min_idle_ms),
+            rpc: Arc::new(crate::rpc::RpcServer::new(
+                &platform,
+                p.adapter.clone(),
+                st.tools_dir.as_ref().map(std::path::PathBuf::from),
+                p.tools.clone(),
+            )),
             bus: p.bus.clone(),
             adapter: p.adapter.clone(),
             who: who.clone(),
@@ -281,6 +290,7 @@ async fn sweep(ctx: &Ctx) -> RedisResult<()> {
         for id in deleted {
             lost_total += 1;
             Stats::inc(&ctx.stats.lost_in_stream);
+            crate::metrics::lost_in_stream(ctx.bus.keys().platform());
             ctx.bus
                 .dead_letter(
                     &ctx.who,

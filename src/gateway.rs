@@ -9,9 +9,13 @@ use tracing::info;
 
 use crate::adapters;
 use crate::bus::Bus;
-use crate::config::Config;
+use crate::config::{Config, ConsumerConfig};
 use crate::consumer::{Consumer, ConsumerParts};
 use crate::keys::Keys;
+use crate::ops::gauges::Gauges;
+
+/// How often the gauges (pending, lag, oldest pending age, load) are refreshed.
+const GAUGE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
@@ -59,21 +63,26 @@ pub async fn run(
         source,
     };
     let http_stop = CancellationToken::new();
+    let readiness = crate::http::Readiness::new(&config.redis.url);
     if let Some(listen) = &config.http.listen {
         let addr = listen.parse().map_err(|_| {
             GatewayError::Config(crate::config::ConfigError(format!(
                 "http.listen `{listen}` is not an address"
             )))
         })?;
-        let bound = crate::http::serve(addr, http_stop.clone())
+        let bound = crate::http::serve(addr, http_stop.clone(), readiness.clone())
             .await
             .map_err(|source| GatewayError::Http {
                 addr: listen.clone(),
                 source,
             })?;
-        info!(%bound, "http listener up (/healthz)");
+        info!(%bound, "http listener up (/healthz, /readyz, /metrics)");
     }
     let mut consumers = Vec::new();
+    // Trimming and gauges, per platform; stopped before the consumers drain.
+    let ops_stop = CancellationToken::new();
+    let mut ops_tasks = Vec::new();
+    let mut ready_adapters = Vec::new();
     let mut base: Option<Bus> = None;
     for p in &config.platforms {
         let keys = Keys::new(&config.redis.prefix, &p.name);
@@ -92,20 +101,38 @@ pub async fn run(
             platform: p.name.clone(),
             message,
         })?;
+        ready_adapters.push((p.name.clone(), adapter.clone()));
+        let settings = config.consumer_for(p);
+        if settings.trim_interval_ms > 0 {
+            ops_tasks.push(crate::trim::spawn(
+                bus.clone(),
+                ConsumerConfig::ms(settings.trim_interval_ms),
+                ConsumerConfig::ms(settings.retention_ms),
+                ops_stop.clone(),
+            ));
+        }
         let consumer = Consumer::start(ConsumerParts {
-            bus,
+            bus: bus.clone(),
             adapter,
-            settings: config.consumer_for(p),
+            settings: settings.clone(),
             consumer_name: consumer_name.clone(),
             cache_prefix: config.redis.cache_prefix.clone(),
+            tools: Vec::new(),
         })
         .await
         .map_err(redis_err)?;
+        ops_tasks.push(
+            Gauges::new(bus, consumer.dispatcher(), settings.dlq_maxlen)
+                .spawn(GAUGE_EVERY, ops_stop.clone()),
+        );
         consumers.push(consumer);
     }
+    readiness.set_adapters(ready_adapters);
     info!(consumer = %consumer_name, platforms = consumers.len(), "gateway running");
     shutdown.await;
     info!("shutting down: no more reads, draining in-flight work");
+    ops_stop.cancel();
+    futures::future::join_all(ops_tasks).await;
     futures::future::join_all(consumers.into_iter().map(Consumer::shutdown)).await;
     http_stop.cancel();
     info!("gateway stopped");

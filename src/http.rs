@@ -1,18 +1,148 @@
-//! The HTTP listener (`[http] listen`): `/healthz` answers while the process
-//! is alive.
+//! The HTTP listener (`[http] listen`):
+//!
+//! - `/healthz` — 200 while the process is alive.
+//! - `/readyz` — 200 only when Redis answers PING (a fresh connection per
+//!   request, 500 ms at most) and every platform's adapter is ready; else 503
+//!   with the reason in the body.
+//! - `/metrics` — the Prometheus text format (names in [`crate::metrics`]).
 
 use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
 use axum::routing::get;
+use metrics_exporter_prometheus::PrometheusHandle;
+use redis::AsyncConnectionConfig;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// Serve until `stop` is cancelled. Returns the bound address at once.
-pub async fn serve(addr: SocketAddr, stop: CancellationToken) -> std::io::Result<SocketAddr> {
+use crate::adapters::SharedAdapter;
+
+/// How long a readiness check may wait for Redis.
+pub const READY_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// What `/readyz` checks: Redis at `redis_url`, and the adapters once the
+/// gateway has started them (until then: not ready, "starting").
+#[derive(Debug, Clone)]
+pub struct Readiness {
+    redis_url: String,
+    adapters: Arc<RwLock<Option<Vec<Platform>>>>,
+}
+
+/// A platform's name and its adapter.
+type Platform = (String, SharedAdapter);
+
+impl Readiness {
+    pub fn new(redis_url: &str) -> Readiness {
+        Readiness {
+            redis_url: redis_url.to_owned(),
+            adapters: Arc::new(RwLock::new(None)),
+        }
+    }
+
+    /// Every platform is running: its adapter is what readiness asks now.
+    pub fn set_adapters(&self, adapters: Vec<Platform>) {
+        *self.adapters.write().expect("readiness lock poisoned") = Some(adapters);
+    }
+
+    /// `Ok` when ready, else the reason.
+    pub async fn check(&self) -> Result<(), String> {
+        ping(&self.redis_url).await?;
+        let adapters = self.adapters.read().expect("readiness lock poisoned");
+        let Some(adapters) = adapters.as_ref() else {
+            return Err("starting: the platforms are not running yet".into());
+        };
+        let not_ready: Vec<&str> = adapters
+            .iter()
+            .filter(|(_, a)| !a.ready())
+            .map(|(p, _)| p.as_str())
+            .collect();
+        if not_ready.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("adapter not ready: {}", not_ready.join(", ")))
+        }
+    }
+}
+
+/// PING Redis over a connection of its own, within [`READY_TIMEOUT`].
+async fn ping(url: &str) -> Result<(), String> {
+    let client = redis::Client::open(url).map_err(|e| format!("redis url: {e}"))?;
+    let config = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(READY_TIMEOUT))
+        .set_response_timeout(Some(READY_TIMEOUT));
+    let attempt = async {
+        let mut conn = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        redis::cmd("PING").query_async::<String>(&mut conn).await
+    };
+    match tokio::time::timeout(READY_TIMEOUT, attempt).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(format!("redis does not answer PING: {e}")),
+        Err(_) => Err(format!(
+            "redis does not answer PING within {} ms",
+            READY_TIMEOUT.as_millis()
+        )),
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    readiness: Readiness,
+    metrics: PrometheusHandle,
+}
+
+async fn readyz(State(st): State<AppState>) -> impl IntoResponse {
+    match st.readiness.check().await {
+        Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
+        Err(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {reason}\n"),
+        ),
+    }
+}
+
+async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        st.metrics.render(),
+    )
+}
+
+/// Serve until `stop` is cancelled. Installs the metrics recorder (once per
+/// process). Returns the bound address at once.
+pub async fn serve(
+    addr: SocketAddr,
+    stop: CancellationToken,
+    readiness: Readiness,
+) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
-    let app = Router::new().route("/healthz", get(|| async { "ok\n" }));
+    let handle = crate::metrics::install();
+    let upkeep = handle.clone();
+    let upkeep_stop = stop.clone();
+    tokio::spawn(async move {
+        // Histograms and idle series are folded in by the recorder's upkeep.
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(5)) => upkeep.run_upkeep(),
+                _ = upkeep_stop.cancelled() => return,
+            }
+        }
+    });
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(AppState {
+            readiness,
+            metrics: handle,
+        });
     tokio::spawn(async move {
         let _ = axum::serve(listener, app)
             .with_graceful_shutdown(async move { stop.cancelled().await })

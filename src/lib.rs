@@ -24,8 +24,11 @@
 //! - [`adapters`]: deliver one action to one platform.
 //! - [`gateway`]: all platforms of a config, HTTP, shutdown.
 //! - [`publish`]: the worker side of the stream.
+//! - [`ops`], [`metrics`], [`trim`]: status, dead-letter tools, Prometheus
+//!   metrics and stream trimming for operators.
 
 pub mod adapters;
+pub mod bench;
 pub mod bus;
 pub mod config;
 pub mod consumer;
@@ -33,10 +36,17 @@ pub mod dispatch;
 pub mod envelope;
 pub mod gateway;
 pub mod http;
+pub mod inbound;
 pub mod keys;
+pub mod metrics;
+pub mod ops;
 pub mod publish;
 pub mod redis_server;
+pub mod rpc;
+pub mod sdk;
 pub mod stats;
+pub mod tools;
+pub mod trim;
 
 /// Unix time in milliseconds.
 pub fn now_ms() -> u64 {

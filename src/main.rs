@@ -14,6 +14,8 @@ use stargazer::config::Config;
 use stargazer::keys::Keys;
 use stargazer::publish::Publisher;
 
+mod ops_cli;
+
 #[derive(Parser)]
 #[command(
     name = "stargazer",
@@ -45,6 +47,15 @@ enum Command {
     Send(Box<SendArgs>),
     /// A whole round trip on this machine, with a private redis-server.
     Demo,
+    /// Per platform: stream length, lag, pending, consumers, dead letters, order gaps.
+    Status(ops_cli::StatusArgs),
+    /// Inspect, replay and purge dead letters.
+    Dlq(ops_cli::DlqArgs),
+    /// Run the SPEC §6 benchmark workloads (W1–W5) against a private redis-server.
+    Bench(stargazer::bench::BenchArgs),
+    /// One gateway node of `bench` (spawned by it).
+    #[command(hide = true)]
+    BenchNode(stargazer::bench::NodeArgs),
 }
 
 #[derive(clap::Args)]
@@ -142,6 +153,22 @@ async fn main() -> Result<()> {
         Command::Demo => {
             init_logs(cli.log_format, "warn");
             demo().await
+        }
+        Command::Status(args) => {
+            init_logs(cli.log_format, "warn");
+            ops_cli::status(args).await
+        }
+        Command::Dlq(args) => {
+            init_logs(cli.log_format, "warn");
+            ops_cli::dlq(args).await
+        }
+        Command::Bench(args) => {
+            init_logs(cli.log_format, "warn");
+            stargazer::bench::run(args).await
+        }
+        Command::BenchNode(args) => {
+            init_logs(cli.log_format, "warn");
+            stargazer::bench::run_node(args).await
         }
     }
 }

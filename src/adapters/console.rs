@@ -2,12 +2,19 @@
 //! to any writer, so tests can capture it). For trying Stargazer out without a
 //! platform.
 
+use std::collections::{HashMap, VecDeque};
 use std::fmt::{self, Write as _};
 use std::io::Write;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
-use super::{Adapter, AdapterError, BoxFuture, Capabilities, Delivered, Delivery};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt};
+
+use super::{Adapter, AdapterError, BoxFuture, Capabilities, Delivered, Delivery, HistoryMessage};
+use crate::inbound::{InboundEvent, InboundPublisher};
+
+/// Messages kept per channel for `fetch_channel_history`.
+const HISTORY_KEPT: usize = 200;
 use crate::envelope::{Action, Button, Envelope};
 
 /// Prints one line per action, such as `[hook] #c1 message (seq 3): hello`.
@@ -16,6 +23,8 @@ pub struct ConsoleAdapter {
     platform: String,
     out: Mutex<Box<dyn Write + Send>>,
     next_id: AtomicU64,
+    /// What was said in each channel, by the bot and by the console's user.
+    history: Mutex<HashMap<String, VecDeque<HistoryMessage>>>,
 }
 
 impl fmt::Debug for ConsoleAdapter {
@@ -38,6 +47,56 @@ impl ConsoleAdapter {
             platform: platform.to_owned(),
             out: Mutex::new(writer),
             next_id: AtomicU64::new(0),
+            history: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn remember(&self, channel: &str, m: HistoryMessage) {
+        let mut h = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        let q = h.entry(channel.to_owned()).or_default();
+        if q.len() == HISTORY_KEPT {
+            q.pop_front();
+        }
+        q.push_back(m);
+    }
+
+    /// Read typed lines as inbound messages from a user: `#channel text`, or
+    /// just `text` for channel `console`. Each is published to the platform's
+    /// inbound stream and kept in the channel's history. Runs until `input` ends.
+    pub async fn read_input(
+        self: Arc<Self>,
+        input: impl AsyncBufRead + Unpin,
+        inbound: InboundPublisher,
+    ) {
+        let mut lines = input.lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            let line = line.trim();
+            if line.is_empty() {
+                continue;
+            }
+            let (channel, text) = match line.strip_prefix('#').and_then(|r| r.split_once(' ')) {
+                Some((c, t)) => (c.to_owned(), t.trim().to_owned()),
+                None => ("console".to_owned(), line.to_owned()),
+            };
+            let n = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+            let mut ev = InboundEvent::message(&self.platform, &channel, "you", &text);
+            ev.message_id = Some(format!("console-in-{n}"));
+            self.remember(
+                &channel,
+                HistoryMessage {
+                    user_id: "you".into(),
+                    user_name: "you".into(),
+                    text,
+                    timestamp: crate::now_ms() as f64 / 1000.0,
+                    message_id: format!("console-in-{n}"),
+                    is_bot: false,
+                    reply_to_id: None,
+                    reactions: Vec::new(),
+                },
+            );
+            if let Err(e) = inbound.publish(&ev).await {
+                tracing::warn!(error = %e, "could not publish a typed line to the inbound stream");
+            }
         }
     }
 
@@ -171,7 +230,46 @@ impl Adapter for ConsoleAdapter {
                 }
                 _ => None,
             };
+            if let (Some(id), Some(channel)) = (&message_id, &delivery.envelope.channel_id) {
+                let text = match &delivery.envelope.action {
+                    Action::Message { text, .. } | Action::Buttons { text, .. } => text.clone(),
+                    Action::File { filename, text, .. } => {
+                        text.clone().unwrap_or_else(|| filename.clone())
+                    }
+                    _ => String::new(),
+                };
+                let reply_to = match &delivery.envelope.action {
+                    Action::Message { reply_to, .. } => reply_to.clone(),
+                    _ => None,
+                };
+                self.remember(
+                    &channel.0,
+                    HistoryMessage {
+                        user_id: "bot".into(),
+                        user_name: "bot".into(),
+                        text,
+                        timestamp: crate::now_ms() as f64 / 1000.0,
+                        message_id: id.clone(),
+                        is_bot: true,
+                        reply_to_id: reply_to,
+                        reactions: Vec::new(),
+                    },
+                );
+            }
             Ok(Delivered { message_id })
+        })
+    }
+
+    fn fetch_history<'a>(
+        &'a self,
+        channel: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<HistoryMessage>, AdapterError>> {
+        Box::pin(async move {
+            let h = self.history.lock().unwrap_or_else(|p| p.into_inner());
+            let q = h.get(channel).cloned().unwrap_or_default();
+            let skip = q.len().saturating_sub(limit);
+            Ok(q.into_iter().skip(skip).collect())
         })
     }
 }

@@ -129,11 +129,38 @@ pub trait Adapter: Send + Sync + fmt::Debug {
 
     fn capabilities(&self) -> Capabilities;
 
+    /// Whether the platform connection can take deliveries now (`/readyz`);
+    /// an adapter with a session to establish says false until it is up.
+    fn ready(&self) -> bool {
+        true
+    }
+
     /// Deliver one action.
     fn deliver<'a>(
         &'a self,
         delivery: Delivery<'a>,
     ) -> BoxFuture<'a, Result<Delivered, AdapterError>>;
+
+    /// The latest `limit` messages of `channel`, oldest first.
+    fn fetch_history<'a>(
+        &'a self,
+        _channel: &'a str,
+        _limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<HistoryMessage>, AdapterError>> {
+        Box::pin(async move {
+            Err(AdapterError::permanent(
+                "this platform's adapter cannot fetch channel history",
+            ))
+        })
+    }
+
+    /// Whether a worker's periodic heartbeat should leave `channel` alone.
+    fn should_skip_channel_heartbeat<'a>(
+        &'a self,
+        _channel: &'a str,
+    ) -> BoxFuture<'a, Result<bool, AdapterError>> {
+        Box::pin(async move { Ok(false) })
+    }
 
     /// Answer an RPC method the platform offers (history, webhook deletion, …).
     fn call<'a>(
@@ -151,6 +178,23 @@ pub trait Adapter: Send + Sync + fmt::Debug {
 }
 
 pub type SharedAdapter = Arc<dyn Adapter>;
+
+/// One message of a channel's history, as the `fetch_channel_history` RPC
+/// returns it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct HistoryMessage {
+    pub user_id: String,
+    pub user_name: String,
+    pub text: String,
+    /// Unix time in seconds (fractional).
+    pub timestamp: f64,
+    pub message_id: String,
+    pub is_bot: bool,
+    pub reply_to_id: Option<String>,
+    /// Emoji and their counts, as the platform reports them.
+    #[serde(default)]
+    pub reactions: Vec<Value>,
+}
 
 /// Build the adapter a `[[platform]]` table asks for.
 pub fn build(

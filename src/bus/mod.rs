@@ -17,6 +17,7 @@ use redis::{AsyncConnectionConfig, Client, RedisResult, Value};
 use crate::envelope::StreamId;
 use crate::keys::Keys;
 
+pub mod admin;
 mod scripts;
 pub use scripts::Scripts;
 
@@ -589,6 +590,10 @@ fn parse_begin(items: &[Value]) -> Option<Begin> {
 }
 
 /// XREADGROUP reply: `[[stream, [[id, [f, v, …] | nil], …]]]` or nil.
+pub fn parse_read(v: Value) -> Vec<RawEntry> {
+    parse_read_reply(v)
+}
+
 fn parse_read_reply(v: Value) -> Vec<RawEntry> {
     let Value::Array(streams) = v else {
         return Vec::new();

@@ -12,6 +12,8 @@ pub struct Scripts {
     pub dead_letter: Script,
     pub renew: Script,
     pub release: Script,
+    /// Dead letter back to the outbound stream (`stargazer dlq replay`).
+    pub replay: Script,
 }
 
 macro_rules! script {
@@ -34,6 +36,7 @@ impl Scripts {
             dead_letter: script!("dead_letter.lua"),
             renew: script!("renew.lua"),
             release: script!("release.lua"),
+            replay: script!("replay.lua"),
         })
     }
 }

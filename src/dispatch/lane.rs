@@ -166,6 +166,7 @@ impl Lane {
             // from the stream — which must not pass silently.
             if let Some(false) = s.persist("check entry", || s.bus.exists(id)).await {
                 Stats::inc(&s.stats.lost_in_stream);
+                crate::metrics::lost_in_stream(s.bus.keys().platform());
                 let timing = Timing { ..s.timing };
                 let _ = s
                     .persist("dead_letter", || {
@@ -295,6 +296,12 @@ impl Lane {
             Begin::Done => {
                 debug!(stream_id = %front_id, "already finished; skipped");
                 Stats::inc(&self.s.stats.duplicates_skipped);
+                crate::metrics::finished(
+                    self.s.bus.keys().platform(),
+                    &self.queue[0].parsed,
+                    "skipped",
+                    None,
+                );
                 self.finish_front();
                 true
             }
@@ -324,6 +331,7 @@ impl Lane {
                 if gap_skipped > 0 {
                     warn!(channel = %self.key, skipped = gap_skipped, "gave up waiting for missing seq numbers after gap_timeout_ms");
                     Stats::add(&self.s.stats.gaps_skipped, gap_skipped);
+                    crate::metrics::gaps_skipped(self.s.bus.keys().platform(), gap_skipped);
                 }
                 if late {
                     warn!(channel = %self.key, stream_id = %front_id, "delivering an entry whose seq was already passed");
@@ -379,6 +387,7 @@ impl Lane {
                         Ok(o) => o,
                         Err(Interrupted::LockLost) => {
                             Stats::inc(&s.stats.locks_lost);
+                            crate::metrics::lock_lost(s.bus.keys().platform());
                             warn!(parent: &span, "channel lock lost mid-delivery; starting over");
                             self.token = None;
                             self.begun = false;
@@ -480,6 +489,7 @@ impl Lane {
                 Err(_) => attempts + 1,
             };
             Stats::inc(&s.stats.unknown_outcome_resends);
+            crate::metrics::unknown_outcome_resend(&platform);
             warn!(
                 "re-sending an entry whose earlier send may have reached the platform (same idempotency key)"
             );
@@ -493,7 +503,8 @@ impl Lane {
                 attempt: attempts + 1,
                 resend,
             };
-            let result = self.hold(&token, s.adapter.deliver(delivery)).await?;
+            let delivery = crate::metrics::timed(&platform, s.adapter.deliver(delivery));
+            let result = self.hold(&token, delivery).await?;
             let err = match result {
                 Ok(d) => {
                     Stats::inc(&s.stats.delivered);
@@ -535,6 +546,7 @@ impl Lane {
                 Retry::After(d) => d,
             };
             Stats::inc(&s.stats.retries);
+            crate::metrics::retry(&platform);
             debug!(error = %err.message, wait_ms = wait.as_millis() as u64, "retrying");
             self.hold(&token, tokio::time::sleep(wait)).await?;
         }
@@ -557,7 +569,10 @@ impl Lane {
                     match s.bus.renew(&s.who, s.timing, &self.chan, token, false).await {
                         Ok(Some(_)) => {}
                         Ok(None) => return Err(Interrupted::LockLost),
-                        Err(e) => warn!(error = %e, "could not renew channel lock"),
+                        Err(e) => {
+                            warn!(error = %e, "could not renew channel lock");
+                            crate::metrics::lock_renew_failed(s.bus.keys().platform());
+                        }
                     }
                 }
                 _ = s.abort.cancelled() => return Err(Interrupted::Aborted),
@@ -637,6 +652,7 @@ impl Lane {
             None => false,
             Some(Commit::Stale) => {
                 Stats::inc(&s.stats.locks_lost);
+                crate::metrics::lock_lost(s.bus.keys().platform());
                 warn!(channel = %self.key, "commit refused: the channel lock passed to another holder; will commit again once it is ours");
                 self.token = None;
                 self.begun = false;
@@ -647,6 +663,17 @@ impl Lane {
                 if let Outcome::Dead { .. } = outcome {
                     Stats::inc(&s.stats.dead_lettered);
                 }
+                let (label, kind) = match &outcome {
+                    Outcome::Delivered(_) => ("delivered", None),
+                    Outcome::Skipped => ("skipped", None),
+                    Outcome::Dead { kind, .. } => ("dead_lettered", Some(*kind)),
+                };
+                crate::metrics::finished(
+                    s.bus.keys().platform(),
+                    &self.queue[0].parsed,
+                    label,
+                    kind,
+                );
                 if release {
                     self.token = None;
                 }

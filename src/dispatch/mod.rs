@@ -77,6 +77,7 @@ pub(crate) struct Shared {
     /// the reader waits for room instead.
     park_room: Arc<Semaphore>,
     pub rules: ParseRules,
+    rpc: Arc<crate::rpc::RpcServer>,
     /// Ids held in memory, with when they were last claimed or kept fresh.
     held: Mutex<HashMap<StreamId, Instant>>,
     /// Ids abandoned at shutdown, to be marked idle for the other gateways.
@@ -111,6 +112,7 @@ pub struct DispatcherParts {
     pub max_in_flight: usize,
     pub rules: ParseRules,
     pub handoff_idle: Duration,
+    pub rpc: Arc<crate::rpc::RpcServer>,
 }
 
 impl Dispatcher {
@@ -132,6 +134,7 @@ impl Dispatcher {
                 held: Mutex::new(HashMap::new()),
                 handed_off: Mutex::new(Vec::new()),
                 handoff_idle: p.handoff_idle,
+                rpc: p.rpc,
                 tracker: TaskTracker::new(),
                 stopping: CancellationToken::new(),
                 abort: CancellationToken::new(),
@@ -358,6 +361,12 @@ async fn dead_letter_unrouted(s: Arc<Shared>, entry: Entry) {
         .await;
     if done.is_some() {
         Stats::inc(&s.stats.dead_lettered);
+        crate::metrics::finished(
+            s.bus.keys().platform(),
+            &entry.parsed,
+            "dead_lettered",
+            Some(bad.0),
+        );
     }
     s.forget(&entry.id);
 }
@@ -384,12 +393,17 @@ async fn rpc(s: Arc<Shared>, entry: Entry) {
             warn!("rpc request past its deadline dropped");
             if s.persist("ack", || s.bus.ack(&entry.id)).await.is_some() {
                 Stats::inc(&s.stats.rpc_expired);
+                crate::metrics::finished(s.bus.keys().platform(), &entry.parsed, "skipped", None);
             }
             return;
         }
-        let reply = match s.adapter.call(method, args).await {
+        let channel = env.channel_id.as_ref().map(|c| c.0.as_str());
+        let reply = match s.rpc.answer(method, args, channel).await {
             Ok(v) => v,
-            Err(e) => serde_json::json!({ "error": e.message }),
+            Err(e) => {
+                warn!(error = %e, "rpc answered with an error");
+                serde_json::json!({ "error": e })
+            }
         };
         let reply = reply.to_string();
         if s.persist("rpc_reply", || {
@@ -399,6 +413,7 @@ async fn rpc(s: Arc<Shared>, entry: Entry) {
         .is_some()
         {
             Stats::inc(&s.stats.rpc_answered);
+            crate::metrics::finished(s.bus.keys().platform(), &entry.parsed, "delivered", None);
         }
     }
     .instrument(span)

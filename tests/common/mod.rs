@@ -70,6 +70,7 @@ impl Rig {
             settings,
             consumer_name: name.to_owned(),
             cache_prefix: "sg:".into(),
+            tools: Vec::new(),
         })
         .await
         .expect("start consumer")

@@ -1,0 +1,259 @@
+//! Every Prometheus metric Stargazer exports, in one place: names, help texts,
+//! label sets, and one small function per event that the engine calls next to
+//! its [`crate::stats::Stats`] counters. `docs/metrics.md` lists the same table.
+//!
+//! Crate choice: `metrics` + `metrics-exporter-prometheus` (no default
+//! features) — call sites record through macros without a registry threaded
+//! through the lanes, and with no recorder installed (benchmarks, tests that
+//! do not serve HTTP) each call is a no-op.
+//!
+//! [`install`] puts the recorder in place once per process and returns the
+//! handle that `/metrics` renders.
+
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use metrics::{
+    Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Label keys.
+pub const PLATFORM: &str = "platform";
+pub const TYPE: &str = "type";
+pub const OUTCOME: &str = "outcome";
+pub const KIND: &str = "kind";
+
+/// One metric: name, type, labels, meaning (rendered into `docs/metrics.md`).
+#[derive(Debug, Clone, Copy)]
+pub struct Def {
+    pub name: &'static str,
+    pub kind: MetricKind,
+    pub labels: &'static [&'static str],
+    pub help: &'static str,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricKind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+macro_rules! defs {
+    ($( $id:ident = $name:literal, $kind:ident, [$($label:expr),*], $help:literal; )*) => {
+        $( pub const $id: Def = Def {
+            name: $name,
+            kind: MetricKind::$kind,
+            labels: &[$($label),*],
+            help: $help,
+        }; )*
+        /// Every metric, in documentation order.
+        pub const ALL: &[Def] = &[$($id),*];
+    };
+}
+
+defs! {
+    DELIVERIES = "stargazer_deliveries_total", Counter, [PLATFORM, TYPE, OUTCOME],
+        "Entries finished, by envelope type (`invalid` when it did not parse) and outcome: delivered, dead_lettered or skipped.";
+    RETRIES = "stargazer_retries_total", Counter, [PLATFORM],
+        "Failed delivery tries that will be retried (backoff or retry-after).";
+    DEAD_LETTERS = "stargazer_dead_letters_total", Counter, [PLATFORM, KIND],
+        "Entries moved to the dead-letter stream, by error_kind.";
+    ADAPTER_LATENCY = "stargazer_adapter_latency_seconds", Histogram, [PLATFORM],
+        "Time one adapter call (one delivery try) took, successful or not.";
+    IN_FLIGHT = "stargazer_in_flight", Gauge, [PLATFORM],
+        "Entries this gateway holds in memory (read, queued or being sent).";
+    ACTIVE_LANES = "stargazer_active_lanes", Gauge, [PLATFORM],
+        "Channel lanes running on this gateway.";
+    PENDING = "stargazer_pending", Gauge, [PLATFORM],
+        "Entries read by some gateway and not yet acknowledged (group-wide).";
+    LAG = "stargazer_lag", Gauge, [PLATFORM],
+        "Entries in the stream not yet read by any gateway (group-wide; absent when Redis cannot tell).";
+    OLDEST_PENDING_AGE = "stargazer_oldest_pending_age_seconds", Gauge, [PLATFORM],
+        "Age (since publication) of the oldest pending entry; 0 when nothing is pending.";
+    DLQ_LENGTH = "stargazer_dead_letter_stream_length", Gauge, [PLATFORM],
+        "Entries in the dead-letter stream.";
+    DLQ_AT_CAP = "stargazer_dead_letter_stream_at_cap", Gauge, [PLATFORM],
+        "1 while the dead-letter stream has reached `dlq_maxlen` (its oldest entries are being dropped), else 0.";
+    GAPS_SKIPPED = "stargazer_order_gaps_skipped_total", Counter, [PLATFORM],
+        "Missing sequence numbers given up on after gap_timeout_ms.";
+    UNKNOWN_OUTCOME_RESENDS = "stargazer_unknown_outcome_resends_total", Counter, [PLATFORM],
+        "Entries re-sent although an earlier send may have reached the platform.";
+    LOCK_RENEW_FAILURES = "stargazer_lock_renew_failures_total", Counter, [PLATFORM],
+        "Channel lock renewals that failed (Redis error) while a send was in progress.";
+    LOCKS_LOST = "stargazer_locks_lost_total", Counter, [PLATFORM],
+        "Channel locks lost while held (renewal or commit refused: another holder took over).";
+    TRIMMED = "stargazer_trimmed_entries_total", Counter, [PLATFORM],
+        "Acknowledged entries removed from the outbound stream by the trimmer.";
+}
+
+/// Buckets of the adapter latency histogram, in seconds.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// Install the Prometheus recorder (once per process) and return its handle.
+/// When another recorder is already installed, metrics go there and the
+/// handle renders nothing.
+pub fn install() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full(ADAPTER_LATENCY.name.to_owned()),
+                    LATENCY_BUCKETS,
+                )
+                .expect("buckets are not empty")
+                .build_recorder();
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_ok() {
+                describe();
+            }
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    for d in ALL {
+        match d.kind {
+            MetricKind::Counter => describe_counter!(d.name, d.help),
+            MetricKind::Gauge => describe_gauge!(d.name, d.help),
+            MetricKind::Histogram => describe_histogram!(d.name, Unit::Seconds, d.help),
+        }
+    }
+}
+
+fn p(platform: &str) -> [(&'static str, String); 1] {
+    [(PLATFORM, platform.to_owned())]
+}
+
+/// An entry finished: `outcome` is `delivered`, `dead_lettered` or `skipped`;
+/// `kind` the dead letter's error_kind.
+pub fn finished(
+    platform: &str,
+    parsed: &crate::envelope::Parsed,
+    outcome: &'static str,
+    kind: Option<&str>,
+) {
+    finished_as(platform, type_of(parsed), outcome, kind);
+}
+
+fn finished_as(platform: &str, ty: &'static str, outcome: &'static str, kind: Option<&str>) {
+    counter!(DELIVERIES.name, PLATFORM => platform.to_owned(), TYPE => ty, OUTCOME => outcome)
+        .increment(1);
+    if let Some(kind) = kind {
+        counter!(DEAD_LETTERS.name, PLATFORM => platform.to_owned(), KIND => kind.to_owned())
+            .increment(1);
+    }
+}
+
+/// A pending id found deleted from the stream, dead-lettered as `lost_in_stream`
+/// (its type is unknown: the entry is gone).
+pub fn lost_in_stream(platform: &str) {
+    finished_as(platform, "unknown", "dead_lettered", Some("lost_in_stream"));
+}
+
+/// The `type` label of a parsed entry (`invalid` for bad input).
+pub fn type_of(parsed: &crate::envelope::Parsed) -> &'static str {
+    match &parsed.result {
+        Ok(env) => env.action.type_name(),
+        Err(_) => "invalid",
+    }
+}
+
+pub fn retry(platform: &str) {
+    counter!(RETRIES.name, &p(platform)).increment(1);
+}
+
+pub fn gaps_skipped(platform: &str, n: u64) {
+    counter!(GAPS_SKIPPED.name, &p(platform)).increment(n);
+}
+
+pub fn unknown_outcome_resend(platform: &str) {
+    counter!(UNKNOWN_OUTCOME_RESENDS.name, &p(platform)).increment(1);
+}
+
+pub fn lock_renew_failed(platform: &str) {
+    counter!(LOCK_RENEW_FAILURES.name, &p(platform)).increment(1);
+}
+
+pub fn lock_lost(platform: &str) {
+    counter!(LOCKS_LOST.name, &p(platform)).increment(1);
+}
+
+pub fn trimmed(platform: &str, n: u64) {
+    counter!(TRIMMED.name, &p(platform)).increment(n);
+}
+
+/// Run one adapter call, recording how long it took.
+pub async fn timed<T>(platform: &str, fut: impl Future<Output = T>) -> T {
+    let started = Instant::now();
+    let r = fut.await;
+    adapter_latency(platform, started.elapsed());
+    r
+}
+
+pub fn adapter_latency(platform: &str, took: Duration) {
+    histogram!(ADAPTER_LATENCY.name, &p(platform)).record(took.as_secs_f64());
+}
+
+/// This gateway's own load, refreshed periodically.
+pub fn set_load(platform: &str, in_flight: usize, lanes: usize) {
+    gauge!(IN_FLIGHT.name, &p(platform)).set(in_flight as f64);
+    gauge!(ACTIVE_LANES.name, &p(platform)).set(lanes as f64);
+}
+
+/// Group-wide figures, refreshed periodically.
+pub fn set_backlog(platform: &str, pending: u64, lag: Option<u64>, oldest_age: Duration) {
+    gauge!(PENDING.name, &p(platform)).set(pending as f64);
+    if let Some(lag) = lag {
+        gauge!(LAG.name, &p(platform)).set(lag as f64);
+    }
+    gauge!(OLDEST_PENDING_AGE.name, &p(platform)).set(oldest_age.as_secs_f64());
+}
+
+pub fn set_dead_letter_stream(platform: &str, length: u64, at_cap: bool) {
+    gauge!(DLQ_LENGTH.name, &p(platform)).set(length as f64);
+    gauge!(DLQ_AT_CAP.name, &p(platform)).set(if at_cap { 1.0 } else { 0.0 });
+}
+
+/// The documentation table (`docs/metrics.md` is this output).
+pub fn markdown_table() -> String {
+    let mut s = String::from("| name | type | labels | meaning |\n|---|---|---|---|\n");
+    for d in ALL {
+        let kind = match d.kind {
+            MetricKind::Counter => "counter",
+            MetricKind::Gauge => "gauge",
+            MetricKind::Histogram => "histogram",
+        };
+        s.push_str(&format!(
+            "| `{}` | {kind} | {} | {} |\n",
+            d.name,
+            d.labels
+                .iter()
+                .map(|l| format!("`{l}`"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            d.help
+        ));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_docs_list_every_metric() {
+        let doc = include_str!("../docs/metrics.md");
+        assert!(
+            doc.contains(&markdown_table()),
+            "docs/metrics.md is out of date; paste metrics::markdown_table() into it:\n{}",
+            markdown_table()
+        );
+    }
+}
