@@ -191,6 +191,15 @@ async fn read_loop(ctx: Arc<Ctx>, mut conn: redis::aio::MultiplexedConnection) {
     let mut cursor = Some("0".to_owned());
     let mut failures = 0u32;
     while !stopping.is_cancelled() {
+        if !ctx.dispatcher.can_park() {
+            // Busy channels have parked as many ids as we keep: read no more
+            // until they catch up (memory stays bounded).
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+                _ = stopping.cancelled() => break,
+            }
+            continue;
+        }
         let permit = tokio::select! {
             p = room_for(&ctx.room, ctx.settings.read_batch) => p,
             _ = stopping.cancelled() => None,

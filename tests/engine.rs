@@ -866,3 +866,43 @@ async fn a_rate_limited_channel_does_not_stall_the_others() {
     assert_eq!(rec.sent().len(), 200);
     gw.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_channel_beyond_its_memory_share_stays_in_order() {
+    let rig = Rig::new().await;
+    for i in 0..600 {
+        rig.publish(json!({"channel_id": "hot", "text": format!("m{i}")}))
+            .await;
+    }
+    // And entries without seq: stream order within one gateway.
+    for i in 0..200 {
+        let p = json!({"channel_id": "plain", "text": format!("p{i}")}).to_string();
+        rig.publisher.publish_raw(p.as_bytes()).await.unwrap();
+    }
+    let rec = Recorder::build(
+        Box::new(|_, _| Ok(())),
+        Duration::from_micros(200),
+        Capabilities::ALL,
+    );
+    let mut s = fast();
+    s.max_in_flight = 16; // a lane keeps 4 in memory, the rest parked
+    s.read_batch = 7;
+    s.gap_timeout_ms = 600_000; // an order inversion would stall here, not skip
+    let gw = rig.start("gw", rec.clone(), s).await;
+    rec.wait_sent(800, T).await;
+    rig.drained(T).await;
+    let sent = rec.sent();
+    assert_eq!(
+        order_by_channel(&sent)["hot"],
+        (1..=600).collect::<Vec<_>>()
+    );
+    let plain: Vec<_> = sent
+        .iter()
+        .filter(|s| s.channel.as_deref() == Some("plain"))
+        .map(|s| s.text.clone().unwrap())
+        .collect();
+    assert_eq!(plain, (0..200).map(|i| format!("p{i}")).collect::<Vec<_>>());
+    let st = gw.stats().snapshot();
+    assert_eq!((st.gaps_skipped, st.late), (0, 0));
+    gw.shutdown().await;
+}

@@ -54,6 +54,10 @@ pub(super) struct Lane {
     parked: VecDeque<Parked>,
     /// Entries held in memory (shared with the dispatcher, which parks beyond a cap).
     load: Arc<AtomicUsize>,
+    /// Length of `parked`, shared with the dispatcher.
+    parked_count: Arc<AtomicUsize>,
+    /// The front entry waits for a predecessor, which may be among the parked.
+    gap_waiting: bool,
     /// Fencing token while we hold the channel lock.
     token: Option<String>,
     /// The front entry has begun (its in-flight record is ours).
@@ -76,6 +80,7 @@ impl Lane {
         chan: String,
         rx: mpsc::UnboundedReceiver<LaneMsg>,
         load: Arc<AtomicUsize>,
+        parked_count: Arc<AtomicUsize>,
     ) -> Self {
         Lane {
             s,
@@ -85,6 +90,8 @@ impl Lane {
             queue: VecDeque::new(),
             parked: VecDeque::new(),
             load,
+            parked_count,
+            gap_waiting: false,
             token: None,
             begun: false,
             prefetched: None,
@@ -131,16 +138,37 @@ impl Lane {
     /// Returns false when the lane must stop.
     async fn unpark(&mut self) -> bool {
         let s = self.s.clone();
-        let want = s.lane_cap.saturating_sub(self.queue.len());
-        if self.parked.is_empty() || self.queue.len() > s.lane_cap / 2 || want == 0 {
+        // Normally refill up to the cap once half of it is used up; when the
+        // front waits for a predecessor, that one may be parked: bring more.
+        let want = if self.gap_waiting {
+            s.lane_cap
+        } else if self.queue.len() > s.lane_cap / 2 {
+            0
+        } else {
+            s.lane_cap - self.queue.len()
+        };
+        if self.parked.is_empty() || want == 0 {
             return true;
         }
-        let n = want.min(self.parked.len());
-        let permit = tokio::select! {
-            p = s.room.clone().acquire_many_owned(n as u32) => p,
-            _ = s.stopping.cancelled() => return true,
+        self.gap_waiting = false;
+        let mut n = want.min(self.parked.len());
+        // Never wait for room while holding entries: lanes waiting on each
+        // other's room would stall for good. An empty lane holds nothing.
+        let permit = if self.queue.is_empty() {
+            tokio::select! {
+                p = s.room.clone().acquire_many_owned(n as u32) => p.ok(),
+                _ = s.stopping.cancelled() => return true,
+            }
+        } else {
+            n = n.min(s.room.available_permits());
+            if n == 0 {
+                return true;
+            }
+            s.room.clone().try_acquire_many_owned(n as u32).ok()
         };
-        let Ok(mut permit) = permit else { return false };
+        let Some(mut permit) = permit else {
+            return true;
+        };
         let ids: Vec<_> = self.parked.iter().take(n).map(|p| p.id.clone()).collect();
         let Some(raw) = s
             .persist("claim parked", || s.bus.claim(&s.who.consumer, &ids))
@@ -149,6 +177,7 @@ impl Lane {
             return false;
         };
         self.parked.drain(..n);
+        self.parked_count.fetch_sub(n, AtomicOrdering::Relaxed);
         let mut back = std::collections::HashSet::new();
         for r in raw {
             let Some(one) = permit.split(1) else { break };
@@ -243,6 +272,7 @@ impl Lane {
             .map(|e| e.id)
             .chain(self.parked.drain(..).map(|p| p.id))
             .collect();
+        self.parked_count.store(0, AtomicOrdering::Relaxed);
         for id in &ids {
             self.s.forget(id);
         }
@@ -309,6 +339,12 @@ impl Lane {
                 debug!(stream_id = %front_id, owner, "now pending for another consumer");
                 Stats::inc(&self.s.stats.moved);
                 self.finish_front();
+                true
+            }
+            Begin::Gap(wait) if !self.parked.is_empty() && self.s.room.available_permits() > 0 => {
+                self.gap_waiting = true;
+                self.release().await;
+                let _ = wait;
                 true
             }
             Begin::Busy(wait) | Begin::Gap(wait) => {

@@ -48,7 +48,8 @@ pub(crate) enum LaneMsg {
 #[derive(Debug)]
 pub(crate) struct Parked {
     pub id: StreamId,
-    pub _slot: OwnedSemaphorePermit,
+    /// Counts against the parking capacity; the reader pauses while none is left.
+    pub _slot: Option<OwnedSemaphorePermit>,
 }
 
 #[derive(Debug)]
@@ -56,6 +57,9 @@ struct LaneHandle {
     tx: mpsc::UnboundedSender<LaneMsg>,
     /// Entries the lane holds in memory.
     load: Arc<AtomicUsize>,
+    /// Entries the lane has parked. While there are any, every later entry
+    /// is parked too, so the lane sees its entries in arrival order.
+    parked: Arc<AtomicUsize>,
 }
 
 /// Everything the lanes share.
@@ -73,8 +77,7 @@ pub(crate) struct Shared {
     pub lane_cap: usize,
     /// Permits for entries in memory (`max_in_flight`).
     pub room: Arc<Semaphore>,
-    /// Permits for parked ids; when none is left, entries stay in memory and
-    /// the reader waits for room instead.
+    /// Permits for parked ids; when none is left the reader pauses.
     park_room: Arc<Semaphore>,
     pub rules: ParseRules,
     rpc: Arc<crate::rpc::RpcServer>,
@@ -184,12 +187,13 @@ impl Dispatcher {
         let entry = match lanes.get(&key) {
             Some(lane) => {
                 let msg = if lane.load.load(AtomicOrdering::Relaxed) >= s.lane_cap
-                    && let Ok(slot) = s.park_room.clone().try_acquire_owned()
+                    || lane.parked.load(AtomicOrdering::Relaxed) > 0
                 {
                     // Dropping the entry gives its room back to the reader.
+                    lane.parked.fetch_add(1, AtomicOrdering::Relaxed);
                     LaneMsg::Parked(Parked {
                         id: entry.id,
-                        _slot: slot,
+                        _slot: s.park_room.clone().try_acquire_owned().ok(),
                     })
                 } else {
                     lane.load.fetch_add(1, AtomicOrdering::Relaxed);
@@ -202,6 +206,7 @@ impl Dispatcher {
                         *e
                     }
                     Err(mpsc::error::SendError(LaneMsg::Parked(p))) => {
+                        lane.parked.fetch_sub(1, AtomicOrdering::Relaxed);
                         // The lane is gone: nothing holds this id any more.
                         // It stays pending for us and comes back with a sweep.
                         drop(lanes);
@@ -214,6 +219,7 @@ impl Dispatcher {
         };
         let (tx, rx) = mpsc::unbounded_channel();
         let load = Arc::new(AtomicUsize::new(1));
+        let parked = Arc::new(AtomicUsize::new(0));
         tx.send(LaneMsg::Entry(Box::new(entry)))
             .expect("receiver is alive");
         lanes.insert(
@@ -221,11 +227,12 @@ impl Dispatcher {
             LaneHandle {
                 tx,
                 load: load.clone(),
+                parked: parked.clone(),
             },
         );
         let shared = s.clone();
         s.tracker
-            .spawn(lane::Lane::new(shared, key, state, rx, load).run());
+            .spawn(lane::Lane::new(shared, key, state, rx, load, parked).run());
     }
 
     /// Ids held in memory that were last refreshed longer than `older` ago;
@@ -245,6 +252,11 @@ impl Dispatcher {
     /// Channels with a lane right now.
     pub fn lane_count(&self) -> usize {
         self.shared.lanes.lock().expect("lane map poisoned").len()
+    }
+
+    /// Whether parking has room left; the reader pauses while it has none.
+    pub fn can_park(&self) -> bool {
+        self.shared.park_room.available_permits() > 0
     }
 
     pub fn held_count(&self) -> usize {
