@@ -234,6 +234,9 @@ pub struct PlatformConfig {
     /// null: simulated time per delivery, for benchmarks.
     #[serde(default)]
     pub delay_ms: u64,
+    /// console: read typed lines from stdin as inbound messages (`#channel text`).
+    #[serde(default)]
+    pub read_stdin: bool,
     #[serde(default)]
     pub consumer: ConsumerOverrides,
 }

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -64,18 +65,24 @@ pub async fn run(
     };
     let http_stop = CancellationToken::new();
     let readiness = crate::http::Readiness::new(&config.redis.url);
+    let inbound_routes = crate::http::InboundRoutes::default();
     if let Some(listen) = &config.http.listen {
         let addr = listen.parse().map_err(|_| {
             GatewayError::Config(crate::config::ConfigError(format!(
                 "http.listen `{listen}` is not an address"
             )))
         })?;
-        let bound = crate::http::serve(addr, http_stop.clone(), readiness.clone())
-            .await
-            .map_err(|source| GatewayError::Http {
-                addr: listen.clone(),
-                source,
-            })?;
+        let bound = crate::http::serve_with(
+            addr,
+            http_stop.clone(),
+            readiness.clone(),
+            inbound_routes.clone(),
+        )
+        .await
+        .map_err(|source| GatewayError::Http {
+            addr: listen.clone(),
+            source,
+        })?;
         info!(%bound, "http listener up (/healthz, /readyz, /metrics)");
     }
     let mut consumers = Vec::new();
@@ -97,10 +104,23 @@ pub async fn run(
             }
         };
         let secret = Config::secret_for(p, &env)?;
-        let adapter = adapters::build(p, secret).map_err(|message| GatewayError::Adapter {
-            platform: p.name.clone(),
-            message,
-        })?;
+        let inbound = crate::inbound::InboundPublisher::new(bus.conn(), bus.keys().clone());
+        let adapter: adapters::SharedAdapter = match p.adapter {
+            crate::config::AdapterKind::Console if p.read_stdin => {
+                let console = Arc::new(adapters::console::ConsoleAdapter::stdout(&p.name));
+                let stdin = tokio::io::BufReader::new(tokio::io::stdin());
+                tokio::spawn(console.clone().read_input(stdin, inbound.clone()));
+                info!(platform = %p.name, "reading typed lines as inbound messages (#channel text)");
+                console
+            }
+            _ => adapters::build(p, secret.clone()).map_err(|message| GatewayError::Adapter {
+                platform: p.name.clone(),
+                message,
+            })?,
+        };
+        if p.adapter == crate::config::AdapterKind::Webhook {
+            inbound_routes.add(&p.name, inbound, secret.map(String::into_bytes));
+        }
         ready_adapters.push((p.name.clone(), adapter.clone()));
         let settings = config.consumer_for(p);
         if settings.trim_interval_ms > 0 {

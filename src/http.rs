@@ -5,22 +5,45 @@
 //!   request, 500 ms at most) and every platform's adapter is ready; else 503
 //!   with the reason in the body.
 //! - `/metrics` — the Prometheus text format (names in [`crate::metrics`]).
+//! - `POST /inbound/<platform>` — for webhook platforms: an inbound event
+//!   (JSON, see [`crate::inbound`]) to publish for the workers; signed with
+//!   `X-Stargazer-Signature` when the platform has a secret.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing::{get, post};
 use metrics_exporter_prometheus::PrometheusHandle;
 use redis::AsyncConnectionConfig;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::adapters::SharedAdapter;
+use crate::inbound::{InboundEvent, InboundPublisher};
+
+/// Platforms that accept inbound events over HTTP, with their secrets.
+#[derive(Debug, Clone, Default)]
+pub struct InboundRoutes(Arc<RwLock<HashMap<String, InboundRoute>>>);
+
+/// Where a platform's inbound events go, and the secret that signs them.
+type InboundRoute = (InboundPublisher, Option<Vec<u8>>);
+
+impl InboundRoutes {
+    /// Accept `POST /inbound/<platform>`; with a secret, only signed bodies.
+    pub fn add(&self, platform: &str, publisher: InboundPublisher, secret: Option<Vec<u8>>) {
+        self.0
+            .write()
+            .expect("inbound routes poisoned")
+            .insert(platform.to_owned(), (publisher, secret));
+    }
+}
 
 /// How long a readiness check may wait for Redis.
 pub const READY_TIMEOUT: Duration = Duration::from_millis(500);
@@ -95,6 +118,70 @@ async fn ping(url: &str) -> Result<(), String> {
 struct AppState {
     readiness: Readiness,
     metrics: PrometheusHandle,
+    inbound: InboundRoutes,
+}
+
+async fn inbound(
+    State(st): State<AppState>,
+    Path(platform): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> (StatusCode, String) {
+    let route = st
+        .inbound
+        .0
+        .read()
+        .expect("inbound routes poisoned")
+        .get(&platform)
+        .cloned();
+    let Some((publisher, secret)) = route else {
+        return (
+            StatusCode::NOT_FOUND,
+            format!("no webhook platform `{platform}` takes inbound events here\n"),
+        );
+    };
+    if let Some(secret) = secret {
+        let sig = headers
+            .get("x-stargazer-signature")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        if crate::envelope::sign(&secret, &body) != sig {
+            return (
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong X-Stargazer-Signature\n".into(),
+            );
+        }
+    }
+    let mut event: InboundEvent = match serde_json::from_slice(&body) {
+        Ok(e) => e,
+        Err(e) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                format!("not an inbound event: {e}\n"),
+            );
+        }
+    };
+    if event.platform.is_empty() {
+        event.platform = platform.clone();
+    } else if event.platform != platform {
+        return (
+            StatusCode::BAD_REQUEST,
+            format!(
+                "event says platform `{}` but was posted to `{platform}`\n",
+                event.platform
+            ),
+        );
+    }
+    if event.ts_ms == 0 {
+        event.ts_ms = crate::now_ms();
+    }
+    if let Err(e) = event.validate() {
+        return (StatusCode::BAD_REQUEST, format!("{e}\n"));
+    }
+    match publisher.publish(&event).await {
+        Ok(id) => (StatusCode::ACCEPTED, format!("{{\"id\":\"{id}\"}}")),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("redis: {e}\n")),
+    }
 }
 
 async fn readyz(State(st): State<AppState>) -> impl IntoResponse {
@@ -121,6 +208,16 @@ pub async fn serve(
     stop: CancellationToken,
     readiness: Readiness,
 ) -> std::io::Result<SocketAddr> {
+    serve_with(addr, stop, readiness, InboundRoutes::default()).await
+}
+
+/// [`serve`], also accepting inbound events for the platforms in `inbound`.
+pub async fn serve_with(
+    addr: SocketAddr,
+    stop: CancellationToken,
+    readiness: Readiness,
+    inbound_routes: InboundRoutes,
+) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     let handle = crate::metrics::install();
@@ -139,9 +236,11 @@ pub async fn serve(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/inbound/{platform}", post(inbound))
         .with_state(AppState {
             readiness,
             metrics: handle,
+            inbound: inbound_routes,
         });
     tokio::spawn(async move {
         let _ = axum::serve(listener, app)

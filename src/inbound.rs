@@ -40,6 +40,8 @@ pub struct InboundEvent {
     /// `message`, `reaction`, `button` or `invite`.
     #[serde(rename = "type")]
     pub kind: String,
+    /// Filled in by the gateway when an HTTP poster leaves it out.
+    #[serde(default)]
     pub platform: String,
     pub channel_id: String,
     #[serde(default)]

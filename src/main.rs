@@ -47,6 +47,8 @@ enum Command {
     Send(Box<SendArgs>),
     /// A whole round trip on this machine, with a private redis-server.
     Demo,
+    /// Call a gateway RPC as a worker would, and print the reply.
+    Rpc(RpcArgs),
     /// Per platform: stream length, lag, pending, consumers, dead letters, order gaps.
     Status(ops_cli::StatusArgs),
     /// Inspect, replay and purge dead letters.
@@ -56,6 +58,79 @@ enum Command {
     /// One gateway node of `bench` (spawned by it).
     #[command(hide = true)]
     BenchNode(stargazer::bench::NodeArgs),
+}
+
+#[derive(clap::Args)]
+struct RpcArgs {
+    /// Take the Redis URL, key prefix and signing secret from this config.
+    #[arg(long, short, env = "STARGAZER_CONFIG")]
+    config: Option<PathBuf>,
+    /// Redis URL when no config is given.
+    #[arg(
+        long,
+        env = "STARGAZER_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379"
+    )]
+    redis_url: String,
+    #[arg(long)]
+    platform: String,
+    /// The channel the call is about (sent as the request's `channel_id`).
+    #[arg(long)]
+    channel: Option<String>,
+    /// How long to wait for a gateway's reply.
+    #[arg(long, default_value_t = 10_000)]
+    timeout_ms: u64,
+    /// `fetch_channel_history`, `should_skip_channel_heartbeat`, `execute_tool`,
+    /// `list_tools`, or a method of the platform's adapter.
+    method: String,
+    /// The arguments, a JSON object.
+    #[arg(default_value = "{}")]
+    args: String,
+}
+
+/// Where a worker-side command talks to: Redis URL, key prefix, cache
+/// prefix, signing secret of `platform`.
+fn target(
+    config: &Option<PathBuf>,
+    redis_url: &str,
+    platform: &str,
+) -> Result<(String, String, String, Option<String>)> {
+    Ok(match config {
+        Some(path) => {
+            let c = Config::load(path, env_map())?;
+            let p = c.platforms.iter().find(|p| p.name == platform);
+            let secret = p
+                .map(|p| c.consumer_for(p))
+                .unwrap_or(c.consumer.clone())
+                .signing_secret;
+            (c.redis.url, c.redis.prefix, c.redis.cache_prefix, secret)
+        }
+        None => (redis_url.to_owned(), "sg".into(), "sg:".into(), None),
+    })
+}
+
+async fn rpc(a: RpcArgs) -> Result<()> {
+    let args: Value = serde_json::from_str(&a.args)
+        .with_context(|| format!("ARGS_JSON `{}` is not JSON", a.args))?;
+    if !args.is_object() {
+        bail!("ARGS_JSON must be a JSON object, like '{{\"limit\": 5}}'");
+    }
+    let (url, prefix, cache_prefix, secret) = target(&a.config, &a.redis_url, &a.platform)?;
+    let bus = Bus::connect(&url, Keys::new(&prefix, &a.platform))
+        .await
+        .with_context(|| format!("connecting to {url}"))?;
+    let worker =
+        stargazer::sdk::Worker::from_bus(bus, &cache_prefix, secret.map(String::into_bytes));
+    let reply = worker
+        .rpc_on(
+            a.channel.as_deref(),
+            &a.method,
+            args,
+            Duration::from_millis(a.timeout_ms),
+        )
+        .await?;
+    println!("{}", serde_json::to_string_pretty(&reply)?);
+    Ok(())
 }
 
 #[derive(clap::Args)]
@@ -153,6 +228,10 @@ async fn main() -> Result<()> {
         Command::Demo => {
             init_logs(cli.log_format, "warn");
             demo().await
+        }
+        Command::Rpc(args) => {
+            init_logs(cli.log_format, "warn");
+            rpc(args).await
         }
         Command::Status(args) => {
             init_logs(cli.log_format, "warn");
@@ -279,18 +358,7 @@ fn envelope_of(a: &SendArgs, text: Option<String>) -> Result<Map<String, Value>>
 }
 
 async fn send(a: SendArgs) -> Result<()> {
-    let (url, prefix, cache_prefix, secret) = match &a.config {
-        Some(path) => {
-            let c = Config::load(path, env_map())?;
-            let p = c.platforms.iter().find(|p| p.name == a.platform);
-            let secret = p
-                .map(|p| c.consumer_for(p))
-                .unwrap_or(c.consumer.clone())
-                .signing_secret;
-            (c.redis.url, c.redis.prefix, c.redis.cache_prefix, secret)
-        }
-        None => (a.redis_url.clone(), "sg".into(), "sg:".into(), None),
-    };
+    let (url, prefix, cache_prefix, secret) = target(&a.config, &a.redis_url, &a.platform)?;
     let keys = Keys::new(&prefix, &a.platform);
     let bus = Bus::connect(&url, keys.clone())
         .await
@@ -326,14 +394,18 @@ async fn send(a: SendArgs) -> Result<()> {
     Ok(())
 }
 
-/// The README's first command: publish a mix of actions (and two poison
-/// entries) to a private Redis, run a gateway with the console adapter, and
-/// report what happened.
+/// The README's first command: a private Redis, a gateway with the console
+/// adapter, and a worker: a backlog published before any gateway runs (two
+/// entries of it poison), then the whole loop — an inbound message, the
+/// worker's reply with typing, a file and buttons, a reaction, an RPC for
+/// history, a tool call — and what ended where.
 async fn demo() -> Result<()> {
     let bin = std::env::var("STARGAZER_REDIS_SERVER").ok();
     let server = stargazer::redis_server::RedisServer::start(bin.as_deref())
         .context("starting a private redis-server for the demo")?;
     println!("• private redis-server on {}", server.url());
+    let tools = tempfile_dir()?;
+    write_demo_tool(&tools)?;
     let text = format!(
         r#"
 [redis]
@@ -342,51 +414,41 @@ url = "{}"
 consumer_name = "demo-gw"
 [consumer]
 autoclaim_interval_ms = 1000
+tools_dir = "{}"
 [[platform]]
 name = "demo"
 adapter = "console"
 "#,
-        server.url()
+        server.url(),
+        tools.display()
     );
     let config = Config::from_toml(&text, [])?;
     let keys = Keys::new("sg", "demo");
     let bus = Bus::connect(&server.url(), keys.clone()).await?;
-    let publisher = Publisher::new(bus.conn(), keys.clone(), "sg:", None);
+    let worker = stargazer::sdk::Worker::from_bus(bus.clone(), "sg:", None);
+    let out = worker.proxy();
 
     println!(
         "• a worker publishes to {} before any gateway runs:",
         keys.outbound()
     );
-    let mut published = 0u64;
-    for round in 1..=3 {
+    for round in 1..=2 {
         for ch in ["general", "support"] {
-            publisher
-                .publish(obj(
-                    json!({"channel_id": ch, "text": format!("hello {ch}, message {round}")}),
-                ))
+            out.send(ch, &format!("hello {ch}, message {round}"))
                 .await?;
-            published += 1;
         }
     }
-    let steps = [
-        json!({"type": "start_typing", "channel_id": "general"}),
-        json!({"type": "stop_typing", "channel_id": "general"}),
-        json!({"type": "buttons", "channel_id": "support", "text": "Was this helpful?",
-               "buttons": [{"label": "Yes", "custom_id": "yes"}, {"label": "Docs", "url": "https://example.org/docs"}]}),
-        json!({"type": "file", "channel_id": "support", "filename": "notes.txt", "mimetype": "text/plain",
-               "file_data": base64::engine::general_purpose::STANDARD.encode("remember the milk\n")}),
-        json!({"type": "reaction", "channel_id": "general", "message_id": "m-1", "emoji": "👍"}),
-        json!({"type": "presence", "text": "watching the stars"}),
-        json!({"type": "file", "channel_id": "general", "file_data": "not base64!"}),
-        json!({"channel_id": "general", "text": "after the poison, still in order"}),
-    ];
-    for s in steps {
-        publisher.publish(obj(s)).await?;
-        published += 1;
-    }
-    publisher.publish_raw(b"{this is not json").await?;
-    published += 1;
-    println!("  {published} entries, including two poison ones");
+    worker
+        .publisher()
+        .publish(obj(
+            json!({"type": "file", "channel_id": "general", "file_data": "not base64!"}),
+        ))
+        .await?;
+    worker.publisher().publish_raw(b"{this is not json").await?;
+    out.send("general", "after the poison, still in order")
+        .await?;
+    out.set_presence("watching the stars", Some("🔭")).await?;
+    println!("  8 entries, two of them poison");
 
     println!("• a gateway starts (console adapter) and drains them:\n");
     let stop = tokio_util::sync::CancellationToken::new();
@@ -394,17 +456,92 @@ adapter = "console"
         let stop = stop.clone();
         async move { stop.cancelled().await }
     }));
-    let started = Instant::now();
-    loop {
-        let (pending, lag) = group_backlog(&bus, &keys).await?;
-        if pending == 0 && lag == 0 {
-            break;
-        }
-        if started.elapsed() > Duration::from_secs(30) {
-            bail!("the demo did not drain in 30 s (pending {pending}, lag {lag})");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    drain(&bus, &keys).await?;
+
+    println!("\n• a user writes in #general; the worker answers it:\n");
+    let inbound = stargazer::inbound::InboundPublisher::new(bus.conn(), keys.clone());
+    let mut said = stargazer::inbound::InboundEvent::message(
+        "demo",
+        "general",
+        "ada",
+        "what's the weather like up there?",
+    );
+    said.message_id = Some("user-msg-1".into());
+    inbound.publish(&said).await?;
+    let worker_stop = tokio_util::sync::CancellationToken::new();
+    let handled = std::sync::Arc::new(tokio::sync::Notify::new());
+    let consumer = worker.inbound("demo-worker");
+    let bot = {
+        let (out, stop, handled) = (out.clone(), worker_stop.clone(), handled.clone());
+        tokio::spawn(async move {
+            consumer
+                .run(
+                    move |ev: stargazer::inbound::InboundEvent| {
+                        let (out, handled) = (out.clone(), handled.clone());
+                        async move {
+                            let ch = ev.channel_id.clone();
+                            out.start_typing(&ch, Duration::from_secs(5)).await?;
+                            out.reply(
+                                &ch,
+                                ev.message_id.as_deref().unwrap_or_default(),
+                                &format!("{}: clear skies, here is the chart", ev.user_name),
+                            )
+                            .await?;
+                            out.send_file(
+                                &ch,
+                                b"Sirius  -1.46\nCanopus -0.74\n",
+                                "brightest.txt",
+                                "text/plain",
+                                Some("the brightest stars"),
+                            )
+                            .await?;
+                            out.send_buttons(
+                                &ch,
+                                "Want more?",
+                                &[("Yes", "more"), ("Star map", "https://example.org/map")],
+                            )
+                            .await?;
+                            if let Some(m) = &ev.message_id {
+                                out.react(&ch, m, "⭐").await?;
+                            }
+                            handled.notify_one();
+                            Ok::<(), stargazer::adapters::AdapterError>(())
+                        }
+                    },
+                    stop,
+                )
+                .await
+        })
+    };
+    handled.notified().await;
+    drain(&bus, &keys).await?;
+
+    println!("\n• the worker asks the gateway over RPC:");
+    let history = worker
+        .rpc(
+            "fetch_channel_history",
+            json!({"channel_id": "general", "limit": 3}),
+            Duration::from_secs(5),
+        )
+        .await?;
+    for m in history.as_array().into_iter().flatten() {
+        println!(
+            "  history: {} — {}",
+            m["user_name"].as_str().unwrap_or("?"),
+            m["text"].as_str().unwrap_or("")
+        );
     }
+    let roll = worker
+        .rpc(
+            "execute_tool",
+            json!({"tool_name": "dice", "tool_args": {"sides": 20}, "tool_ctx": {"channel_id": "general", "user_name": "ada"}}),
+            Duration::from_secs(5),
+        )
+        .await?;
+    println!("  execute_tool dice(sides = 20) → {roll}");
+
+    worker_stop.cancel();
+    let _ = bot.await;
     stop.cancel();
     gw.await??;
 
@@ -434,10 +571,47 @@ adapter = "console"
         "• group {}: pending {pending}, lag {lag} — every entry delivered, skipped or dead-lettered",
         keys.group()
     );
-    println!(
-        "• took {:.0} ms; the redis-server stops with the demo",
-        started.elapsed().as_secs_f64() * 1000.0
-    );
+    let _ = std::fs::remove_dir_all(&tools);
+    println!("• done; the private redis-server stops with the demo");
+    Ok(())
+}
+
+/// Wait until the demo platform has nothing unread or pending.
+async fn drain(bus: &Bus, keys: &Keys) -> Result<()> {
+    let started = Instant::now();
+    loop {
+        let (pending, lag) = group_backlog(bus, keys).await?;
+        if pending == 0 && lag == 0 {
+            return Ok(());
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            bail!("the demo did not drain in 30 s (pending {pending}, lag {lag})");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn tempfile_dir() -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("stargazer-demo-tools-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// A delegated tool for the demo: `dice`, a shell script with a manifest.
+fn write_demo_tool(dir: &std::path::Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let exe = dir.join("dice.sh");
+    std::fs::write(
+        &exe,
+        "#!/bin/sh\n# reads {\"args\": {\"sides\": N}, \"context\": …} on stdin\nsides=$(sed -n 's/.*\"sides\":\\([0-9]*\\).*/\\1/p')\necho \"{\\\"rolled\\\": $(( $(date +%N | sed 's/^0*//') % ${sides:-6} + 1 )), \\\"sides\\\": ${sides:-6}}\"\n",
+    )?;
+    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755))?;
+    std::fs::write(
+        dir.join("dice.json"),
+        json!({"name": "dice", "description": "roll a die", "command": "dice.sh",
+               "parameters": {"type": "object", "properties": {"sides": {"type": "integer", "minimum": 2}}}})
+        .to_string(),
+    )?;
     Ok(())
 }
 

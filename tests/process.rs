@@ -89,7 +89,30 @@ impl Receiver {
     }
 }
 
-fn gateway(rig: &Rig, name: &str, url: &str, extra: &str) -> (Child, tempfile::TempDir) {
+/// A gateway process, killed if a test ends (or fails) while it runs.
+struct Gw(Child);
+
+impl Drop for Gw {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl std::ops::Deref for Gw {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Gw {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+fn gateway(rig: &Rig, name: &str, url: &str, extra: &str) -> (Gw, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("stargazer.toml");
     std::fs::write(
@@ -125,7 +148,7 @@ timeout_ms = 60000
         .stdin(Stdio::null())
         .spawn()
         .expect("start gateway");
-    (child, dir)
+    (Gw(child), dir)
 }
 
 fn signal(child: &Child, sig: &str) {
@@ -272,4 +295,79 @@ async fn a_bad_config_is_refused_with_the_key_named() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("consumer.max_in_flight"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_platforms_take_signed_inbound_events_over_http() {
+    let rig = Rig::new().await;
+    let (_rx, url) = Receiver::start(Duration::ZERO).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let extra = format!("[http]\nlisten = \"127.0.0.1:{port}\"");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[redis]\nurl = \"{}\"\n{extra}\n[[platform]]\nname = \"{}\"\nadapter = \"webhook\"\nurl = \"{url}\"\nsecret = \"s3cret\"\n",
+            rig.server.url(),
+            rig.keys.platform()
+        ),
+    )
+    .unwrap();
+    let mut gw = Gw(Command::new(env!("CARGO_BIN_EXE_stargazer"))
+        .args(["gateway", "--config"])
+        .arg(&path)
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap());
+    let client = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while client
+        .get(format!("{base}/readyz"))
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .ok()
+        != Some(200)
+    {
+        assert!(Instant::now() < deadline, "gateway never became ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let body =
+        json!({"type": "message", "channel_id": "c", "user_id": "u", "text": "hi"}).to_string();
+    let post = |sig: Option<String>, body: String| {
+        let mut r = client
+            .post(format!("{base}/inbound/{}", rig.keys.platform()))
+            .header("content-type", "application/json")
+            .body(body);
+        if let Some(s) = sig {
+            r = r.header("x-stargazer-signature", s);
+        }
+        r.send()
+    };
+    assert_eq!(
+        post(None, body.clone()).await.unwrap().status().as_u16(),
+        401
+    );
+    let sig = stargazer::envelope::sign(b"s3cret", body.as_bytes());
+    let ok = post(Some(sig), body.clone()).await.unwrap();
+    assert_eq!(ok.status().as_u16(), 202);
+    let bad = json!({"type": "message", "channel_id": "c"}).to_string();
+    let sig = stargazer::envelope::sign(b"s3cret", bad.as_bytes());
+    let r = post(Some(sig), bad).await.unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    assert!(r.text().await.unwrap().contains("text"));
+    let r: redis::streams::StreamRangeReply =
+        rig.cmd(&["XRANGE", &rig.keys.inbound(), "-", "+"]).await;
+    assert_eq!(r.ids.len(), 1);
+    let ev: Value = serde_json::from_str(&r.ids[0].get::<String>("payload").unwrap()).unwrap();
+    assert_eq!(ev["text"], "hi");
+    assert_eq!(ev["platform"], rig.keys.platform());
+    signal(&gw, "-TERM");
+    assert!(wait_exit(&mut gw, Duration::from_secs(15)).await.success());
 }

@@ -3,5 +3,8 @@
 -- ARGV: group, me, consumer, id, seq, lock_ttl_ms, gap_timeout_ms, has_cache
 local cache = ''
 if ARGV[8] == '1' then cache = KEYS[3] end
-return begin_entry(KEYS[1], KEYS[2], ARGV[1], cache, ARGV[2], ARGV[3], ARGV[4], ARGV[5],
-  tonumber(ARGV[6]), tonumber(ARGV[7]))
+local st = load(KEYS[1], 'unk:' .. ARGV[4])
+local r = begin_entry(st, KEYS[2], ARGV[1], cache, ARGV[2], ARGV[3], ARGV[4], ARGV[5],
+  tonumber(ARGV[6]), tonumber(ARGV[7]), now_ms())
+flush(KEYS[1], st)
+return r

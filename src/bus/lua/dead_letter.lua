@@ -3,7 +3,11 @@
 -- ARGV: group, me, token ('' when no lock is involved), id, seq, release, lock_ttl_ms,
 --       dlq_maxlen, then field/value pairs for the dead-letter entry
 local chan, stream, dlq, group, me, token = KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3]
-if token ~= '' and not holds(chan, me, token) then return {'stale'} end
+local st = nil
+if token ~= '' then
+  st = load(chan, nil)
+  if st.owner ~= me or st.token ~= token then return {'stale'} end
+end
 local fields = {}
 for i = 9, #ARGV do fields[#fields + 1] = ARGV[i] end
 if tonumber(ARGV[8]) > 0 then
@@ -11,8 +15,12 @@ if tonumber(ARGV[8]) > 0 then
 else
   redis.call('XADD', dlq, '*', unpack(fields))
 end
-if token ~= '' then
-  finish_entry(chan, stream, group, ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7]))
+if st then
+  local now = 0
+  if ARGV[6] ~= '1' then now = now_ms() end
+  finish_entry(st, stream, group, ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7]), now)
+  st.expire = true
+  flush(chan, st)
 else
   redis.call('XACK', stream, group, ARGV[4])
 end
