@@ -60,8 +60,9 @@ enum Command {
     BenchNode(stargazer::bench::NodeArgs),
 }
 
+/// Which Redis and platform a worker-side command talks to.
 #[derive(clap::Args)]
-struct RpcArgs {
+struct Target {
     /// Take the Redis URL, key prefix and signing secret from this config.
     #[arg(long, short, env = "STARGAZER_CONFIG")]
     config: Option<PathBuf>,
@@ -72,8 +73,15 @@ struct RpcArgs {
         default_value = "redis://127.0.0.1:6379"
     )]
     redis_url: String,
+    /// The platform (its `[[platform]] name`).
     #[arg(long)]
     platform: String,
+}
+
+#[derive(clap::Args)]
+struct RpcArgs {
+    #[command(flatten)]
+    to: Target,
     /// The channel the call is about (sent as the request's `channel_id`).
     #[arg(long)]
     channel: Option<String>,
@@ -88,25 +96,22 @@ struct RpcArgs {
     args: String,
 }
 
-/// Where a worker-side command talks to: Redis URL, key prefix, cache
-/// prefix, signing secret of `platform`.
-fn target(
-    config: &Option<PathBuf>,
-    redis_url: &str,
-    platform: &str,
-) -> Result<(String, String, String, Option<String>)> {
-    Ok(match config {
-        Some(path) => {
-            let c = Config::load(path, env_map())?;
-            let p = c.platforms.iter().find(|p| p.name == platform);
-            let secret = p
-                .map(|p| c.consumer_for(p))
-                .unwrap_or(c.consumer.clone())
-                .signing_secret;
-            (c.redis.url, c.redis.prefix, c.redis.cache_prefix, secret)
-        }
-        None => (redis_url.to_owned(), "sg".into(), "sg:".into(), None),
-    })
+impl Target {
+    /// Redis URL, key prefix, cache prefix and signing secret of the platform.
+    fn resolve(&self) -> Result<(String, String, String, Option<String>)> {
+        Ok(match &self.config {
+            Some(path) => {
+                let c = Config::load(path, env_map())?;
+                let p = c.platforms.iter().find(|p| p.name == self.platform);
+                let secret = p
+                    .map(|p| c.consumer_for(p))
+                    .unwrap_or(c.consumer.clone())
+                    .signing_secret;
+                (c.redis.url, c.redis.prefix, c.redis.cache_prefix, secret)
+            }
+            None => (self.redis_url.clone(), "sg".into(), "sg:".into(), None),
+        })
+    }
 }
 
 async fn rpc(a: RpcArgs) -> Result<()> {
@@ -115,8 +120,8 @@ async fn rpc(a: RpcArgs) -> Result<()> {
     if !args.is_object() {
         bail!("ARGS_JSON must be a JSON object, like '{{\"limit\": 5}}'");
     }
-    let (url, prefix, cache_prefix, secret) = target(&a.config, &a.redis_url, &a.platform)?;
-    let bus = Bus::connect(&url, Keys::new(&prefix, &a.platform))
+    let (url, prefix, cache_prefix, secret) = a.to.resolve()?;
+    let bus = Bus::connect(&url, Keys::new(&prefix, &a.to.platform))
         .await
         .with_context(|| format!("connecting to {url}"))?;
     let worker =
@@ -135,18 +140,8 @@ async fn rpc(a: RpcArgs) -> Result<()> {
 
 #[derive(clap::Args)]
 struct SendArgs {
-    /// Take the Redis URL, key prefix and signing secret from this config.
-    #[arg(long, short, env = "STARGAZER_CONFIG")]
-    config: Option<PathBuf>,
-    /// Redis URL when no config is given.
-    #[arg(
-        long,
-        env = "STARGAZER_REDIS_URL",
-        default_value = "redis://127.0.0.1:6379"
-    )]
-    redis_url: String,
-    #[arg(long)]
-    platform: String,
+    #[command(flatten)]
+    to: Target,
     /// Channel id (not needed for presence).
     #[arg(long)]
     channel: Option<String>,
@@ -358,8 +353,8 @@ fn envelope_of(a: &SendArgs, text: Option<String>) -> Result<Map<String, Value>>
 }
 
 async fn send(a: SendArgs) -> Result<()> {
-    let (url, prefix, cache_prefix, secret) = target(&a.config, &a.redis_url, &a.platform)?;
-    let keys = Keys::new(&prefix, &a.platform);
+    let (url, prefix, cache_prefix, secret) = a.to.resolve()?;
+    let keys = Keys::new(&prefix, &a.to.platform);
     let bus = Bus::connect(&url, keys.clone())
         .await
         .with_context(|| format!("connecting to {url}"))?;
