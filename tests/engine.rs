@@ -77,15 +77,10 @@ async fn a_gateway_that_died_before_sending_loses_nothing() {
     gw.shutdown().await;
 }
 
-#[tokio::test]
-async fn a_gateway_that_died_after_sending_is_resent_with_the_same_idempotency_key() {
-    let rig = Rig::new().await;
-    let p = rig
-        .publish(json!({"channel_id": "c", "text": "once", "message_key": "sg:msg:once"}))
-        .await;
+/// A gateway `dead-gw` read `p` and began its send (lock, in-flight record),
+/// then vanished before its commit: the platform may or may not have it.
+async fn died_mid_send(rig: &Rig, p: &stargazer::publish::Published, channel: &str) {
     rig.read_as("dead-gw", 1).await;
-    // The dead gateway began the send (lock, in-flight record) and vanished
-    // before its commit: the platform may or may not have the message.
     let dead = Identity {
         consumer: "dead-gw".into(),
         instance: "dead-gw/1".into(),
@@ -95,22 +90,26 @@ async fn a_gateway_that_died_after_sending_is_resent_with_the_same_idempotency_k
         gap_timeout: Duration::from_secs(60),
         dlq_maxlen: 0,
     };
-    let chan = rig.keys.channel("c");
+    let args = BeginArgs {
+        id: &p.id,
+        seq: p.seq,
+        cache: p.message_key.as_deref(),
+    };
     let b = rig
         .bus
-        .begin(
-            &dead,
-            timing,
-            &chan,
-            BeginArgs {
-                id: &p.id,
-                seq: p.seq,
-                cache: Some("sg:msg:once"),
-            },
-        )
+        .begin(&dead, timing, &rig.keys.channel(channel), args)
         .await
         .unwrap();
     assert!(matches!(b, Begin::Go { .. }), "{b:?}");
+}
+
+#[tokio::test]
+async fn a_gateway_that_died_after_sending_is_resent_with_the_same_idempotency_key() {
+    let rig = Rig::new().await;
+    let p = rig
+        .publish(json!({"channel_id": "c", "text": "once", "message_key": "sg:msg:once"}))
+        .await;
+    died_mid_send(&rig, &p, "c").await;
 
     let rec = Recorder::ok();
     let gw = rig.start("live-gw", rec.clone(), fast()).await;
@@ -132,29 +131,7 @@ async fn unknown_outcome_can_be_dead_lettered_instead() {
     let p = rig
         .publish(json!({"channel_id": "c", "text": "maybe"}))
         .await;
-    rig.read_as("dead-gw", 1).await;
-    let dead = Identity {
-        consumer: "dead-gw".into(),
-        instance: "dead-gw/1".into(),
-    };
-    let timing = Timing {
-        lock_ttl: Duration::from_millis(200),
-        gap_timeout: Duration::from_secs(60),
-        dlq_maxlen: 0,
-    };
-    rig.bus
-        .begin(
-            &dead,
-            timing,
-            &rig.keys.channel("c"),
-            BeginArgs {
-                id: &p.id,
-                seq: p.seq,
-                cache: None,
-            },
-        )
-        .await
-        .unwrap();
+    died_mid_send(&rig, &p, "c").await;
     let mut s = fast();
     s.unknown_outcome = stargazer::config::UnknownOutcome::DeadLetter;
     let rec = Recorder::ok();
