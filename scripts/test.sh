@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# The README's second command: every test, against private redis-servers.
+# The README's second command: every test, against private redis-servers
+# (and, for tests/matrix.rs, private Synapse homeservers from a cached venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/ensure-redis.sh
+STARGAZER_SYNAPSE_VENV="$(scripts/ensure-synapse.sh)"
+export STARGAZER_SYNAPSE_VENV
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --no-fail-fast "$@"
 else

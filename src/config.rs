@@ -200,6 +200,7 @@ pub enum AdapterKind {
     Null,
     Console,
     Webhook,
+    Matrix,
 }
 
 impl fmt::Display for AdapterKind {
@@ -208,6 +209,7 @@ impl fmt::Display for AdapterKind {
             AdapterKind::Null => "null",
             AdapterKind::Console => "console",
             AdapterKind::Webhook => "webhook",
+            AdapterKind::Matrix => "matrix",
         })
     }
 }
@@ -228,7 +230,7 @@ pub struct PlatformConfig {
     /// webhook: name of an environment variable holding the secret.
     #[serde(default)]
     pub secret_env: Option<String>,
-    /// webhook: whole-request timeout.
+    /// webhook and matrix: whole-request timeout.
     #[serde(default = "default_timeout_ms")]
     pub timeout_ms: u64,
     /// null: simulated time per delivery, for benchmarks.
@@ -237,8 +239,34 @@ pub struct PlatformConfig {
     /// console: read typed lines from stdin as inbound messages (`#channel text`).
     #[serde(default)]
     pub read_stdin: bool,
+    /// matrix: the homeserver's base URL.
+    #[serde(default)]
+    pub homeserver: Option<String>,
+    /// matrix: the bot's access token (or `access_token_env`).
+    #[serde(default)]
+    pub access_token: Option<String>,
+    /// matrix: name of an environment variable holding the access token.
+    #[serde(default)]
+    pub access_token_env: Option<String>,
+    /// matrix: the bot's user id (`@bot:example.org`).
+    #[serde(default)]
+    pub user_id: Option<String>,
+    /// matrix: join rooms the bot is invited to.
+    #[serde(default = "default_true")]
+    pub auto_join: bool,
+    /// matrix: how long one `/sync` long-poll waits on the server.
+    #[serde(default = "default_sync_timeout_ms")]
+    pub sync_timeout_ms: u64,
     #[serde(default)]
     pub consumer: ConsumerOverrides,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_sync_timeout_ms() -> u64 {
+    30_000
 }
 
 fn default_timeout_ms() -> u64 {
@@ -254,7 +282,58 @@ impl fmt::Debug for PlatformConfig {
             .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
             .field("secret_env", &self.secret_env)
             .field("timeout_ms", &self.timeout_ms)
+            .field("homeserver", &self.homeserver)
+            .field(
+                "access_token",
+                &self.access_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field("access_token_env", &self.access_token_env)
+            .field("user_id", &self.user_id)
             .finish_non_exhaustive()
+    }
+}
+
+impl PlatformConfig {
+    /// The checks of a matrix platform's keys (`at` names the table).
+    fn validate_matrix(&self, at: &str) -> Result<(), ConfigError> {
+        let name = &self.name;
+        match &self.homeserver {
+            None => {
+                return Err(err(format!(
+                    "{at} (`{name}`) uses the matrix adapter and needs `homeserver`"
+                )));
+            }
+            Some(u) if !(u.starts_with("http://") || u.starts_with("https://")) => {
+                return Err(err(format!(
+                    "{at}.homeserver `{u}` must start with http:// or https://"
+                )));
+            }
+            Some(_) => {}
+        }
+        match &self.user_id {
+            Some(u) if u.starts_with('@') && u.contains(':') => {}
+            Some(u) => {
+                return Err(err(format!(
+                    "{at}.user_id `{u}` must look like @bot:example.org"
+                )));
+            }
+            None => {
+                return Err(err(format!(
+                    "{at} (`{name}`) uses the matrix adapter and needs `user_id`"
+                )));
+            }
+        }
+        if self.access_token.is_none() && self.access_token_env.is_none() {
+            return Err(err(format!(
+                "{at} (`{name}`) uses the matrix adapter and needs `access_token_env` (or `access_token`)"
+            )));
+        }
+        if self.sync_timeout_ms == 0 || self.timeout_ms == 0 {
+            return Err(err(format!(
+                "{at}.sync_timeout_ms and {at}.timeout_ms must be greater than 0"
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -371,6 +450,9 @@ impl Config {
                     Some(_) => {}
                 }
             }
+            if p.adapter == AdapterKind::Matrix {
+                p.validate_matrix(&at)?;
+            }
         }
         Ok(())
     }
@@ -378,6 +460,27 @@ impl Config {
     /// The consumer settings of platform `p`.
     pub fn consumer_for(&self, p: &PlatformConfig) -> ConsumerConfig {
         self.consumer.overlay(&p.consumer)
+    }
+
+    /// The matrix access token of `p`, from `access_token` or the variable
+    /// named by `access_token_env`.
+    pub fn access_token_for(
+        p: &PlatformConfig,
+        env: &HashMap<String, String>,
+    ) -> Result<String, ConfigError> {
+        match (&p.access_token, &p.access_token_env) {
+            (Some(t), _) => Ok(t.clone()),
+            (None, Some(var)) => env.get(var).cloned().ok_or_else(|| {
+                err(format!(
+                    "platform `{}`: access_token_env names `{var}`, which is not set",
+                    p.name
+                ))
+            }),
+            (None, None) => Err(err(format!(
+                "platform `{}` uses the matrix adapter and needs `access_token_env` or `access_token`",
+                p.name
+            ))),
+        }
     }
 
     /// The webhook secret of `p`, from `secret` or the variable named by `secret_env`.

@@ -86,7 +86,8 @@ pub async fn run(
         info!(%bound, "http listener up (/healthz, /readyz, /metrics)");
     }
     let mut consumers = Vec::new();
-    // Trimming and gauges, per platform; stopped before the consumers drain.
+    // Trimming, gauges and inbound loops (matrix sync), per platform;
+    // stopped before the consumers drain.
     let ops_stop = CancellationToken::new();
     let mut ops_tasks = Vec::new();
     let mut ready_adapters = Vec::new();
@@ -103,7 +104,10 @@ pub async fn run(
                 b
             }
         };
-        let secret = Config::secret_for(p, &env)?;
+        let secret = match p.adapter {
+            crate::config::AdapterKind::Matrix => Some(Config::access_token_for(p, &env)?),
+            _ => Config::secret_for(p, &env)?,
+        };
         let inbound = crate::inbound::InboundPublisher::new(bus.conn(), bus.keys().clone());
         let adapter: adapters::SharedAdapter = match p.adapter {
             crate::config::AdapterKind::Console if p.read_stdin => {
@@ -112,6 +116,22 @@ pub async fn run(
                 tokio::spawn(console.clone().read_input(stdin, inbound.clone()));
                 info!(platform = %p.name, "reading typed lines as inbound messages (#channel text)");
                 console
+            }
+            crate::config::AdapterKind::Matrix => {
+                let matrix = Arc::new(adapters::matrix_from_config(p, secret.clone()).map_err(
+                    |message| GatewayError::Adapter {
+                        platform: p.name.clone(),
+                        message,
+                    },
+                )?);
+                ops_tasks.push(tokio::spawn(matrix.clone().run_sync(
+                    inbound.clone(),
+                    bus.conn(),
+                    bus.keys().matrix_since(),
+                    ops_stop.clone(),
+                )));
+                info!(platform = %p.name, user = %matrix.user_id(), "matrix adapter up; syncing inbound events");
+                matrix
             }
             _ => adapters::build(p, secret.clone()).map_err(|message| GatewayError::Adapter {
                 platform: p.name.clone(),

@@ -52,6 +52,11 @@ impl Keys {
         format!("{}:{{{}}}:presence", self.prefix, self.platform)
     }
 
+    /// `sg:{P}:matrix:since` — the Matrix `/sync` position, so a restart resumes.
+    pub fn matrix_since(&self) -> String {
+        format!("{}:{{{}}}:matrix:since", self.prefix, self.platform)
+    }
+
     /// `sg:{P}:rpc:reply:` — every RPC reply list starts with this.
     pub fn reply_prefix(&self) -> String {
         format!("{}:{{{}}}:rpc:reply:", self.prefix, self.platform)
@@ -71,5 +76,6 @@ mod tests {
         assert_eq!(k.inbound(), "sg:{discord}:inbound");
         assert_eq!(k.channel("42"), "sg:{discord}:chan:42");
         assert_eq!(k.reply_prefix(), "sg:{discord}:rpc:reply:");
+        assert_eq!(k.matrix_since(), "sg:{discord}:matrix:since");
     }
 }

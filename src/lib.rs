@@ -10,7 +10,7 @@
 //! ```text
 //!  worker ── publish ──▶ sg:{P}:outbound ──▶ consumer ──▶ envelope ──▶ dispatch ──▶ adapters ──▶ platform
 //!  (publish.rs)          (keys.rs)           (read, sweep,  (parse,      (lanes: order,  (null, console,
-//!                                             keep fresh)   validate)    lock, retry)    webhook)
+//!                                             keep fresh)   validate)    lock, retry)    webhook, matrix)
 //!                                                 │                          │
 //!                                                 └──────── bus ◀────────────┘  begin / commit + ack / dead-letter
 //!                                                          (the only Redis code; Lua in bus/lua/)

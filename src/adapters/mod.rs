@@ -15,6 +15,7 @@ use serde_json::Value;
 use crate::envelope::{Action, Envelope, StreamId};
 
 pub mod console;
+pub mod matrix;
 pub mod null;
 pub mod webhook;
 
@@ -196,7 +197,8 @@ pub struct HistoryMessage {
     pub reactions: Vec<Value>,
 }
 
-/// Build the adapter a `[[platform]]` table asks for.
+/// Build the adapter a `[[platform]]` table asks for. `secret` is the
+/// platform's credential: the webhook's signing secret, the matrix access token.
 pub fn build(
     p: &crate::config::PlatformConfig,
     secret: Option<String>,
@@ -217,5 +219,25 @@ pub fn build(
                 Duration::from_millis(p.timeout_ms),
             )?)
         }
+        AdapterKind::Matrix => Arc::new(matrix_from_config(p, secret)?),
     })
+}
+
+/// The matrix adapter of a `[[platform]]` table, with its access token.
+pub fn matrix_from_config(
+    p: &crate::config::PlatformConfig,
+    access_token: Option<String>,
+) -> Result<matrix::MatrixAdapter, String> {
+    let need = |what: &str| format!("platform `{}` needs `{what}`", p.name);
+    matrix::MatrixAdapter::new(
+        &p.name,
+        matrix::MatrixSettings {
+            homeserver: p.homeserver.clone().ok_or_else(|| need("homeserver"))?,
+            access_token: access_token.ok_or_else(|| need("access_token_env"))?,
+            user_id: p.user_id.clone().ok_or_else(|| need("user_id"))?,
+            auto_join: p.auto_join,
+            sync_timeout: Duration::from_millis(p.sync_timeout_ms),
+            request_timeout: Duration::from_millis(p.timeout_ms),
+        },
+    )
 }

@@ -1,0 +1,1120 @@
+//! The Matrix adapter against a real Synapse homeserver: every action lands as
+//! the right event, resends make one event, rate limits are honoured, the
+//! history RPC, inbound events (message, reaction, button, invite with
+//! auto-join) and a sync position that survives a gateway restart.
+//!
+//! Synapse comes from the venv `scripts/ensure-synapse.sh` installs
+//! (`$STARGAZER_SYNAPSE_VENV`, default `~/.cache/stargazer/synapse-venv`). One
+//! homeserver is shared by every test of one run — across the processes of a
+//! `cargo nextest` run too: the first test to get there starts it in a
+//! directory named after the test runner's pid, the others find its port
+//! there, and a watchdog shell stops it (and removes the directory) once the
+//! runner has exited. Each test registers its own users and makes its own
+//! rooms. The rate-limit test starts a private homeserver of its own with a low
+//! `rc_message`, stopped (process group killed) when it is dropped.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use common::{Rig, fast};
+use serde_json::{Value, json};
+use stargazer::adapters::matrix::{MatrixAdapter, MatrixSettings};
+use stargazer::adapters::{Adapter, Delivery, Retry};
+use stargazer::envelope::{Envelope, ParseRules, StreamId, parse_entry};
+use stargazer::inbound::InboundEvent;
+use stargazer::sdk::Worker;
+use tokio_util::sync::CancellationToken;
+
+const T: Duration = Duration::from_secs(30);
+
+// ---------------------------------------------------------------------------
+// The homeserver.
+
+fn venv() -> PathBuf {
+    let v = std::env::var_os("STARGAZER_SYNAPSE_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var("HOME").expect("HOME"))
+                .join(".cache/stargazer/synapse-venv")
+        });
+    assert!(
+        v.join("bin/python").exists(),
+        "no Synapse venv at {} — run scripts/ensure-synapse.sh (or set STARGAZER_SYNAPSE_VENV)",
+        v.display()
+    );
+    v
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// Whether `GET /_matrix/client/versions` answers 200 on `port`.
+fn answers(port: u16) -> bool {
+    let Ok(mut s) =
+        TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(500))
+    else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(b"GET /_matrix/client/versions HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut buf = [0u8; 32];
+    let n = s.read(&mut buf).unwrap_or(0);
+    String::from_utf8_lossy(&buf[..n]).contains(" 200 ")
+}
+
+/// Generate a config for server name `localhost` in `dir`, patch it (port,
+/// no key servers, open registration, rate limits), start Synapse under a
+/// watchdog shell (its own process group) that stops it when `watch_pid`
+/// exits, and wait until it answers. The watchdog's pid (= process group).
+fn launch(dir: &Path, port: u16, rc_message: (f64, u32), watch_pid: u32, remove_dir: bool) -> u32 {
+    let venv = venv();
+    let python = venv.join("bin/python");
+    let generated = dir.join("generated.yaml");
+    let out = Command::new(&python)
+        .args(["-m", "synapse.app.homeserver", "--server-name", "localhost"])
+        .arg("--config-path")
+        .arg(&generated)
+        .args(["--generate-config", "--report-stats=no"])
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run synapse --generate-config");
+    assert!(
+        out.status.success(),
+        "synapse --generate-config failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&generated).expect("generated config");
+    let keep = |key: &str| {
+        text.lines()
+            .find(|l| l.starts_with(&format!("{key}:")))
+            .unwrap_or_else(|| panic!("generated config lacks {key}"))
+            .to_owned()
+    };
+    let high = "{per_second: 10000, burst_count: 10000}";
+    let (per_second, burst) = rc_message;
+    let d = dir.display();
+    let config = format!(
+        r#"server_name: "localhost"
+pid_file: {d}/homeserver.pid
+listeners:
+  - port: {port}
+    bind_addresses: ['127.0.0.1']
+    type: http
+    tls: false
+    x_forwarded: false
+    resources:
+      - names: [client]
+        compress: false
+database:
+  name: sqlite3
+  args:
+    database: {d}/homeserver.db
+log_config: "{log}"
+media_store_path: {d}/media_store
+{secret}
+{macaroon}
+{form}
+{signing}
+report_stats: false
+trusted_key_servers: []
+suppress_key_server_warning: true
+enable_registration: true
+enable_registration_without_verification: true
+presence:
+  enabled: true
+caches:
+  sync_response_cache_duration: 0
+rc_message: {{per_second: {per_second}, burst_count: {burst}}}
+rc_registration: {high}
+rc_login:
+  address: {high}
+  account: {high}
+  failed_attempts: {high}
+rc_joins:
+  local: {high}
+  remote: {high}
+rc_joins_per_room: {high}
+rc_invites:
+  per_room: {high}
+  per_user: {high}
+  per_issuer: {high}
+rc_room_creation: {high}
+rc_presence:
+  per_user: {high}
+rc_media_create: {high}
+rc_delayed_event_mgmt: {high}
+rc_reports: {high}
+rc_3pid_validation: {high}
+"#,
+        log = dir.join("localhost.log.config").display(),
+        secret = keep("registration_shared_secret"),
+        macaroon = keep("macaroon_secret_key"),
+        form = keep("form_secret"),
+        signing = keep("signing_key_path"),
+    );
+    let config_path = dir.join("homeserver.yaml");
+    std::fs::write(&config_path, config).expect("write homeserver.yaml");
+    let cleanup = if remove_dir {
+        format!("rm -rf '{d}'")
+    } else {
+        String::new()
+    };
+    // The watchdog: Synapse in the background; stop it when the watched
+    // process is gone (or on TERM), then clean up.
+    let script = format!(
+        r#"'{py}' -m synapse.app.homeserver -c '{cfg}' >'{d}/stdout.log' 2>&1 &
+S=$!
+trap 'kill $S 2>/dev/null; wait $S; {cleanup}; exit 0' TERM INT
+while kill -0 {watch_pid} 2>/dev/null && kill -0 $S 2>/dev/null; do sleep 1; done
+kill $S 2>/dev/null; wait $S; {cleanup}"#,
+        py = python.display(),
+        cfg = config_path.display(),
+    );
+    let child = Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .expect("start synapse");
+    let pgid = child.id();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut child = child;
+    loop {
+        if answers(port) {
+            return pgid;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            let log = std::fs::read_to_string(dir.join("stdout.log")).unwrap_or_default();
+            panic!("synapse exited ({status}) before answering:\n{log}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "synapse did not answer on port {port} within 90 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Kill a whole process group (the watchdog and Synapse).
+fn kill_group(pgid: u32) {
+    let _ = Command::new("kill")
+        .args(["-KILL", "--", &format!("-{pgid}")])
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// A homeserver this test owns; stopped when dropped.
+struct PrivateSynapse {
+    port: u16,
+    pgid: u32,
+    _dir: tempfile::TempDir,
+}
+
+impl PrivateSynapse {
+    fn start(rc_message: (f64, u32)) -> PrivateSynapse {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let pgid = launch(dir.path(), port, rc_message, std::process::id(), false);
+        PrivateSynapse {
+            port,
+            pgid,
+            _dir: dir,
+        }
+    }
+
+    fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for PrivateSynapse {
+    fn drop(&mut self) {
+        kill_group(self.pgid);
+    }
+}
+
+/// The start time (clock ticks after boot) of process `pid`, to tell a
+/// runner from a later process that reused its pid.
+fn start_time(pid: u32) -> String {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.rsplit(')')
+        .next()
+        .and_then(|rest| rest.split_whitespace().nth(19))
+        .unwrap_or("0")
+        .to_owned()
+}
+
+/// The base URL of the homeserver shared by this run (see the module docs).
+fn shared() -> String {
+    static BASE: OnceLock<String> = OnceLock::new();
+    BASE.get_or_init(|| {
+        let runner = std::os::unix::process::parent_id();
+        let dir =
+            std::env::temp_dir().join(format!("stargazer-synapse-{runner}-{}", start_time(runner)));
+        let port_file = dir.join("port");
+        let failed_file = dir.join("failed");
+        if std::fs::create_dir(&dir).is_ok() {
+            let port = free_port();
+            let started =
+                std::panic::catch_unwind(|| launch(&dir, port, (10000.0, 10000), runner, true));
+            match started {
+                Ok(_) => {
+                    std::fs::write(dir.join("port.tmp"), port.to_string()).expect("write port");
+                    std::fs::rename(dir.join("port.tmp"), &port_file).expect("publish port");
+                }
+                Err(e) => {
+                    let why = e
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_default();
+                    let _ = std::fs::write(&failed_file, &why);
+                    panic!("{why}");
+                }
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Ok(p) = std::fs::read_to_string(&port_file) {
+                let port: u16 = p.trim().parse().expect("port");
+                assert!(
+                    answers(port),
+                    "the shared synapse on {port} does not answer"
+                );
+                return format!("http://127.0.0.1:{port}");
+            }
+            if let Ok(why) = std::fs::read_to_string(&failed_file) {
+                panic!("the shared synapse failed to start: {why}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the shared synapse never came up"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })
+    .clone()
+}
+
+// ---------------------------------------------------------------------------
+// A minimal client for the test's own users.
+
+#[derive(Clone)]
+struct User {
+    base: String,
+    user_id: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+fn seg(s: &str) -> String {
+    stargazer::adapters::matrix::seg(s)
+}
+
+impl User {
+    async fn register(base: &str, name: &str) -> User {
+        let http = reqwest::Client::new();
+        let name = format!("{name}{:08x}", rand::random::<u32>());
+        let r: Value = http
+            .post(format!("{base}/_matrix/client/v3/register"))
+            .json(
+                &json!({"username": name, "password": format!("pw-{name}-0123456789"),
+                "auth": {"type": "m.login.dummy"}}),
+            )
+            .send()
+            .await
+            .expect("register")
+            .json()
+            .await
+            .expect("register answer");
+        User {
+            base: base.to_owned(),
+            user_id: r["user_id"].as_str().expect("user_id").to_owned(),
+            token: r["access_token"].as_str().expect("token").to_owned(),
+            http,
+        }
+    }
+
+    async fn api(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+        let mut req = self
+            .http
+            .request(method, format!("{}/_matrix/client/v3{path}", self.base))
+            .bearer_auth(&self.token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.expect("request");
+        let status = resp.status();
+        let v: Value = resp.json().await.unwrap_or(Value::Null);
+        assert!(status.is_success(), "{path}: {status} {v}");
+        v
+    }
+
+    async fn create_room(&self, invite: &[&str]) -> String {
+        let v = self
+            .api(
+                reqwest::Method::POST,
+                "/createRoom",
+                Some(json!({"preset": "private_chat", "invite": invite})),
+            )
+            .await;
+        v["room_id"].as_str().expect("room_id").to_owned()
+    }
+
+    async fn join(&self, room: &str) {
+        self.api(
+            reqwest::Method::POST,
+            &format!("/join/{}", seg(room)),
+            Some(json!({})),
+        )
+        .await;
+    }
+
+    async fn send(&self, room: &str, content: Value) -> String {
+        self.send_type(room, "m.room.message", content).await
+    }
+
+    async fn send_type(&self, room: &str, kind: &str, content: Value) -> String {
+        let txn = format!("t{:016x}", rand::random::<u64>());
+        let v = self
+            .api(
+                reqwest::Method::PUT,
+                &format!("/rooms/{}/send/{kind}/{txn}", seg(room)),
+                Some(content),
+            )
+            .await;
+        v["event_id"].as_str().expect("event_id").to_owned()
+    }
+
+    async fn say(&self, room: &str, text: &str) -> String {
+        self.send(room, json!({"msgtype": "m.text", "body": text}))
+            .await
+    }
+
+    async fn react(&self, room: &str, target: &str, key: &str) -> String {
+        self.send_type(
+            room,
+            "m.reaction",
+            json!({"m.relates_to": {"rel_type": "m.annotation", "event_id": target, "key": key}}),
+        )
+        .await
+    }
+
+    /// The room's events of `types`, oldest first.
+    async fn events(&self, room: &str, types: &[&str]) -> Vec<Value> {
+        let filter = json!({"types": types}).to_string();
+        let path = format!(
+            "/rooms/{}/messages?dir=b&limit=100&filter={}",
+            seg(room),
+            seg(&filter)
+        );
+        let v = self.api(reqwest::Method::GET, &path, None).await;
+        let mut chunk = v["chunk"].as_array().cloned().unwrap_or_default();
+        chunk.reverse();
+        chunk
+    }
+
+    /// The `m.room.message` events `sender` sent, oldest first.
+    async fn messages_from(&self, room: &str, sender: &str) -> Vec<Value> {
+        self.events(room, &["m.room.message"])
+            .await
+            .into_iter()
+            .filter(|e| e["sender"] == sender)
+            .collect()
+    }
+
+    /// Who is typing in `room`, as a fresh sync shows it.
+    async fn typing(&self, room: &str) -> Vec<String> {
+        let filter = json!({"presence": {"types": []}, "account_data": {"types": []},
+            "room": {"rooms": [room], "timeline": {"limit": 0}, "state": {"types": []},
+                     "ephemeral": {"types": ["m.typing"]}}})
+        .to_string();
+        let v = self
+            .api(
+                reqwest::Method::GET,
+                &format!("/sync?timeout=0&filter={}", seg(&filter)),
+                None,
+            )
+            .await;
+        v["rooms"]["join"][room]["ephemeral"]["events"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| e["type"] == "m.typing")
+            .flat_map(|e| {
+                e["content"]["user_ids"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+            })
+            .filter_map(|u| u.as_str().map(str::to_owned))
+            .collect()
+    }
+
+    async fn joined_members(&self, room: &str) -> Vec<String> {
+        let v = self
+            .api(
+                reqwest::Method::GET,
+                &format!("/rooms/{}/joined_members", seg(room)),
+                None,
+            )
+            .await;
+        v["joined"]
+            .as_object()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+}
+
+/// The bot and a second user ("alice") sharing a room the bot made.
+struct Pair {
+    base: String,
+    bot: User,
+    alice: User,
+    room: String,
+}
+
+async fn pair(base: &str) -> Pair {
+    let bot = User::register(base, "bot").await;
+    let alice = User::register(base, "alice").await;
+    let room = bot.create_room(&[&alice.user_id]).await;
+    alice.join(&room).await;
+    Pair {
+        base: base.to_owned(),
+        bot,
+        alice,
+        room,
+    }
+}
+
+fn settings(base: &str, bot: &User) -> MatrixSettings {
+    MatrixSettings {
+        homeserver: base.to_owned(),
+        access_token: bot.token.clone(),
+        user_id: bot.user_id.clone(),
+        auto_join: true,
+        sync_timeout: Duration::from_millis(1000),
+        request_timeout: Duration::from_secs(10),
+    }
+}
+
+fn adapter(p: &Pair) -> Arc<MatrixAdapter> {
+    Arc::new(MatrixAdapter::new("mx", settings(&p.base, &p.bot)).expect("adapter"))
+}
+
+fn envelope(v: Value) -> Envelope {
+    let rules = ParseRules {
+        max_payload_bytes: 1 << 20,
+        signing_secret: None,
+        cache_prefix: "sg:".into(),
+        reply_prefix: "sg:{mx}:rpc:reply:".into(),
+    };
+    let mut fields = std::collections::HashMap::new();
+    fields.insert("payload".to_owned(), v.to_string().into_bytes());
+    parse_entry(&fields, &rules).result.expect("valid envelope")
+}
+
+async fn deliver_direct(
+    a: &MatrixAdapter,
+    env: &Envelope,
+    key: &str,
+    attempt: u32,
+) -> Result<stargazer::adapters::Delivered, stargazer::adapters::AdapterError> {
+    let id = StreamId("1-1".into());
+    a.deliver(Delivery {
+        platform: "mx",
+        stream_id: &id,
+        envelope: env,
+        idempotency_key: key,
+        attempt,
+        resend: attempt > 1,
+    })
+    .await
+}
+
+async fn eventually<F, Fut>(what: &str, within: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Every event on the rig's inbound stream, oldest first.
+async fn inbound(rig: &Rig) -> Vec<InboundEvent> {
+    let r: redis::streams::StreamRangeReply =
+        rig.cmd(&["XRANGE", &rig.keys.inbound(), "-", "+"]).await;
+    r.ids
+        .iter()
+        .map(|e| {
+            let p: String = e.get("payload").expect("payload");
+            serde_json::from_str(&p).expect("inbound event")
+        })
+        .collect()
+}
+
+/// A whole gateway (`gateway::run`) with one matrix platform on the rig's
+/// Redis; cancel the token to stop it.
+fn gateway(rig: &Rig, base: &str, bot: &User) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+    let toml = format!(
+        r#"
+[redis]
+url = "{url}"
+[gateway]
+consumer_name = "gw-mx"
+[consumer]
+block_ms = 100
+backoff_base_ms = 5
+backoff_max_ms = 50
+[[platform]]
+name = "{name}"
+adapter = "matrix"
+homeserver = "{base}"
+access_token_env = "MX_TOKEN"
+user_id = "{user}"
+sync_timeout_ms = 1000
+"#,
+        url = rig.server.url(),
+        name = rig.keys.platform(),
+        user = bot.user_id,
+    );
+    let config = stargazer::config::Config::from_toml(&toml, Vec::new()).expect("config");
+    let env = [("MX_TOKEN".to_owned(), bot.token.clone())].into();
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    let task = tokio::spawn(async move {
+        stargazer::gateway::run(config, env, s.cancelled_owned())
+            .await
+            .expect("gateway");
+    });
+    (stop, task)
+}
+
+async fn since(rig: &Rig) -> Option<String> {
+    rig.cmd(&["GET", &rig.keys.matrix_since()]).await
+}
+
+// ---------------------------------------------------------------------------
+// The tests.
+
+#[tokio::test]
+async fn every_action_lands_as_the_right_event() {
+    let p = pair(&shared()).await;
+    let rig = Rig::new().await;
+    let _gw = rig.start("gw", adapter(&p), fast()).await;
+    let out = Worker::from_bus(rig.bus.clone(), "sg:", None).proxy();
+    let question = p.alice.say(&p.room, "question?").await;
+
+    out.send(&p.room, "hello <b>world</b> & co").await.unwrap();
+    out.reply(&p.room, &question, "an answer").await.unwrap();
+    out.send_file(&p.room, b"some notes\n", "notes.txt", "text/plain", None)
+        .await
+        .unwrap();
+    let png = [0x89, b'P', b'N', b'G', 0x0d, 0x0a, 0x1a, 0x0a];
+    out.send_file(&p.room, &png, "star.png", "image/png", Some("a star"))
+        .await
+        .unwrap();
+    out.send_buttons(
+        &p.room,
+        "Pick one",
+        &[("Yes", "yes"), ("Docs", "https://example.org/")],
+    )
+    .await
+    .unwrap();
+    rig.drained(T).await;
+    assert!(rig.dlq().await.is_empty(), "{:?}", rig.dlq().await);
+
+    let got = p.alice.messages_from(&p.room, &p.bot.user_id).await;
+    assert_eq!(got.len(), 5, "{got:#?}");
+    let c: Vec<&Value> = got.iter().map(|e| &e["content"]).collect();
+    assert_eq!(c[0]["msgtype"], "m.text");
+    assert_eq!(c[0]["body"], "hello <b>world</b> & co");
+    assert_eq!(c[0]["format"], "org.matrix.custom.html");
+    assert_eq!(
+        c[0]["formatted_body"],
+        "hello &lt;b&gt;world&lt;/b&gt; &amp; co"
+    );
+    assert_eq!(c[1]["body"], "an answer");
+    assert_eq!(c[1]["m.relates_to"]["m.in_reply_to"]["event_id"], question);
+    assert_eq!(c[2]["msgtype"], "m.file");
+    assert_eq!(c[2]["body"], "notes.txt");
+    assert_eq!(c[2]["info"]["mimetype"], "text/plain");
+    assert!(
+        c[2]["url"]
+            .as_str()
+            .unwrap()
+            .starts_with("mxc://localhost/")
+    );
+    assert_eq!(c[3]["msgtype"], "m.image");
+    assert_eq!(c[3]["body"], "a star");
+    assert_eq!(c[3]["filename"], "star.png");
+    assert_eq!(c[3]["info"]["size"], 8);
+    assert_eq!(
+        c[4]["body"],
+        "Pick one\n1. Yes\n2. Docs (https://example.org/)"
+    );
+    assert_eq!(
+        c[4]["formatted_body"],
+        "Pick one<ol><li>Yes</li><li><a href=\"https://example.org/\">Docs</a></li></ol>"
+    );
+
+    // The uploaded file is the bytes sent.
+    let mxc = c[2]["url"].as_str().unwrap().trim_start_matches("mxc://");
+    let bytes = p
+        .alice
+        .http
+        .get(format!("{}/_matrix/client/v1/media/download/{mxc}", p.base))
+        .bearer_auth(&p.alice.token)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(&bytes[..], b"some notes\n");
+
+    // Typing on, then off.
+    out.start_typing(&p.room, Duration::from_secs(20))
+        .await
+        .unwrap();
+    rig.drained(T).await;
+    let bot_id = p.bot.user_id.clone();
+    eventually("the bot typing", T, || async {
+        p.alice.typing(&p.room).await.contains(&bot_id)
+    })
+    .await;
+    out.stop_typing(&p.room).await.unwrap();
+    rig.drained(T).await;
+    eventually("the bot to stop typing", T, || async {
+        !p.alice.typing(&p.room).await.contains(&bot_id)
+    })
+    .await;
+
+    // A reaction to alice's question.
+    out.react(&p.room, &question, "👍").await.unwrap();
+    rig.drained(T).await;
+    let reactions: Vec<Value> = p
+        .alice
+        .events(&p.room, &["m.reaction"])
+        .await
+        .into_iter()
+        .filter(|e| e["sender"] == p.bot.user_id.as_str())
+        .collect();
+    assert_eq!(reactions.len(), 1, "{reactions:#?}");
+    let rel = &reactions[0]["content"]["m.relates_to"];
+    assert_eq!(rel["rel_type"], "m.annotation");
+    assert_eq!(rel["event_id"], question);
+    assert_eq!(rel["key"], "👍");
+
+    // Presence, as alice sees it.
+    out.set_presence("watching the stars", Some("🔭"))
+        .await
+        .unwrap();
+    rig.drained(T).await;
+    let v = p
+        .alice
+        .api(
+            reqwest::Method::GET,
+            &format!("/presence/{}/status", seg(&p.bot.user_id)),
+            None,
+        )
+        .await;
+    assert_eq!(v["status_msg"], "🔭 watching the stars", "{v}");
+    assert_eq!(v["presence"], "online");
+    assert!(rig.dlq().await.is_empty(), "{:?}", rig.dlq().await);
+}
+
+#[tokio::test]
+async fn a_resend_with_the_same_transaction_makes_one_event() {
+    let p = pair(&shared()).await;
+    let a = adapter(&p);
+    let env = envelope(json!({"type": "message", "channel_id": p.room, "text": "only once"}));
+    let first = deliver_direct(&a, &env, "sg:msg:42", 1).await.unwrap();
+    let again = deliver_direct(&a, &env, "sg:msg:42", 2).await.unwrap();
+    assert!(first.message_id.is_some());
+    assert_eq!(first.message_id, again.message_id);
+    let other = deliver_direct(&a, &env, "sg:msg:43", 1).await.unwrap();
+    assert_ne!(first.message_id, other.message_id);
+    let bodies: Vec<Value> = p
+        .alice
+        .messages_from(&p.room, &p.bot.user_id)
+        .await
+        .into_iter()
+        .map(|e| e["content"]["body"].clone())
+        .collect();
+    assert_eq!(bodies, vec![json!("only once"), json!("only once")]);
+    // The same for a reaction.
+    let r = envelope(json!({"type": "reaction", "channel_id": p.room,
+        "message_id": first.message_id, "emoji": "⭐"}));
+    let r1 = deliver_direct(&a, &r, "sg:react:1", 1).await.unwrap();
+    let r2 = deliver_direct(&a, &r, "sg:react:1", 3).await.unwrap();
+    assert_eq!(r1.message_id, r2.message_id);
+    assert_eq!(p.alice.events(&p.room, &["m.reaction"]).await.len(), 1);
+}
+
+#[tokio::test]
+async fn platform_errors_are_classified() {
+    let p = pair(&shared()).await;
+    let a = adapter(&p);
+    // A room the bot is not in: M_FORBIDDEN, permanent.
+    let other = p.alice.create_room(&[]).await;
+    let env = envelope(json!({"type": "message", "channel_id": other, "text": "hi"}));
+    let e = deliver_direct(&a, &env, "k1", 1).await.unwrap_err();
+    assert_eq!(e.retry, Retry::Never, "{}", e.message);
+    assert!(e.message.contains("403 M_FORBIDDEN"), "{}", e.message);
+    // A bad token: M_UNKNOWN_TOKEN, permanent, and the token is not in the message.
+    let mut s = settings(&p.base, &p.bot);
+    s.access_token = "syt_not_a_token".into();
+    let bad = MatrixAdapter::new("mx", s).unwrap();
+    let env = envelope(json!({"type": "message", "channel_id": p.room, "text": "hi"}));
+    let e = deliver_direct(&bad, &env, "k2", 1).await.unwrap_err();
+    assert_eq!(e.retry, Retry::Never, "{}", e.message);
+    assert!(e.message.contains("401 M_UNKNOWN_TOKEN"), "{}", e.message);
+    assert!(!e.message.contains("syt_not_a_token"), "{}", e.message);
+    // Nobody listening: transient.
+    let mut s = settings(&p.base, &p.bot);
+    s.homeserver = format!("http://127.0.0.1:{}", free_port());
+    let gone = MatrixAdapter::new("mx", s).unwrap();
+    let e = deliver_direct(&gone, &env, "k3", 1).await.unwrap_err();
+    assert_eq!(e.retry, Retry::Backoff, "{}", e.message);
+    // History of an unknown room: permanent.
+    let e = a.fetch_history("!nope:localhost", 5).await.unwrap_err();
+    assert_eq!(e.retry, Retry::Never, "{}", e.message);
+}
+
+#[tokio::test]
+async fn a_rate_limit_is_honoured() {
+    // rc_message: one message a second, bursts of 2.
+    let syn = tokio::task::spawn_blocking(|| PrivateSynapse::start((1.0, 2)))
+        .await
+        .unwrap();
+    let p = pair(&syn.base()).await;
+    let a = adapter(&p);
+    let mut limited = None;
+    for i in 0..10 {
+        let env = envelope(
+            json!({"type": "message", "channel_id": p.room, "text": format!("burst {i}")}),
+        );
+        if let Err(e) = deliver_direct(&a, &env, &format!("burst-{i}"), 1).await {
+            limited = Some(e);
+            break;
+        }
+    }
+    let e = limited.expect("synapse never rate-limited the bot");
+    assert!(e.message.contains("M_LIMIT_EXCEEDED"), "{}", e.message);
+    match e.retry {
+        Retry::After(d) => assert!(
+            d > Duration::ZERO && d <= Duration::from_secs(3),
+            "wait {d:?}"
+        ),
+        other => panic!("expected a wait, got {other:?}: {}", e.message),
+    }
+
+    // Through a gateway consumer: every message arrives once, in order.
+    let rig = Rig::new().await;
+    let _gw = rig.start("gw", a.clone(), fast()).await;
+    let out = Worker::from_bus(rig.bus.clone(), "sg:", None).proxy();
+    let started = Instant::now();
+    for i in 0..6 {
+        out.send(&p.room, &format!("m{i}")).await.unwrap();
+    }
+    rig.drained(Duration::from_secs(60)).await;
+    let took = started.elapsed();
+    assert!(rig.dlq().await.is_empty(), "{:?}", rig.dlq().await);
+    let bodies: Vec<String> = p
+        .alice
+        .messages_from(&p.room, &p.bot.user_id)
+        .await
+        .into_iter()
+        .filter_map(|e| e["content"]["body"].as_str().map(str::to_owned))
+        .filter(|b| !b.starts_with("burst"))
+        .collect();
+    assert_eq!(bodies, ["m0", "m1", "m2", "m3", "m4", "m5"]);
+    // At one message a second, six need several seconds: the waits were honoured.
+    assert!(took >= Duration::from_secs(3), "took {took:?}");
+}
+
+#[tokio::test]
+async fn history_rpc_through_a_gateway() {
+    let p = pair(&shared()).await;
+    let rig = Rig::new().await;
+    let _gw = rig.start("gw", adapter(&p), fast()).await;
+    let worker = Worker::from_bus(rig.bus.clone(), "sg:", None);
+    p.alice.say(&p.room, "one").await;
+    worker.proxy().send(&p.room, "two").await.unwrap();
+    rig.drained(T).await;
+    let two = p.alice.messages_from(&p.room, &p.bot.user_id).await[0]["event_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    p.alice
+        .send(
+            &p.room,
+            json!({"msgtype": "m.text", "body": "> <@bot> two\n\nthree",
+                   "m.relates_to": {"m.in_reply_to": {"event_id": two}}}),
+        )
+        .await;
+    let h = worker
+        .rpc(
+            "fetch_channel_history",
+            json!({"channel_id": p.room, "limit": 10}),
+            T,
+        )
+        .await
+        .unwrap();
+    let h = h.as_array().unwrap();
+    let texts: Vec<&str> = h.iter().map(|m| m["text"].as_str().unwrap()).collect();
+    assert_eq!(texts, ["one", "two", "three"], "{h:#?}");
+    assert_eq!(h[0]["user_id"], p.alice.user_id.as_str());
+    assert_eq!(h[0]["is_bot"], false);
+    assert_eq!(h[1]["is_bot"], true);
+    assert_eq!(h[1]["message_id"], two.as_str());
+    assert_eq!(h[2]["reply_to_id"], two.as_str());
+    assert!(h[0]["timestamp"].as_f64().unwrap() > 1.0e9);
+    assert!(h[0]["timestamp"].as_f64().unwrap() <= h[2]["timestamp"].as_f64().unwrap());
+    let last = worker
+        .rpc(
+            "fetch_channel_history",
+            json!({"channel_id": p.room, "limit": 2}),
+            T,
+        )
+        .await
+        .unwrap();
+    let texts: Vec<&str> = last
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts, ["two", "three"]);
+}
+
+#[tokio::test]
+async fn inbound_events_reach_the_stream() {
+    let base = shared();
+    let bot = User::register(&base, "bot").await;
+    let alice = User::register(&base, "alice").await;
+    let rig = Rig::new().await;
+    let (stop, task) = gateway(&rig, &base, &bot);
+    eventually("the first sync", T, || async {
+        since(&rig).await.is_some()
+    })
+    .await;
+
+    // An invite, joined at once.
+    let room = alice.create_room(&[&bot.user_id]).await;
+    eventually("the invite", T, || async {
+        inbound(&rig).await.iter().any(|e| e.kind == "invite")
+    })
+    .await;
+    let invite = inbound(&rig)
+        .await
+        .into_iter()
+        .find(|e| e.kind == "invite")
+        .unwrap();
+    assert_eq!(invite.channel_id, room);
+    assert_eq!(invite.user_id, alice.user_id);
+    assert_eq!(invite.extra["joined"], true);
+    assert!(alice.joined_members(&room).await.contains(&bot.user_id));
+
+    // A message.
+    let hello = alice.say(&room, "hello bot").await;
+    eventually("the message", T, || async {
+        inbound(&rig).await.iter().any(|e| e.kind == "message")
+    })
+    .await;
+    let msg = inbound(&rig)
+        .await
+        .into_iter()
+        .find(|e| e.kind == "message")
+        .unwrap();
+    assert_eq!(msg.channel_id, room);
+    assert_eq!(msg.text.as_deref(), Some("hello bot"));
+    assert_eq!(msg.message_id.as_deref(), Some(hello.as_str()));
+    assert_eq!(msg.user_id, alice.user_id);
+    assert_eq!(msg.platform, rig.keys.platform());
+
+    // The bot answers with buttons (its own messages are not inbound).
+    let out = Worker::from_bus(rig.bus.clone(), "sg:", None).proxy();
+    out.send_buttons(&room, "Pick", &[("Red", "red"), ("Blue", "blue")])
+        .await
+        .unwrap();
+    rig.drained(T).await;
+    let buttons_id = alice.messages_from(&room, &bot.user_id).await[0]["event_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // A reply naming a number picks that button…
+    alice
+        .send(
+            &room,
+            json!({"msgtype": "m.text", "body": "2",
+                   "m.relates_to": {"m.in_reply_to": {"event_id": buttons_id}}}),
+        )
+        .await;
+    // …so does a keycap reaction; any other reaction is a reaction.
+    alice.react(&room, &buttons_id, "1\u{fe0f}\u{20e3}").await;
+    alice.react(&room, &hello, "👀").await;
+    eventually("two buttons and a reaction", T, || async {
+        let evs = inbound(&rig).await;
+        evs.iter().filter(|e| e.kind == "button").count() == 2
+            && evs.iter().any(|e| e.kind == "reaction")
+    })
+    .await;
+    let evs = inbound(&rig).await;
+    let picks: Vec<&str> = evs
+        .iter()
+        .filter(|e| e.kind == "button")
+        .map(|e| e.custom_id.as_deref().unwrap())
+        .collect();
+    assert_eq!(picks, ["blue", "red"]);
+    assert!(evs.iter().filter(|e| e.kind == "button").all(|e| {
+        e.message_id.as_deref() == Some(buttons_id.as_str()) && e.user_id == alice.user_id
+    }));
+    let reaction = evs.iter().find(|e| e.kind == "reaction").unwrap();
+    assert_eq!(reaction.emoji.as_deref(), Some("👀"));
+    assert_eq!(reaction.message_id.as_deref(), Some(hello.as_str()));
+    assert!(evs.iter().all(|e| e.user_id != bot.user_id), "{evs:#?}");
+    assert_eq!(evs.len(), 5, "{evs:#?}");
+
+    stop.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test]
+async fn the_sync_position_survives_a_restart() {
+    let base = shared();
+    let bot = User::register(&base, "bot").await;
+    let alice = User::register(&base, "alice").await;
+    let room = alice.create_room(&[&bot.user_id]).await;
+    bot.join(&room).await;
+    let rig = Rig::new().await;
+    let texts = |evs: Vec<InboundEvent>| -> Vec<String> {
+        evs.into_iter()
+            .filter(|e| e.kind == "message")
+            .filter_map(|e| e.text)
+            .collect()
+    };
+
+    let (stop, task) = gateway(&rig, &base, &bot);
+    eventually("the first sync", T, || async {
+        since(&rig).await.is_some()
+    })
+    .await;
+    alice.say(&room, "before").await;
+    eventually("`before`", T, || async {
+        texts(inbound(&rig).await) == ["before"]
+    })
+    .await;
+    stop.cancel();
+    task.await.unwrap();
+    let position = since(&rig).await.expect("a stored position");
+
+    // While no gateway runs.
+    alice.say(&room, "while down").await;
+
+    let (stop, task) = gateway(&rig, &base, &bot);
+    eventually("`while down`", T, || async {
+        texts(inbound(&rig).await).len() >= 2
+    })
+    .await;
+    alice.say(&room, "after").await;
+    eventually("`after`", T, || async {
+        texts(inbound(&rig).await).len() >= 3
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        texts(inbound(&rig).await),
+        ["before", "while down", "after"]
+    );
+    assert_ne!(since(&rig).await.unwrap(), position);
+    stop.cancel();
+    task.await.unwrap();
+}
+
+#[test]
+fn matrix_config_keys_are_checked() {
+    use stargazer::config::{AdapterKind, Config};
+    let base = r#"
+[[platform]]
+name = "mx"
+adapter = "matrix"
+"#;
+    let with = |extra: &str| Config::from_toml(&format!("{base}{extra}"), Vec::new());
+    let ok = with(
+        "homeserver = \"http://127.0.0.1:8008\"\nuser_id = \"@bot:localhost\"\naccess_token = \"syt_secret\"\n",
+    )
+    .expect("valid");
+    let p = &ok.platforms[0];
+    assert_eq!(p.adapter, AdapterKind::Matrix);
+    assert!(p.auto_join);
+    assert_eq!(p.sync_timeout_ms, 30_000);
+    assert!(!format!("{p:?}").contains("syt_secret"), "{p:?}");
+    let env = std::collections::HashMap::new();
+    assert_eq!(
+        Config::access_token_for(p, &env).unwrap(),
+        "syt_secret".to_owned()
+    );
+    for (extra, needle) in [
+        (
+            "user_id = \"@bot:localhost\"\naccess_token = \"t\"\n",
+            "homeserver",
+        ),
+        (
+            "homeserver = \"matrix.org\"\nuser_id = \"@bot:localhost\"\naccess_token = \"t\"\n",
+            "http",
+        ),
+        (
+            "homeserver = \"http://h\"\naccess_token = \"t\"\n",
+            "user_id",
+        ),
+        (
+            "homeserver = \"http://h\"\nuser_id = \"bot\"\naccess_token = \"t\"\n",
+            "user_id",
+        ),
+        (
+            "homeserver = \"http://h\"\nuser_id = \"@bot:h\"\n",
+            "access_token_env",
+        ),
+    ] {
+        let e = with(extra).expect_err(extra).to_string();
+        assert!(e.contains(needle), "{extra}: {e}");
+    }
+    let from_env = with(
+        "homeserver = \"http://h\"\nuser_id = \"@bot:h\"\naccess_token_env = \"MX_T\"\nauto_join = false\n",
+    )
+    .expect("valid");
+    let p = &from_env.platforms[0];
+    assert!(!p.auto_join);
+    let e = Config::access_token_for(p, &env).unwrap_err().to_string();
+    assert!(e.contains("MX_T"), "{e}");
+    let env = [("MX_T".to_owned(), "tok".to_owned())].into();
+    assert_eq!(Config::access_token_for(p, &env).unwrap(), "tok");
+}
