@@ -787,8 +787,29 @@ async fn shutdown_drains_in_flight_work_and_a_later_gateway_delivers_the_rest() 
     a.shutdown().await;
     let after_a = rec.sent().len();
     assert!(after_a < 200, "stopped before the end");
-    let pending_a: u64 = rig.pending().await;
-    assert_eq!(pending_a, 0, "everything read was finished in the drain");
+    // What it read and did not finish (a lane's parked surplus) is handed
+    // off: still pending, marked idle so the next sweep elsewhere takes it.
+    let pending_a = rig.pending().await;
+    let idle: redis::Value = rig
+        .cmd(&[
+            "XPENDING",
+            &rig.keys.outbound(),
+            &rig.keys.group(),
+            "IDLE",
+            &fast().autoclaim_min_idle_ms.to_string(),
+            "-",
+            "+",
+            "1000",
+        ])
+        .await;
+    let redis::Value::Array(idle) = idle else {
+        panic!("{idle:?}")
+    };
+    assert_eq!(
+        idle.len() as u64,
+        pending_a,
+        "every unfinished entry handed off"
+    );
     let b = rig.start("gw-b", rec.clone(), s).await;
     rec.wait_sent(200, T).await;
     rig.drained(T).await;
@@ -881,5 +902,22 @@ async fn a_hot_channel_beyond_its_memory_share_stays_in_order() {
     assert_eq!(plain, (0..200).map(|i| format!("p{i}")).collect::<Vec<_>>());
     let st = gw.stats().snapshot();
     assert_eq!((st.gaps_skipped, st.late), (0, 0));
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_message_key_of_the_wrong_type_does_not_wedge_the_channel() {
+    let rig = Rig::new().await;
+    let _: () = rig.cmd(&["SET", "sg:msg:string", "not a hash"]).await;
+    rig.publish(json!({"channel_id": "c", "text": "a", "message_key": "sg:msg:string"}))
+        .await;
+    rig.publish(json!({"channel_id": "c", "text": "b"})).await;
+    let rec = Recorder::ok();
+    let gw = rig.start("gw", rec.clone(), fast()).await;
+    rec.wait_sent(2, T).await;
+    rig.drained(T).await;
+    let v: String = rig.cmd(&["GET", "sg:msg:string"]).await;
+    assert_eq!(v, "not a hash", "the producer's key is left as it was");
+    assert_eq!(order_by_channel(&rec.sent())["c"], vec![1, 2]);
     gw.shutdown().await;
 }

@@ -9,10 +9,13 @@
 //! behind it).
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::{AsyncConnectionConfig, Client, RedisResult, Value};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::envelope::StreamId;
 use crate::keys::Keys;
@@ -34,6 +37,148 @@ pub struct Bus {
     keys: Keys,
     client: Client,
     conn: ConnectionManager,
+    batch: Batcher,
+}
+
+/// One begin or commit step waiting for the next batch.
+struct Step {
+    /// `b` begin, `c` commit (see `lua/batch.lua`).
+    kind: &'static str,
+    keys: [String; 4],
+    nkeys: usize,
+    args: Vec<String>,
+    reply: oneshot::Sender<RedisResult<Value>>,
+}
+
+/// Gathers the begin and commit steps of every lane into one script call:
+/// whatever steps are queued when the previous call went out go together
+/// (at most [`BATCH_MAX`]). Each step runs exactly as its own script would,
+/// one after another, inside one atomic call; calls still pipeline.
+#[derive(Clone)]
+struct Batcher {
+    tx: mpsc::UnboundedSender<Step>,
+    conn: ConnectionManager,
+    /// Script calls of this batcher waiting for their reply. While there are
+    /// fewer than [`BATCH_FROM`], a step goes out at once by itself (no hop
+    /// through the batch task): a few lanes pay no batching latency, and keep
+    /// the pace they would have alone.
+    busy: Arc<AtomicUsize>,
+}
+
+const BATCH_MAX: usize = 128;
+/// Script calls in flight from which further steps wait for the next batch.
+const BATCH_FROM: usize = 8;
+
+/// Counts one script call in flight for as long as it lives.
+struct Busy(Arc<AtomicUsize>);
+
+impl Busy {
+    fn new(n: &Arc<AtomicUsize>) -> Busy {
+        n.fetch_add(1, AtomicOrdering::AcqRel);
+        Busy(n.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, AtomicOrdering::AcqRel);
+    }
+}
+
+impl Batcher {
+    fn start(conn: ConnectionManager) -> Batcher {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Step>();
+        let busy = Arc::new(AtomicUsize::new(0));
+        let (c, b) = (conn.clone(), busy.clone());
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let guard = Busy::new(&b);
+                // Let the lanes that are ready queue their steps too.
+                tokio::task::yield_now().await;
+                let mut steps = Vec::with_capacity(16);
+                steps.push(first);
+                while steps.len() < BATCH_MAX {
+                    match rx.try_recv() {
+                        Ok(s) => steps.push(s),
+                        Err(_) => break,
+                    }
+                }
+                let c = c.clone();
+                tokio::spawn(async move {
+                    run_batch(c, steps).await;
+                    drop(guard);
+                });
+            }
+        });
+        Batcher { tx, conn, busy }
+    }
+
+    async fn call(&self, step: Step) -> RedisResult<Value> {
+        // An answer that never comes (the batch task gone) is an error the
+        // caller retries; the step may or may not have run, as with a lost reply.
+        let (tx, rx) = oneshot::channel();
+        let stopped = || redis::RedisError::from((redis::ErrorKind::Io, "script batcher stopped"));
+        let step = Step { reply: tx, ..step };
+        if self.busy.load(AtomicOrdering::Acquire) < BATCH_FROM {
+            let _guard = Busy::new(&self.busy);
+            run_batch(self.conn.clone(), vec![step]).await;
+        } else {
+            self.tx.send(step).map_err(|_| stopped())?;
+        }
+        rx.await.map_err(|_| stopped())?
+    }
+}
+
+async fn run_batch(mut conn: ConnectionManager, steps: Vec<Step>) {
+    let mut inv = Scripts::get().batch.prepare_invoke();
+    inv.arg(steps.len());
+    for s in &steps {
+        inv.arg(s.kind).arg(s.nkeys).arg(s.args.len());
+        for a in &s.args {
+            inv.arg(a);
+        }
+        for k in &s.keys[..s.nkeys] {
+            inv.key(k);
+        }
+    }
+    let r: RedisResult<Value> = inv.invoke_async(&mut conn).await;
+    match r {
+        Ok(Value::Array(items)) if items.len() == steps.len() => {
+            for (s, v) in steps.into_iter().zip(items) {
+                let v = match v {
+                    Value::Array(a) if a.first().and_then(as_str) == Some("err") => {
+                        Err(redis::RedisError::from((
+                            redis::ErrorKind::Extension,
+                            "script step failed",
+                            a.get(1).and_then(as_str).unwrap_or("").to_owned(),
+                        )))
+                    }
+                    v => Ok(v),
+                };
+                let _ = s.reply.send(v);
+            }
+        }
+        Ok(v) => {
+            let e = format!("{v:?}");
+            for s in steps {
+                let _ = s.reply.send(Err(redis::RedisError::from((
+                    redis::ErrorKind::Parse,
+                    "unexpected batch reply",
+                    e.clone(),
+                ))));
+            }
+        }
+        Err(e) => {
+            let detail = e.to_string();
+            for s in steps {
+                let _ = s.reply.send(Err(redis::RedisError::from((
+                    redis::ErrorKind::Io,
+                    "script batch failed",
+                    detail.clone(),
+                ))));
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Bus {
@@ -144,7 +289,13 @@ impl Bus {
             .set_response_timeout(Some(Duration::from_secs(10)))
             .set_connection_timeout(Some(Duration::from_secs(5)));
         let conn = ConnectionManager::new_with_config(client.clone(), config).await?;
-        Ok(Bus { keys, client, conn })
+        let batch = Batcher::start(conn.clone());
+        Ok(Bus {
+            keys,
+            client,
+            conn,
+            batch,
+        })
     }
 
     /// Another Bus on the same connection, for another platform.
@@ -153,6 +304,7 @@ impl Bus {
             keys,
             client: self.client.clone(),
             conn: self.conn.clone(),
+            batch: self.batch.clone(),
         }
     }
 
@@ -343,21 +495,30 @@ impl Bus {
         chan: &str,
         args: BeginArgs<'_>,
     ) -> RedisResult<Begin> {
-        let mut conn = self.conn.clone();
-        let v: Value = Scripts::get()
-            .begin
-            .key(chan)
-            .key(self.keys.outbound())
-            .key(args.cache.unwrap_or(chan))
-            .arg(self.keys.group())
-            .arg(&who.instance)
-            .arg(&who.consumer)
-            .arg(&args.id.0)
-            .arg(seq_arg(args.seq))
-            .arg(ms(timing.lock_ttl))
-            .arg(ms(timing.gap_timeout))
-            .arg(if args.cache.is_some() { "1" } else { "0" })
-            .invoke_async(&mut conn)
+        let (reply, _) = oneshot::channel();
+        let v = self
+            .batch
+            .call(Step {
+                kind: "b",
+                keys: [
+                    chan.to_owned(),
+                    self.keys.outbound(),
+                    args.cache.unwrap_or(chan).to_owned(),
+                    String::new(),
+                ],
+                nkeys: 3,
+                args: vec![
+                    self.keys.group(),
+                    who.instance.clone(),
+                    who.consumer.clone(),
+                    args.id.0.clone(),
+                    seq_arg(args.seq),
+                    ms(timing.lock_ttl).to_string(),
+                    ms(timing.gap_timeout).to_string(),
+                    (if args.cache.is_some() { "1" } else { "0" }).to_owned(),
+                ],
+                reply,
+            })
             .await?;
         let Value::Array(items) = v else {
             return Err(unexpected("begin", &v));
@@ -372,32 +533,41 @@ impl Bus {
         timing: Timing,
         c: CommitArgs<'_>,
     ) -> RedisResult<Commit> {
-        let mut conn = self.conn.clone();
         let next = c.next.as_ref();
-        let v: Value = Scripts::get()
-            .commit
-            .key(c.chan)
-            .key(self.keys.outbound())
-            .key(c.cache.unwrap_or(c.chan))
-            .key(next.and_then(|n| n.cache).unwrap_or(c.chan))
-            .arg(self.keys.group())
-            .arg(&who.instance)
-            .arg(c.token)
-            .arg(&c.id.0)
-            .arg(seq_arg(c.seq))
-            .arg(c.message_id.unwrap_or(""))
-            .arg(if c.release { "1" } else { "0" })
-            .arg(ms(timing.lock_ttl))
-            .arg(next.map(|n| n.id.0.as_str()).unwrap_or(""))
-            .arg(seq_arg(next.and_then(|n| n.seq)))
-            .arg(&who.consumer)
-            .arg(ms(timing.gap_timeout))
-            .arg(if next.and_then(|n| n.cache).is_some() {
-                "1"
-            } else {
-                "0"
+        let (reply, _) = oneshot::channel();
+        let v = self
+            .batch
+            .call(Step {
+                kind: "c",
+                keys: [
+                    c.chan.to_owned(),
+                    self.keys.outbound(),
+                    c.cache.unwrap_or(c.chan).to_owned(),
+                    next.and_then(|n| n.cache).unwrap_or(c.chan).to_owned(),
+                ],
+                nkeys: 4,
+                args: vec![
+                    self.keys.group(),
+                    who.instance.clone(),
+                    c.token.to_owned(),
+                    c.id.0.clone(),
+                    seq_arg(c.seq),
+                    c.message_id.unwrap_or("").to_owned(),
+                    (if c.release { "1" } else { "0" }).to_owned(),
+                    ms(timing.lock_ttl).to_string(),
+                    next.map(|n| n.id.0.clone()).unwrap_or_default(),
+                    seq_arg(next.and_then(|n| n.seq)),
+                    who.consumer.clone(),
+                    ms(timing.gap_timeout).to_string(),
+                    (if next.and_then(|n| n.cache).is_some() {
+                        "1"
+                    } else {
+                        "0"
+                    })
+                    .to_owned(),
+                ],
+                reply,
             })
-            .invoke_async(&mut conn)
             .await?;
         let Value::Array(items) = v else {
             return Err(unexpected("commit", &v));

@@ -9,6 +9,8 @@ use redis::Script;
 pub struct Scripts {
     pub begin: Script,
     pub commit: Script,
+    /// Several begin/commit steps in one call (see `lua/batch.lua`).
+    pub batch: Script,
     pub dead_letter: Script,
     pub renew: Script,
     pub release: Script,
@@ -33,6 +35,7 @@ impl Scripts {
         SCRIPTS.get_or_init(|| Scripts {
             begin: script!("begin.lua"),
             commit: script!("commit.lua"),
+            batch: script!("batch.lua"),
             dead_letter: script!("dead_letter.lua"),
             renew: script!("renew.lua"),
             release: script!("release.lua"),

@@ -24,4 +24,5 @@ if st then
 else
   redis.call('XACK', stream, group, ARGV[4])
 end
+flush_acks()
 return {'ok'}

@@ -25,9 +25,51 @@ local function int(n)
   return string.format('%d', n)
 end
 
+-- Server time, read once per script call: every step of a batch runs in the
+-- same atomic call, so they share one instant (leases end no later than if
+-- each step had read the clock itself).
+local now_cached = nil
 local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  if not now_cached then
+    local t = redis.call('TIME')
+    now_cached = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  return now_cached
+end
+
+-- Acknowledgements are gathered and sent with one XACK per stream at the end
+-- of the script call (`flush_acks`); `acked` answers for ids acknowledged
+-- earlier in the same call, which are no longer pending. A batch step that
+-- fails takes its acknowledgements back (`drop_acks`) along with its other
+-- writes, which are only made at its end (`flush`).
+local acks, acked = {}, {}
+local function ack(stream, group, id)
+  acks[#acks + 1] = {stream, group, id}
+  acked[stream .. '\0' .. group .. '\0' .. id] = true
+end
+
+local function drop_acks(n)
+  for i = #acks, n + 1, -1 do
+    local a = acks[i]
+    acked[a[1] .. '\0' .. a[2] .. '\0' .. a[3]] = nil
+    acks[i] = nil
+  end
+end
+
+local function flush_acks()
+  local by, order = {}, {}
+  for _, a in ipairs(acks) do
+    local k = a[1] .. '\0' .. a[2]
+    local b = by[k]
+    if not b then
+      b = {a[1], a[2]}
+      by[k] = b
+      order[#order + 1] = b
+    end
+    b[#b + 1] = a[3]
+  end
+  for _, b in ipairs(order) do redis.call('XACK', unpack(b)) end
+  acks, acked = {}, {}
 end
 
 -- true while the lock is held by `me` with fencing token `token`
@@ -82,6 +124,7 @@ end
 --   {'moved', owner}        the entry now belongs to another consumer
 local function begin_entry(st, stream, group, cache, me, consumer, id, seq, ttl, gap_timeout, now)
   -- Is the entry still pending in the group, and for us?
+  if acked[stream .. '\0' .. group .. '\0' .. id] then return {'done'} end
   local p = redis.call('XPENDING', stream, group, id, id, 1)
   if #p == 0 then return {'done'} end
   if p[1][2] ~= consumer then return {'moved', p[1][2]} end
@@ -133,7 +176,9 @@ local function begin_entry(st, stream, group, cache, me, consumer, id, seq, ttl,
     attempts = '0'
   end
 
-  if cache ~= '' and resumed == 0 and redis.call('HEXISTS', cache, 'message_id') == 1 then
+  -- pcall: a message_key holding another type (a producer's mistake) must not
+  -- wedge the channel; it is treated as holding no platform id.
+  if cache ~= '' and resumed == 0 and redis.pcall('HEXISTS', cache, 'message_id') == 1 then
     -- the message cache already holds a platform id for this message_key
     resumed = 2
   end
@@ -164,11 +209,65 @@ local function finish_entry(st, stream, group, id, seq, release, ttl, now)
   if seq ~= '' and tonumber(seq) > tonumber(st.done or '0') then put(st, 'done', seq) end
   put(st, 'inflight', false)
   put(st, 'attempts', false)
-  redis.call('XACK', stream, group, id)
+  ack(stream, group, id)
   if release == '1' then
     put(st, 'owner', false)
     put(st, 'lease', false)
   else
     put(st, 'lease', int(now + ttl))
   end
+end
+
+-- The begin script (begin.lua) as a function, so a batch can run it too: its
+-- keys are K[ko + 1 ...], its args A[ao + 1 ...].
+-- KEYS: chan, stream, cache (the message_key, or chan when there is none)
+-- ARGV: group, me, consumer, id, seq, lock_ttl_ms, gap_timeout_ms, has_cache
+local function begin_op(K, ko, A, ao)
+  local cache = ''
+  if A[ao + 8] == '1' then cache = K[ko + 3] end
+  local st = load(K[ko + 1], 'unk:' .. A[ao + 4])
+  local r = begin_entry(st, K[ko + 2], A[ao + 1], cache, A[ao + 2], A[ao + 3], A[ao + 4], A[ao + 5],
+    tonumber(A[ao + 6]), tonumber(A[ao + 7]), now_ms())
+  flush(K[ko + 1], st)
+  return r
+end
+
+-- The commit script (commit.lua) as a function, so a batch can run it too
+-- (keys K[ko + 1 ...], args A[ao + 1 ...]).
+-- Commit a finished delivery and, optionally, begin the next entry of the same
+-- channel in the same round trip.
+-- KEYS: chan, stream, cache (message_key or chan), next_cache (or chan)
+-- ARGV: group, me, token, id, seq, message_id, release, lock_ttl_ms,
+--       next_id, next_seq, consumer, gap_timeout_ms, next_has_cache
+-- Returns {'stale'} when the fencing token is no longer ours (nothing written),
+-- else {'ok'} or {'ok', <begin result of the next entry>...}.
+local function commit_op(K, ko, A, ao)
+  local chan, stream, group, me, token = K[ko + 1], K[ko + 2], A[ao + 1], A[ao + 2], A[ao + 3]
+  local next_id = A[ao + 9]
+  local unk_field = nil
+  if next_id ~= '' then unk_field = 'unk:' .. next_id end
+  local st = load(chan, unk_field)
+  if st.owner ~= me or st.token ~= token then return {'stale'} end
+  local ttl = tonumber(A[ao + 8])
+  local now = 0
+  if A[ao + 7] ~= '1' or next_id ~= '' then now = now_ms() end
+  finish_entry(st, stream, group, A[ao + 4], A[ao + 5], A[ao + 7], ttl, now)
+  if A[ao + 6] ~= '' and K[ko + 3] ~= chan then
+    -- A message_key holding another type keeps its value: the delivery
+    -- stands, only the write-back is skipped (pcall instead of an error that
+    -- would make the commit fail again and again).
+    local existed = redis.call('EXISTS', K[ko + 3])
+    local w = redis.pcall('HSET', K[ko + 3], 'message_id', A[ao + 6])
+    if existed == 0 and type(w) == 'number' then redis.call('EXPIRE', K[ko + 3], CACHE_EXPIRY_S) end
+  end
+  local r = {'ok'}
+  if next_id ~= '' then
+    local next_cache = ''
+    if A[ao + 13] == '1' then next_cache = K[ko + 4] end
+    r = begin_entry(st, stream, group, next_cache, me, A[ao + 11], next_id, A[ao + 10], ttl,
+      tonumber(A[ao + 12]), now)
+    table.insert(r, 1, 'ok')
+  end
+  flush(chan, st)
+  return r
 end
