@@ -51,6 +51,13 @@ pub struct BenchArgs {
     /// Channels per workload, instead of the SPEC's.
     #[arg(long)]
     pub channels: Option<u64>,
+    /// Gateway nodes per workload, instead of the SPEC's (W3: 2, others 1).
+    #[arg(long)]
+    pub nodes: Option<usize>,
+    /// Nodes keep no per-message records, so peak RSS is the gateway's own:
+    /// no latency figures then, and duplicates across nodes go unseen.
+    #[arg(long)]
+    pub lean: bool,
     /// Also write every figure (and the per-command breakdown) here as JSON.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -78,6 +85,9 @@ pub struct NodeArgs {
     pub report: PathBuf,
     #[arg(long)]
     pub max_in_flight: Option<usize>,
+    /// Keep no per-message records (counts and a bitset only).
+    #[arg(long)]
+    pub lean: bool,
 }
 
 /// One workload's shape.
@@ -91,6 +101,8 @@ pub struct Workload {
     pub nodes: usize,
     /// Paced producer (messages per second) instead of a preloaded backlog.
     pub rate: Option<u64>,
+    /// Nodes keep no per-message records (to measure the gateway's own memory).
+    pub lean: bool,
 }
 
 impl Workload {
@@ -125,6 +137,7 @@ impl Workload {
             delay_ms: delay,
             nodes,
             rate,
+            lean: false,
         })
     }
 }
@@ -166,7 +179,10 @@ pub type Record = [u64; 5];
 #[derive(Debug, Default)]
 struct Log {
     records: Vec<Record>,
-    keys: HashSet<u64>,
+    lean: bool,
+    /// Delivered keys, one bit each.
+    keys: Vec<u64>,
+    distinct: u64,
     max_seq: HashMap<u64, u64>,
     duplicates: u64,
     out_of_order: u64,
@@ -196,6 +212,12 @@ impl CheckingAdapter {
         }
     }
 
+    /// Keep counts and a bitset only, no per-message records.
+    pub fn lean(self) -> Self {
+        self.log.lock().unwrap_or_else(|p| p.into_inner()).lean = true;
+        self
+    }
+
     fn record(&self, d: &Delivery<'_>, send_us: u64) {
         let env = d.envelope;
         let chan = env.channel_id.as_ref().and_then(|c| index(&c.0, "c"));
@@ -208,8 +230,15 @@ impl CheckingAdapter {
             log.foreign += 1;
             return;
         };
-        if !log.keys.insert(key) {
+        let (word, bit) = ((key / 64) as usize, 1u64 << (key % 64));
+        if log.keys.len() <= word {
+            log.keys.resize(word + 1, 0);
+        }
+        if log.keys[word] & bit != 0 {
             log.duplicates += 1;
+        } else {
+            log.keys[word] |= bit;
+            log.distinct += 1;
         }
         let top = log.max_seq.entry(chan).or_insert(0);
         if seq <= *top {
@@ -217,16 +246,18 @@ impl CheckingAdapter {
         } else {
             *top = seq;
         }
-        log.records
-            .push([chan, seq, key, send_us, env.created_ms.unwrap_or(0)]);
+        if !log.lean {
+            log.records
+                .push([chan, seq, key, send_us, env.created_ms.unwrap_or(0)]);
+        }
     }
 
     /// What the node reports.
     pub fn report(&self, stats: Snapshot, vm_hwm_kb: Option<u64>) -> NodeReport {
         let log = self.log.lock().unwrap_or_else(|p| p.into_inner());
         NodeReport {
-            sends: log.records.len() as u64 + log.foreign,
-            distinct_keys: log.keys.len() as u64,
+            sends: log.distinct + log.duplicates + log.foreign,
+            distinct_keys: log.distinct,
             duplicates: log.duplicates,
             out_of_order: log.out_of_order,
             foreign: log.foreign,
@@ -285,7 +316,11 @@ pub async fn run_node(a: NodeArgs) -> Result<()> {
     let bus = Bus::connect(&a.redis_url, Keys::new(PREFIX, PLATFORM))
         .await
         .with_context(|| format!("connecting to {}", a.redis_url))?;
-    let adapter = Arc::new(CheckingAdapter::new(Duration::from_millis(a.delay_ms)));
+    let mut checking = CheckingAdapter::new(Duration::from_millis(a.delay_ms));
+    if a.lean {
+        checking = checking.lean();
+    }
+    let adapter = Arc::new(checking);
     {
         use std::io::Write as _;
         let mut out = std::io::stdout().lock();
@@ -426,6 +461,7 @@ async fn spawn_node(url: &str, name: &str, w: &Workload) -> Result<Node> {
         .arg("bench-node")
         .args(["--redis-url", url, "--name", name])
         .args(["--delay-ms", &w.delay_ms.to_string()])
+        .args(w.lean.then_some("--lean"))
         .arg("--report")
         .arg(&report)
         .stdin(Stdio::piped())
@@ -717,7 +753,13 @@ fn summarize(
             dups += 1;
         }
     }
-    let delivered = seen.iter().filter(|&&k| k < w.n).count() as u64;
+    let mut delivered = seen.iter().filter(|&&k| k < w.n).count() as u64;
+    if w.lean {
+        // No records: the nodes' own counts (duplicates across nodes unseen).
+        delivered = reports.iter().map(|r| r.distinct_keys).sum();
+        dups = reports.iter().map(|r| r.duplicates).sum();
+        ooo = reports.iter().map(|r| r.out_of_order).sum();
+    }
     let lat: Vec<u64> = all
         .iter()
         .map(|r| {
@@ -761,8 +803,13 @@ const HEADER: &str = "| workload | msgs | msgs/s | wall s | Redis calls/msg | ro
 fn row(o: &Outcome) -> String {
     let w = &o.workload;
     let l = &o.latency_ms;
+    let latency = if w.lean {
+        "– (lean)".to_owned()
+    } else {
+        format!("{:.2} / {:.2} / {:.2} / {:.2}", l.p50, l.p95, l.p99, l.max)
+    };
     format!(
-        "| {}{} | {} / {} ch{} | {:.0} | {:.3} | {:.2} | {:.2} | {:.2} / {:.2} / {:.2} / {:.2} | {:.1} | {} | {} | {} | {} |",
+        "| {}{} | {} / {} ch{} | {:.0} | {:.3} | {:.2} | {:.2} | {} | {:.1} | {} | {} | {} | {} |",
         w.name,
         if o.finished { "" } else { " (TIMED OUT)" },
         w.n,
@@ -776,10 +823,7 @@ fn row(o: &Outcome) -> String {
         o.wall_s,
         o.redis_calls_per_msg,
         o.round_trips_per_msg,
-        l.p50,
-        l.p95,
-        l.p99,
-        l.max,
+        latency,
         o.peak_rss_mib,
         o.lost,
         o.duplicated,
@@ -808,7 +852,16 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     };
     let workloads = names
         .iter()
-        .map(|n| Workload::named(n, args.smoke, args.n, args.channels))
+        .map(|n| {
+            Workload::named(n, args.smoke, args.n, args.channels).map(|mut w| {
+                w.lean = args.lean;
+                if let Some(k) = args.nodes.filter(|k| *k > 0) {
+                    w.nodes = k;
+                    w.what = format!("{}, {k} gateway nodes", w.what);
+                }
+                w
+            })
+        })
         .collect::<Result<Vec<_>>>()?;
     let bin = std::env::var("STARGAZER_REDIS_SERVER").ok();
     let server = crate::redis_server::RedisServer::start(bin.as_deref())
