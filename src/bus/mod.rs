@@ -411,12 +411,14 @@ impl Bus {
         Ok((next, claimed, deleted))
     }
 
-    /// Reset the idle time of entries this consumer still holds, so a sweep
-    /// elsewhere does not take a live consumer's slow entries (XCLAIM JUSTID).
-    pub async fn keep_fresh(&self, consumer: &str, ids: &[StreamId]) -> RedisResult<()> {
-        if ids.is_empty() {
-            return Ok(());
-        }
+    /// `XCLAIM <outbound> <group> <consumer> 0 <ids…> <options…>`: entries
+    /// move to `consumer` whatever their idle time.
+    async fn xclaim(
+        &self,
+        consumer: &str,
+        ids: &[StreamId],
+        options: &[String],
+    ) -> RedisResult<Value> {
         let mut conn = self.conn.clone();
         let mut cmd = redis::cmd("XCLAIM");
         cmd.arg(self.keys.outbound())
@@ -426,8 +428,16 @@ impl Bus {
         for id in ids {
             cmd.arg(&id.0);
         }
-        cmd.arg("JUSTID");
-        let _: Value = cmd.query_async(&mut conn).await?;
+        cmd.arg(options);
+        cmd.query_async(&mut conn).await
+    }
+
+    /// Reset the idle time of entries this consumer still holds, so a sweep
+    /// elsewhere does not take a live consumer's slow entries (XCLAIM JUSTID).
+    pub async fn keep_fresh(&self, consumer: &str, ids: &[StreamId]) -> RedisResult<()> {
+        if !ids.is_empty() {
+            self.xclaim(consumer, ids, &["JUSTID".into()]).await?;
+        }
         Ok(())
     }
 
@@ -437,17 +447,7 @@ impl Bus {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let mut conn = self.conn.clone();
-        let mut cmd = redis::cmd("XCLAIM");
-        cmd.arg(self.keys.outbound())
-            .arg(self.keys.group())
-            .arg(consumer)
-            .arg(0);
-        for id in ids {
-            cmd.arg(&id.0);
-        }
-        let v: Value = cmd.query_async(&mut conn).await?;
-        Ok(parse_entries(v))
+        Ok(parse_entries(self.xclaim(consumer, ids, &[]).await?))
     }
 
     /// Mark entries this consumer gives up (shutdown) as idle for `idle`, so
@@ -458,20 +458,10 @@ impl Bus {
         ids: &[StreamId],
         idle: Duration,
     ) -> RedisResult<()> {
-        if ids.is_empty() {
-            return Ok(());
+        if !ids.is_empty() {
+            let options = ["IDLE".into(), ms(idle).to_string(), "JUSTID".into()];
+            self.xclaim(consumer, ids, &options).await?;
         }
-        let mut conn = self.conn.clone();
-        let mut cmd = redis::cmd("XCLAIM");
-        cmd.arg(self.keys.outbound())
-            .arg(self.keys.group())
-            .arg(consumer)
-            .arg(0);
-        for id in ids {
-            cmd.arg(&id.0);
-        }
-        cmd.arg("IDLE").arg(ms(idle)).arg("JUSTID");
-        let _: Value = cmd.query_async(&mut conn).await?;
         Ok(())
     }
 
