@@ -364,6 +364,9 @@ async fn send(a: SendArgs) -> Result<()> {
         &cache_prefix,
         secret.map(String::into_bytes),
     );
+    let bar = (a.count > 100)
+        .then(|| stargazer::ops::progress_bar(a.count, "publishing"))
+        .flatten();
     for i in 1..=a.count {
         let text = match (&a.text, a.count) {
             (Some(t), 1) => Some(t.clone()),
@@ -372,12 +375,18 @@ async fn send(a: SendArgs) -> Result<()> {
         };
         let env = envelope_of(&a, text)?;
         let p = publisher.publish(env).await?;
+        if let Some(b) = &bar {
+            b.inc(1);
+        }
         if a.count <= 20 {
             match p.seq {
                 Some(s) => println!("published {} (seq {s})", p.id),
                 None => println!("published {}", p.id),
             }
         }
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
     }
     if a.count > 20 {
         println!(

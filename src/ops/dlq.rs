@@ -10,7 +10,6 @@
 //! meanwhile is not swept along), then the action.
 
 use std::collections::HashSet;
-use std::io::IsTerminal as _;
 use std::time::Duration;
 
 use redis::RedisResult;
@@ -338,17 +337,10 @@ pub fn rebuild(e: &DeadLetterEntry, platform: &str) -> Result<(Vec<u8>, String),
 }
 
 fn bar(total: usize, show: bool, what: &str) -> Option<indicatif::ProgressBar> {
-    if !show || total <= BAR_ABOVE || !std::io::stdout().is_terminal() {
+    if !show || total <= BAR_ABOVE {
         return None;
     }
-    let pb = indicatif::ProgressBar::new(total as u64);
-    if let Ok(style) =
-        indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} ({eta} left)")
-    {
-        pb.set_style(style.progress_chars("=> "));
-    }
-    pb.set_message(what.to_owned());
-    Some(pb)
+    super::progress_bar(total as u64, what)
 }
 
 /// Replay a selection to the outbound stream (see the module doc).
