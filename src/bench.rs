@@ -366,9 +366,7 @@ pub async fn run_node(a: NodeArgs) -> Result<()> {
 
 /// Commands only the harness sends (never a gateway); excluded from the counts.
 /// (XPENDING is not among them: the begin script runs it once per entry.)
-const HARNESS: &[&str] = &[
-    "info", "xinfo", "config", "flushall", "ping", "xlen",
-];
+const HARNESS: &[&str] = &["info", "xinfo", "config", "flushall", "ping", "xlen"];
 
 /// Commands a gateway sends itself (one round trip each). Every other command
 /// a gateway causes runs inside its Lua scripts (XACK is sent directly only

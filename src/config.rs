@@ -201,6 +201,18 @@ pub enum AdapterKind {
     Console,
     Webhook,
     Matrix,
+    Discord,
+}
+
+/// discord: what to do with text over Discord's 2,000 characters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LongText {
+    /// Split on paragraph, line or word boundaries into ordered messages.
+    #[default]
+    Split,
+    /// Dead-letter the envelope.
+    DeadLetter,
 }
 
 impl fmt::Display for AdapterKind {
@@ -210,6 +222,7 @@ impl fmt::Display for AdapterKind {
             AdapterKind::Console => "console",
             AdapterKind::Webhook => "webhook",
             AdapterKind::Matrix => "matrix",
+            AdapterKind::Discord => "discord",
         })
     }
 }
@@ -257,12 +270,46 @@ pub struct PlatformConfig {
     /// matrix: how long one `/sync` long-poll waits on the server.
     #[serde(default = "default_sync_timeout_ms")]
     pub sync_timeout_ms: u64,
+    /// discord: the REST API base (default `https://discord.com/api/v10`).
+    #[serde(default)]
+    pub api_base: Option<String>,
+    /// discord: the bot token inline (tests only; prefer `token_env`).
+    #[serde(default)]
+    pub token: Option<String>,
+    /// discord: name of an environment variable holding the bot token.
+    #[serde(default)]
+    pub token_env: Option<String>,
+    /// discord: `split` (default) or `dead_letter` text over 2,000 characters.
+    #[serde(default)]
+    pub long_text: LongText,
+    /// discord: requests per second across all routes (Discord's global limit).
+    #[serde(default = "default_global_rate_limit")]
+    pub global_rate_limit: u32,
+    /// discord: 401/403/429 answers per 10 minutes before sending stops.
+    #[serde(default = "default_invalid_request_limit")]
+    pub invalid_request_limit: u32,
+    /// discord: a rate-limit wait up to this long is waited inside the send;
+    /// a longer one is handed back to the channel's lane.
+    #[serde(default = "default_max_inline_wait_ms")]
+    pub max_inline_wait_ms: u64,
     #[serde(default)]
     pub consumer: ConsumerOverrides,
 }
 
 fn default_true() -> bool {
     true
+}
+
+fn default_global_rate_limit() -> u32 {
+    50
+}
+
+fn default_invalid_request_limit() -> u32 {
+    9_000
+}
+
+fn default_max_inline_wait_ms() -> u64 {
+    1_000
 }
 
 fn default_sync_timeout_ms() -> u64 {
@@ -289,11 +336,37 @@ impl fmt::Debug for PlatformConfig {
             )
             .field("access_token_env", &self.access_token_env)
             .field("user_id", &self.user_id)
+            .field("api_base", &self.api_base)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("token_env", &self.token_env)
             .finish_non_exhaustive()
     }
 }
 
 impl PlatformConfig {
+    /// The checks of a discord platform's keys (`at` names the table).
+    fn validate_discord(&self, at: &str) -> Result<(), ConfigError> {
+        let name = &self.name;
+        if let Some(u) = &self.api_base
+            && !(u.starts_with("http://") || u.starts_with("https://"))
+        {
+            return Err(err(format!(
+                "{at}.api_base `{u}` must start with http:// or https://"
+            )));
+        }
+        if self.token.is_none() && self.token_env.is_none() {
+            return Err(err(format!(
+                "{at} (`{name}`) uses the discord adapter and needs `token_env` (or `token`)"
+            )));
+        }
+        if self.global_rate_limit == 0 || self.invalid_request_limit == 0 || self.timeout_ms == 0 {
+            return Err(err(format!(
+                "{at}.global_rate_limit, {at}.invalid_request_limit and {at}.timeout_ms must be greater than 0"
+            )));
+        }
+        Ok(())
+    }
+
     /// The checks of a matrix platform's keys (`at` names the table).
     fn validate_matrix(&self, at: &str) -> Result<(), ConfigError> {
         let name = &self.name;
@@ -453,6 +526,9 @@ impl Config {
             if p.adapter == AdapterKind::Matrix {
                 p.validate_matrix(&at)?;
             }
+            if p.adapter == AdapterKind::Discord {
+                p.validate_discord(&at)?;
+            }
         }
         Ok(())
     }
@@ -478,6 +554,26 @@ impl Config {
             }),
             (None, None) => Err(err(format!(
                 "platform `{}` uses the matrix adapter and needs `access_token_env` or `access_token`",
+                p.name
+            ))),
+        }
+    }
+
+    /// The discord bot token of `p`, from `token` or the variable named by `token_env`.
+    pub fn discord_token_for(
+        p: &PlatformConfig,
+        env: &HashMap<String, String>,
+    ) -> Result<String, ConfigError> {
+        match (&p.token, &p.token_env) {
+            (Some(t), _) => Ok(t.clone()),
+            (None, Some(var)) => env.get(var).cloned().ok_or_else(|| {
+                err(format!(
+                    "platform `{}`: token_env names `{var}`, which is not set",
+                    p.name
+                ))
+            }),
+            (None, None) => Err(err(format!(
+                "platform `{}` uses the discord adapter and needs `token_env` or `token`",
                 p.name
             ))),
         }

@@ -106,6 +106,7 @@ pub async fn run(
         };
         let secret = match p.adapter {
             crate::config::AdapterKind::Matrix => Some(Config::access_token_for(p, &env)?),
+            crate::config::AdapterKind::Discord => Some(Config::discord_token_for(p, &env)?),
             _ => Config::secret_for(p, &env)?,
         };
         let inbound = crate::inbound::InboundPublisher::new(bus.conn(), bus.keys().clone());
@@ -133,6 +134,14 @@ pub async fn run(
                 info!(platform = %p.name, user = %matrix.user_id(), "matrix adapter up; syncing inbound events");
                 matrix
             }
+            crate::config::AdapterKind::Discord => Arc::new(
+                adapters::discord_from_config(p, secret.clone(), bus.conn(), bus.keys()).map_err(
+                    |message| GatewayError::Adapter {
+                        platform: p.name.clone(),
+                        message,
+                    },
+                )?,
+            ),
             _ => adapters::build(p, secret.clone()).map_err(|message| GatewayError::Adapter {
                 platform: p.name.clone(),
                 message,

@@ -57,6 +57,13 @@ impl Keys {
         format!("{}:{{{}}}:matrix:since", self.prefix, self.platform)
     }
 
+    /// `sg:{P}:discord:` — the base of the Discord rate-limit state (route
+    /// buckets, the global window, a global 429's block, the invalid-request
+    /// count), shared by every gateway serving P.
+    pub fn discord(&self) -> String {
+        format!("{}:{{{}}}:discord:", self.prefix, self.platform)
+    }
+
     /// `sg:{P}:rpc:reply:` — every RPC reply list starts with this.
     pub fn reply_prefix(&self) -> String {
         format!("{}:{{{}}}:rpc:reply:", self.prefix, self.platform)
@@ -77,5 +84,6 @@ mod tests {
         assert_eq!(k.channel("42"), "sg:{discord}:chan:42");
         assert_eq!(k.reply_prefix(), "sg:{discord}:rpc:reply:");
         assert_eq!(k.matrix_since(), "sg:{discord}:matrix:since");
+        assert_eq!(k.discord(), "sg:{discord}:discord:");
     }
 }

@@ -23,6 +23,8 @@ pub const PLATFORM: &str = "platform";
 pub const TYPE: &str = "type";
 pub const OUTCOME: &str = "outcome";
 pub const KIND: &str = "kind";
+pub const REASON: &str = "reason";
+pub const SCOPE: &str = "scope";
 
 /// One metric: name, type, labels, meaning (rendered into `docs/metrics.md`).
 #[derive(Debug, Clone, Copy)]
@@ -86,6 +88,12 @@ defs! {
         "Channel locks lost while held (renewal or commit refused: another holder took over).";
     TRIMMED = "stargazer_trimmed_entries_total", Counter, [PLATFORM],
         "Acknowledged entries removed from the outbound stream by the trimmer.";
+    DISCORD_WAITS = "stargazer_discord_rate_limit_waits_total", Counter, [PLATFORM, REASON],
+        "Discord requests held back by the shared rate limiter, by reason: bucket, global, global_429 or invalid_requests.";
+    DISCORD_429S = "stargazer_discord_429s_total", Counter, [PLATFORM, SCOPE],
+        "429 answers from Discord, by X-RateLimit-Scope (user, global, shared; route when absent).";
+    DISCORD_INVALID = "stargazer_discord_invalid_requests_total", Counter, [PLATFORM],
+        "Discord answers that count against its invalid-request limit (401, 403, 429 except scope shared).";
 }
 
 /// Buckets of the adapter latency histogram, in seconds.
@@ -186,6 +194,23 @@ pub fn lock_lost(platform: &str) {
 
 pub fn trimmed(platform: &str, n: u64) {
     counter!(TRIMMED.name, &p(platform)).increment(n);
+}
+
+/// The Discord rate limiter held a request back (`reason` as the script names it).
+pub fn discord_wait(platform: &str, reason: &str) {
+    counter!(DISCORD_WAITS.name, PLATFORM => platform.to_owned(), REASON => reason.to_owned())
+        .increment(1);
+}
+
+/// Discord answered 429 with this scope.
+pub fn discord_429(platform: &str, scope: &str) {
+    let scope = if scope.is_empty() { "route" } else { scope };
+    counter!(DISCORD_429S.name, PLATFORM => platform.to_owned(), SCOPE => scope.to_owned())
+        .increment(1);
+}
+
+pub fn discord_invalid(platform: &str) {
+    counter!(DISCORD_INVALID.name, &p(platform)).increment(1);
 }
 
 /// Run one adapter call, recording how long it took.

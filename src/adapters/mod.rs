@@ -15,6 +15,7 @@ use serde_json::Value;
 use crate::envelope::{Action, Envelope, StreamId};
 
 pub mod console;
+pub mod discord;
 pub mod matrix;
 pub mod null;
 pub mod webhook;
@@ -220,7 +221,40 @@ pub fn build(
             )?)
         }
         AdapterKind::Matrix => Arc::new(matrix_from_config(p, secret)?),
+        AdapterKind::Discord => {
+            return Err(format!(
+                "platform `{}`: the discord adapter shares its rate limits through Redis; build it with `discord_from_config`",
+                p.name
+            ));
+        }
     })
+}
+
+/// The discord adapter of a `[[platform]]` table, with its bot token and the
+/// Redis connection that holds the rate limits shared by every gateway.
+pub fn discord_from_config(
+    p: &crate::config::PlatformConfig,
+    token: Option<String>,
+    conn: redis::aio::ConnectionManager,
+    keys: &crate::keys::Keys,
+) -> Result<discord::DiscordAdapter, String> {
+    discord::DiscordAdapter::new(
+        &p.name,
+        discord::DiscordSettings {
+            api_base: p
+                .api_base
+                .clone()
+                .unwrap_or_else(|| discord::DEFAULT_API_BASE.to_owned()),
+            token: token.ok_or_else(|| format!("platform `{}` needs `token_env`", p.name))?,
+            long_text: p.long_text,
+            global_per_second: p.global_rate_limit,
+            invalid_request_limit: p.invalid_request_limit,
+            request_timeout: Duration::from_millis(p.timeout_ms),
+            max_inline_wait: Duration::from_millis(p.max_inline_wait_ms),
+        },
+        conn,
+        keys.discord(),
+    )
 }
 
 /// The matrix adapter of a `[[platform]]` table, with its access token.
