@@ -12,6 +12,15 @@ if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c 'import synapse' >/dev/nul
   exit 0
 fi
 PY="${STARGAZER_PYTHON:-python3}"
+if ! command -v "$PY" >/dev/null 2>&1 || ! "$PY" -c 'import venv, ensurepip' >/dev/null 2>&1; then
+  # A fresh Debian has no python3-venv: take Debian's packages.
+  echo "python3 with venv not found: installing Debian's python3-venv" >&2
+  SUDO=""
+  if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+  $SUDO apt-get update -qq >&2
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3 python3-venv >&2
+  PY=python3
+fi
 echo "synapse not found in $VENV: installing matrix-synapse (about a minute)" >&2
 start=$(date +%s)
 mkdir -p "$(dirname "$VENV")"
