@@ -115,7 +115,15 @@ impl Consumer {
         let tasks = vec![
             tokio::spawn(read_loop(ctx.clone(), reader_conn).instrument(span.clone())),
             tokio::spawn(sweep_loop(ctx.clone()).instrument(span.clone())),
-            tokio::spawn(keep_fresh_loop(ctx.clone()).instrument(span)),
+            tokio::spawn(keep_fresh_loop(ctx.clone()).instrument(span.clone())),
+            tokio::spawn(
+                {
+                    let (bus, d) = (p.bus.clone(), dispatcher.clone());
+                    let stop = dispatcher.stopping().clone();
+                    async move { bus.watch_wakeups(|chan| d.wake(chan), stop).await }
+                }
+                .instrument(span),
+            ),
         ];
         info!(platform = %platform, consumer = %p.consumer_name, adapter = p.adapter.kind(), "consumer started");
         Ok(Consumer {

@@ -47,6 +47,11 @@ impl Keys {
         format!("{}:{{{}}}:chan:{}", self.prefix, self.platform, channel)
     }
 
+    /// A pattern matching every channel state key (wake-ups are published on them).
+    pub fn channel_pattern(&self) -> String {
+        format!("{}:{{{}}}:chan:*", self.prefix, self.platform)
+    }
+
     /// The state hash of the platform-wide presence lane (presence has no channel).
     pub fn presence(&self) -> String {
         format!("{}:{{{}}}:presence", self.prefix, self.platform)

@@ -921,3 +921,103 @@ async fn a_message_key_of_the_wrong_type_does_not_wedge_the_channel() {
     assert_eq!(order_by_channel(&rec.sent())["c"], vec![1, 2]);
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_commit_wakes_the_lane_waiting_on_its_channel() {
+    use futures::StreamExt as _;
+    let rig = Rig::new().await;
+    let p1 = rig.publish(json!({"channel_id": "c", "text": "one"})).await;
+    let p2 = rig.publish(json!({"channel_id": "c", "text": "two"})).await;
+    rig.read_as("gw-a", 1).await;
+    rig.read_as("gw-b", 1).await;
+    let chan = rig.keys.channel("c");
+    let client = redis::Client::open(rig.server.url()).unwrap();
+    let mut ps = client.get_async_pubsub().await.unwrap();
+    ps.psubscribe(rig.keys.channel_pattern()).await.unwrap();
+    let timing = Timing {
+        lock_ttl: Duration::from_secs(5),
+        gap_timeout: Duration::from_secs(60),
+        dlq_maxlen: 0,
+    };
+    let a = Identity {
+        consumer: "gw-a".into(),
+        instance: "gw-a/1".into(),
+    };
+    let b = Identity {
+        consumer: "gw-b".into(),
+        instance: "gw-b/1".into(),
+    };
+    let Begin::Go { token, .. } = rig
+        .bus
+        .begin(
+            &a,
+            timing,
+            &chan,
+            BeginArgs {
+                id: &p1.id,
+                seq: p1.seq,
+                cache: None,
+            },
+        )
+        .await
+        .unwrap()
+    else {
+        panic!("seq 1 begins")
+    };
+    // gw-b's seq 2 must wait: for the lock, then for seq 1.
+    let waits = rig
+        .bus
+        .begin(
+            &b,
+            timing,
+            &chan,
+            BeginArgs {
+                id: &p2.id,
+                seq: p2.seq,
+                cache: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert!(matches!(waits, Begin::Busy(_) | Begin::Gap(_)), "{waits:?}");
+    let committed = rig
+        .bus
+        .commit(
+            &a,
+            timing,
+            CommitArgs {
+                chan: &chan,
+                token: &token,
+                id: &p1.id,
+                seq: p1.seq,
+                cache: None,
+                message_id: None,
+                release: true,
+                next: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(committed, Commit::Ok(None));
+    let mut messages = ps.on_message();
+    let woke = tokio::time::timeout(T, messages.next())
+        .await
+        .expect("a wake-up is published");
+    assert_eq!(woke.unwrap().get_channel_name(), chan);
+    drop(messages);
+    let go = rig
+        .bus
+        .begin(
+            &b,
+            timing,
+            &chan,
+            BeginArgs {
+                id: &p2.id,
+                seq: p2.seq,
+                cache: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert!(matches!(go, Begin::Go { .. }), "{go:?}");
+}

@@ -312,6 +312,45 @@ impl Bus {
         &self.keys
     }
 
+    /// Call `wake` with the channel state key of every commit, dead-letter or
+    /// release that had a lane waiting on it, until `stop`. Reconnects after
+    /// errors; waiters poll meanwhile, so a lost wake-up only costs latency.
+    pub async fn watch_wakeups(
+        &self,
+        wake: impl Fn(&str),
+        stop: tokio_util::sync::CancellationToken,
+    ) {
+        use futures::StreamExt as _;
+        let pattern = self.keys.channel_pattern();
+        while !stop.is_cancelled() {
+            let sub = async {
+                let mut ps = self.client.get_async_pubsub().await?;
+                ps.psubscribe(&pattern).await?;
+                Ok::<_, redis::RedisError>(ps)
+            };
+            let mut ps = match sub.await {
+                Ok(ps) => ps,
+                Err(e) => {
+                    tracing::debug!(error = %e, "wake-up subscription failed; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                        _ = stop.cancelled() => return,
+                    }
+                }
+            };
+            let mut messages = ps.on_message();
+            loop {
+                tokio::select! {
+                    m = messages.next() => match m {
+                        Some(m) => wake(m.get_channel_name()),
+                        None => break,
+                    },
+                    _ = stop.cancelled() => return,
+                }
+            }
+        }
+    }
+
     /// The shared multiplexed connection (for short commands only).
     pub fn conn(&self) -> ConnectionManager {
         self.conn.clone()

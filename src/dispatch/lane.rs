@@ -237,6 +237,7 @@ impl Lane {
                     Err(_) => {
                         lanes.remove(&self.key);
                         drop(lanes);
+                        self.s.drop_waker(&self.chan);
                         self.hand_off();
                         return;
                     }
@@ -261,6 +262,7 @@ impl Lane {
             .expect("lane map poisoned")
             .remove(&self.key);
         self.pull();
+        self.s.drop_waker(&self.chan);
         self.hand_off();
     }
 
@@ -383,8 +385,12 @@ impl Lane {
     async fn wait(&mut self, wait: Duration) -> bool {
         let d = self.poll.min(wait.max(Duration::from_millis(1)));
         self.poll = (self.poll * 2).min(POLL_MAX);
+        // Woken early when the holder or the predecessor commits (it
+        // publishes on the channel's key); the poll is only the fallback.
+        let wake = self.s.waker(&self.chan);
         tokio::select! {
             _ = tokio::time::sleep(d) => true,
+            _ = wake.notified() => true,
             Some(m) = self.rx.recv() => { self.take(m); true }
             _ = self.s.stopping.cancelled() => false,
         }

@@ -83,6 +83,9 @@ pub(crate) struct Shared {
     rpc: Arc<crate::rpc::RpcServer>,
     /// Ids held in memory, with when they were last claimed or kept fresh.
     held: Mutex<HashMap<StreamId, Instant>>,
+    /// Lanes waiting on their channel (lock or predecessor), by channel state
+    /// key: woken when a commit elsewhere publishes on that key.
+    wakers: Mutex<HashMap<String, Arc<tokio::sync::Notify>>>,
     /// Ids abandoned at shutdown, to be marked idle for the other gateways.
     handed_off: Mutex<Vec<StreamId>>,
     /// The idle time given to handed-off entries (`autoclaim_min_idle_ms`),
@@ -136,6 +139,7 @@ impl Dispatcher {
                 rules: p.rules,
                 held: Mutex::new(HashMap::new()),
                 handed_off: Mutex::new(Vec::new()),
+                wakers: Mutex::new(HashMap::new()),
                 handoff_idle: p.handoff_idle,
                 rpc: p.rpc,
                 tracker: TaskTracker::new(),
@@ -249,6 +253,19 @@ impl Dispatcher {
             .collect()
     }
 
+    /// A commit on channel state `chan` was published: wake its waiting lane.
+    pub fn wake(&self, chan: &str) {
+        if let Some(n) = self
+            .shared
+            .wakers
+            .lock()
+            .expect("wakers poisoned")
+            .get(chan)
+        {
+            n.notify_one();
+        }
+    }
+
     /// Channels with a lane right now.
     pub fn lane_count(&self) -> usize {
         self.shared.lanes.lock().expect("lane map poisoned").len()
@@ -302,6 +319,20 @@ impl Dispatcher {
 }
 
 impl Shared {
+    /// The wake-up a lane on channel state `chan` waits on.
+    pub(crate) fn waker(&self, chan: &str) -> Arc<tokio::sync::Notify> {
+        self.wakers
+            .lock()
+            .expect("wakers poisoned")
+            .entry(chan.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    pub(crate) fn drop_waker(&self, chan: &str) {
+        self.wakers.lock().expect("wakers poisoned").remove(chan);
+    }
+
     pub(crate) fn hand_off(&self, ids: Vec<StreamId>) {
         if !ids.is_empty() {
             self.handed_off

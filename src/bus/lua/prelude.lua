@@ -84,13 +84,14 @@ local function load(chan, unk_field)
   local f
   if unk_field then
     f = redis.call('HMGET', chan, 'owner', 'token', 'lease', 'done', 'inflight', 'attempts',
-      'gap_seq', 'gap_since', unk_field)
+      'gap_seq', 'gap_since', 'wake', unk_field)
   else
     f = redis.call('HMGET', chan, 'owner', 'token', 'lease', 'done', 'inflight', 'attempts',
-      'gap_seq', 'gap_since')
+      'gap_seq', 'gap_since', 'wake')
   end
-  return {owner = f[1], token = f[2], lease = f[3], lease0 = f[3], done = f[4], inflight = f[5],
-    attempts = f[6], gap_seq = f[7], gap_since = f[8], unk = f[9], w = {}, expire = false}
+  return {chan = chan, owner = f[1], token = f[2], lease = f[3], lease0 = f[3], done = f[4],
+    inflight = f[5], attempts = f[6], gap_seq = f[7], gap_since = f[8], wake = f[9], unk = f[10],
+    w = {}, expire = false}
 end
 
 -- Record a change (false deletes the field); `flush` writes them all.
@@ -122,6 +123,20 @@ end
 --   {'gap', wait_ms}        an earlier seq has not finished yet
 --   {'done'}                the entry is no longer pending: it was finished before
 --   {'moved', owner}        the entry now belongs to another consumer
+-- A lane is about to wait on this channel (lock or predecessor): mark it, so
+-- the next commit, dead-letter or release publishes a wake-up on the
+-- channel's key instead of leaving the waiter to its poll.
+local function wait_here(st)
+  if st.wake ~= '1' then put(st, 'wake', '1') end
+end
+
+local function wake_waiters(st)
+  if st.wake == '1' then
+    put(st, 'wake', false)
+    redis.call('PUBLISH', st.chan, 'w')
+  end
+end
+
 local function begin_entry(st, stream, group, cache, me, consumer, id, seq, ttl, gap_timeout, now)
   -- Is the entry still pending in the group, and for us?
   if acked[stream .. '\0' .. group .. '\0' .. id] then return {'done'} end
@@ -131,6 +146,7 @@ local function begin_entry(st, stream, group, cache, me, consumer, id, seq, ttl,
 
   local owner, lease = st.owner, tonumber(st.lease or '0')
   if owner and owner ~= me and lease > now then
+    wait_here(st)
     return {'busy', lease - now}
   end
 
@@ -148,10 +164,14 @@ local function begin_entry(st, stream, group, cache, me, consumer, id, seq, ttl,
         put(st, 'gap_seq', want)
         put(st, 'gap_since', int(now))
         st.expire = true
+        wait_here(st)
         return {'gap', gap_timeout}
       end
       local waited = now - tonumber(st.gap_since)
-      if waited < gap_timeout then return {'gap', gap_timeout - waited} end
+      if waited < gap_timeout then
+        wait_here(st)
+        return {'gap', gap_timeout - waited}
+      end
       gap_skipped = s - 1 - done
       put(st, 'done', int(s - 1))
       put(st, 'gap_seq', false)
@@ -216,6 +236,7 @@ local function finish_entry(st, stream, group, id, seq, release, ttl, now)
   else
     put(st, 'lease', int(now + ttl))
   end
+  wake_waiters(st)
 end
 
 -- The begin script (begin.lua) as a function, so a batch can run it too: its

@@ -3,4 +3,8 @@
 -- KEYS: chan   ARGV: me, token
 if not holds(KEYS[1], ARGV[1], ARGV[2]) then return 0 end
 redis.call('HDEL', KEYS[1], 'owner', 'lease')
+if redis.call('HGET', KEYS[1], 'wake') == '1' then
+  redis.call('HDEL', KEYS[1], 'wake')
+  redis.call('PUBLISH', KEYS[1], 'w')
+end
 return 1
