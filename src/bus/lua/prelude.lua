@@ -10,6 +10,8 @@
 --   attempts      attempts used by the in-flight entry (kept across redeliveries)
 --   unk:<id>      attempts of an entry whose sender vanished mid-send (outcome unknown)
 --   gap_seq       the seq the gate is waiting for; gap_since: server ms it began waiting
+--   wake          '1' while a lane waits on this channel: the next commit,
+--                 dead-letter or release PUBLISHes on this key and clears it
 --
 -- Cost rules (Redis runs these for every message): a script reads the channel
 -- hash once (`load`, one HMGET), keeps its changes in `st.w` and writes them
