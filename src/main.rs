@@ -60,28 +60,13 @@ enum Command {
     BenchNode(stargazer::bench::NodeArgs),
 }
 
-/// Which Redis and platform a worker-side command talks to.
-#[derive(clap::Args)]
-struct Target {
-    /// Take the Redis URL, key prefix and signing secret from this config.
-    #[arg(long, short, env = "STARGAZER_CONFIG")]
-    config: Option<PathBuf>,
-    /// Redis URL when no config is given.
-    #[arg(
-        long,
-        env = "STARGAZER_REDIS_URL",
-        default_value = "redis://127.0.0.1:6379"
-    )]
-    redis_url: String,
-    /// The platform (its `[[platform]] name`).
-    #[arg(long)]
-    platform: String,
-}
-
 #[derive(clap::Args)]
 struct RpcArgs {
     #[command(flatten)]
-    to: Target,
+    to: ops_cli::Target,
+    /// The platform (its `[[platform]] name`).
+    #[arg(long)]
+    platform: String,
     /// The channel the call is about (sent as the request's `channel_id`).
     #[arg(long)]
     channel: Option<String>,
@@ -96,36 +81,15 @@ struct RpcArgs {
     args: String,
 }
 
-impl Target {
-    /// Redis URL, key prefix, cache prefix and signing secret of the platform.
-    fn resolve(&self) -> Result<(String, String, String, Option<String>)> {
-        Ok(match &self.config {
-            Some(path) => {
-                let c = Config::load(path, env_map())?;
-                let p = c.platforms.iter().find(|p| p.name == self.platform);
-                let secret = p
-                    .map(|p| c.consumer_for(p))
-                    .unwrap_or(c.consumer.clone())
-                    .signing_secret;
-                (c.redis.url, c.redis.prefix, c.redis.cache_prefix, secret)
-            }
-            None => (self.redis_url.clone(), "sg".into(), "sg:".into(), None),
-        })
-    }
-}
-
 async fn rpc(a: RpcArgs) -> Result<()> {
     let args: Value = serde_json::from_str(&a.args)
         .with_context(|| format!("ARGS_JSON `{}` is not JSON", a.args))?;
     if !args.is_object() {
         bail!("ARGS_JSON must be a JSON object, like '{{\"limit\": 5}}'");
     }
-    let (url, prefix, cache_prefix, secret) = a.to.resolve()?;
-    let bus = Bus::connect(&url, Keys::new(&prefix, &a.to.platform))
-        .await
-        .with_context(|| format!("connecting to {url}"))?;
+    let r = a.to.resolve(&a.platform).await?;
     let worker =
-        stargazer::sdk::Worker::from_bus(bus, &cache_prefix, secret.map(String::into_bytes));
+        stargazer::sdk::Worker::from_bus(r.bus.clone(), &r.cache_prefix(), r.secret(&a.platform));
     let reply = worker
         .rpc_on(
             a.channel.as_deref(),
@@ -141,7 +105,10 @@ async fn rpc(a: RpcArgs) -> Result<()> {
 #[derive(clap::Args)]
 struct SendArgs {
     #[command(flatten)]
-    to: Target,
+    to: ops_cli::Target,
+    /// The platform (its `[[platform]] name`).
+    #[arg(long)]
+    platform: String,
     /// Channel id (not needed for presence).
     #[arg(long)]
     channel: Option<String>,
@@ -353,16 +320,12 @@ fn envelope_of(a: &SendArgs, text: Option<String>) -> Result<Map<String, Value>>
 }
 
 async fn send(a: SendArgs) -> Result<()> {
-    let (url, prefix, cache_prefix, secret) = a.to.resolve()?;
-    let keys = Keys::new(&prefix, &a.to.platform);
-    let bus = Bus::connect(&url, keys.clone())
-        .await
-        .with_context(|| format!("connecting to {url}"))?;
+    let r = a.to.resolve(&a.platform).await?;
     let publisher = Publisher::new(
-        bus.conn(),
-        keys,
-        &cache_prefix,
-        secret.map(String::into_bytes),
+        r.bus.conn(),
+        r.bus.keys().clone(),
+        &r.cache_prefix(),
+        r.secret(&a.platform),
     );
     let bar = (a.count > 100)
         .then(|| stargazer::ops::progress_bar(a.count, "publishing"))

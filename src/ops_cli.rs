@@ -14,7 +14,8 @@ use stargazer::keys::Keys;
 use stargazer::ops::dlq::{self, Filter, ReplayOptions, Selection, Since};
 use stargazer::ops::status::{self, human_ms, table};
 
-/// Where Redis is and how keys are named.
+/// Where Redis is and how keys are named (shared by every command that
+/// talks to Redis without running a gateway).
 #[derive(clap::Args, Debug)]
 pub struct Target {
     /// Take the Redis URL, key prefix, platforms and signing secrets from this config.
@@ -33,14 +34,35 @@ pub struct Target {
 }
 
 /// What a target resolves to.
-struct Resolved {
-    bus: Bus,
+pub struct Resolved {
+    pub bus: Bus,
     prefix: String,
     config: Option<Config>,
 }
 
+impl Resolved {
+    /// The signing secret of `platform` (from the config, if any).
+    pub fn secret(&self, platform: &str) -> Option<Vec<u8>> {
+        self.config.as_ref().and_then(|c| {
+            let p = c.platforms.iter().find(|p| p.name == platform);
+            p.map(|p| c.consumer_for(p))
+                .unwrap_or_else(|| c.consumer.clone())
+                .signing_secret
+                .map(String::into_bytes)
+        })
+    }
+
+    /// Where `message_key`s may point (the config's, else `sg:`).
+    pub fn cache_prefix(&self) -> String {
+        self.config
+            .as_ref()
+            .map(|c| c.redis.cache_prefix.clone())
+            .unwrap_or_else(|| "sg:".into())
+    }
+}
+
 impl Target {
-    async fn resolve(&self, platform: &str) -> Result<Resolved> {
+    pub async fn resolve(&self, platform: &str) -> Result<Resolved> {
         let config = match &self.config {
             Some(path) => Some(Config::load(path, std::env::vars())?),
             None => None,
@@ -336,16 +358,9 @@ pub async fn dlq(a: DlqArgs) -> Result<()> {
         } => {
             let sel = filters.selection(&id, all)?;
             let r = common.target.resolve(&common.platform).await?;
-            let secret = r.config.as_ref().and_then(|c| {
-                let p = c.platforms.iter().find(|p| p.name == common.platform);
-                p.map(|p| c.consumer_for(p))
-                    .unwrap_or_else(|| c.consumer.clone())
-                    .signing_secret
-                    .map(String::into_bytes)
-            });
             let opts = ReplayOptions {
                 dry_run,
-                signing_secret: secret,
+                signing_secret: r.secret(&common.platform),
                 progress: !json,
             };
             let rep = dlq::replay(&r.bus, &sel, &opts).await?;
