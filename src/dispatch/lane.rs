@@ -343,10 +343,11 @@ impl Lane {
                 self.finish_front();
                 true
             }
-            Begin::Gap(wait) if !self.parked.is_empty() && self.s.room.available_permits() > 0 => {
+            // The missing predecessor may be parked: bring parked ones back
+            // (next turn of the run loop) instead of waiting.
+            Begin::Gap(_) if !self.parked.is_empty() && self.s.room.available_permits() > 0 => {
                 self.gap_waiting = true;
                 self.release().await;
-                let _ = wait;
                 true
             }
             Begin::Busy(wait) | Begin::Gap(wait) => {
