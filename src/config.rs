@@ -292,6 +292,37 @@ pub struct PlatformConfig {
     /// a longer one is handed back to the channel's lane.
     #[serde(default = "default_max_inline_wait_ms")]
     pub max_inline_wait_ms: u64,
+    /// discord: hold a gateway websocket session (presence, inbound events,
+    /// reconciling sends of unknown outcome). One gateway of the fleet holds
+    /// it at a time, through a lease in Redis.
+    #[serde(default)]
+    pub gateway: bool,
+    /// discord: the gateway websocket URL (default: asked of `GET /gateway/bot`).
+    #[serde(default)]
+    pub gateway_url: Option<String>,
+    /// discord: the gateway intents (default: guilds, guild and direct
+    /// messages and their reactions, message content).
+    #[serde(default)]
+    pub intents: Option<u64>,
+    /// discord: how long the session lease lasts without renewal; a gateway
+    /// that dies hands the session over after this long.
+    #[serde(default = "default_session_lease_ms")]
+    pub session_lease_ms: u64,
+    /// discord: attach the toggle button to every message, unless switched
+    /// off for its channel or guild (`stargazer toggle`).
+    #[serde(default)]
+    pub toggle_button: bool,
+    /// discord: the toggle button's label.
+    #[serde(default = "default_toggle_label")]
+    pub toggle_label: String,
+    /// discord: the toggle button's custom id (a press arrives as a `button`
+    /// inbound event with it).
+    #[serde(default = "default_toggle_custom_id")]
+    pub toggle_custom_id: String,
+    /// discord: how long Discord de-duplicates a repeated nonce; a resend of
+    /// an older entry is reconciled first (see the README).
+    #[serde(default = "default_nonce_window_ms")]
+    pub nonce_window_ms: u64,
     #[serde(default)]
     pub consumer: ConsumerOverrides,
 }
@@ -310,6 +341,22 @@ fn default_invalid_request_limit() -> u32 {
 
 fn default_max_inline_wait_ms() -> u64 {
     1_000
+}
+
+fn default_session_lease_ms() -> u64 {
+    15_000
+}
+
+fn default_toggle_label() -> String {
+    "✧".into()
+}
+
+fn default_toggle_custom_id() -> String {
+    "sg:toggle_menu".into()
+}
+
+fn default_nonce_window_ms() -> u64 {
+    120_000
 }
 
 fn default_sync_timeout_ms() -> u64 {
@@ -363,6 +410,37 @@ impl PlatformConfig {
             return Err(err(format!(
                 "{at}.global_rate_limit, {at}.invalid_request_limit and {at}.timeout_ms must be greater than 0"
             )));
+        }
+        if let Some(u) = &self.gateway_url
+            && !(u.starts_with("ws://") || u.starts_with("wss://"))
+        {
+            return Err(err(format!(
+                "{at}.gateway_url `{u}` must start with ws:// or wss://"
+            )));
+        }
+        if self.gateway_url.is_some() && !self.gateway {
+            return Err(err(format!(
+                "{at}.gateway_url is set but `gateway = true` is not: the session would never be opened"
+            )));
+        }
+        if self.session_lease_ms < 3_000 {
+            return Err(err(format!(
+                "{at}.session_lease_ms must be at least 3000 (it is renewed every third of it)"
+            )));
+        }
+        if self.toggle_button {
+            let label = self.toggle_label.chars().count();
+            if label == 0 || label > 80 {
+                return Err(err(format!(
+                    "{at}.toggle_label must be 1 to 80 characters (Discord's button label limit)"
+                )));
+            }
+            let id = self.toggle_custom_id.chars().count();
+            if id == 0 || id > 100 {
+                return Err(err(format!(
+                    "{at}.toggle_custom_id must be 1 to 100 characters (Discord's custom_id limit)"
+                )));
+            }
         }
         Ok(())
     }

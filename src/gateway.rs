@@ -134,14 +134,28 @@ pub async fn run(
                 info!(platform = %p.name, user = %matrix.user_id(), "matrix adapter up; syncing inbound events");
                 matrix
             }
-            crate::config::AdapterKind::Discord => Arc::new(
-                adapters::discord_from_config(p, secret.clone(), bus.conn(), bus.keys()).map_err(
-                    |message| GatewayError::Adapter {
-                        platform: p.name.clone(),
-                        message,
-                    },
-                )?,
-            ),
+            crate::config::AdapterKind::Discord => {
+                let adapter_err = |message| GatewayError::Adapter {
+                    platform: p.name.clone(),
+                    message,
+                };
+                let discord =
+                    adapters::discord_from_config(p, secret.clone(), bus.conn(), bus.keys())
+                        .map_err(adapter_err)?;
+                if p.gateway {
+                    let session = adapters::discord_session_from_config(
+                        p,
+                        secret.clone(),
+                        &consumer_name,
+                        &bus,
+                        inbound.clone(),
+                    )
+                    .map_err(adapter_err)?;
+                    ops_tasks.push(tokio::spawn(Arc::new(session).run(ops_stop.clone())));
+                    info!(platform = %p.name, "discord gateway session enabled (one gateway of the fleet holds it)");
+                }
+                Arc::new(discord)
+            }
             _ => adapters::build(p, secret.clone()).map_err(|message| GatewayError::Adapter {
                 platform: p.name.clone(),
                 message,

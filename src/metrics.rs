@@ -25,6 +25,7 @@ pub const OUTCOME: &str = "outcome";
 pub const KIND: &str = "kind";
 pub const REASON: &str = "reason";
 pub const SCOPE: &str = "scope";
+pub const RESULT: &str = "result";
 
 /// One metric: name, type, labels, meaning (rendered into `docs/metrics.md`).
 #[derive(Debug, Clone, Copy)]
@@ -94,6 +95,10 @@ defs! {
         "429 answers from Discord, by X-RateLimit-Scope (user, global, shared; route when absent).";
     DISCORD_INVALID = "stargazer_discord_invalid_requests_total", Counter, [PLATFORM],
         "Discord answers that count against its invalid-request limit (401, 403, 429 except scope shared).";
+    DISCORD_UNKNOWN = "stargazer_discord_unknown_outcomes_total", Counter, [PLATFORM, RESULT],
+        "Discord create-message resends whose earlier try may have landed, by result: reconciled (the gateway session saw the original; not resent), nonce_window (resent inside Discord's nonce de-duplication window) or unverified (resent past it with no record: may duplicate).";
+    DISCORD_SESSION_EVENTS = "stargazer_discord_gateway_events_total", Counter, [PLATFORM, KIND],
+        "Discord gateway session events, by kind: ready, resumed, reconnect, invalid_session, zombie, published.";
 }
 
 /// Buckets of the adapter latency histogram, in seconds.
@@ -206,6 +211,18 @@ pub fn discord_wait(platform: &str, reason: &str) {
 pub fn discord_429(platform: &str, scope: &str) {
     let scope = if scope.is_empty() { "route" } else { scope };
     counter!(DISCORD_429S.name, PLATFORM => platform.to_owned(), SCOPE => scope.to_owned())
+        .increment(1);
+}
+
+/// A create-message resend of unknown earlier outcome (see DISCORD_UNKNOWN).
+pub fn discord_unknown_outcome(platform: &str, result: &str) {
+    counter!(DISCORD_UNKNOWN.name, PLATFORM => platform.to_owned(), RESULT => result.to_owned())
+        .increment(1);
+}
+
+/// A Discord gateway session event (see DISCORD_SESSION_EVENTS).
+pub fn discord_session_event(platform: &str, kind: &str) {
+    counter!(DISCORD_SESSION_EVENTS.name, PLATFORM => platform.to_owned(), KIND => kind.to_owned())
         .increment(1);
 }
 

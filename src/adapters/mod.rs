@@ -239,7 +239,7 @@ pub fn discord_from_config(
     keys: &crate::keys::Keys,
 ) -> Result<discord::DiscordAdapter, String> {
     discord::DiscordAdapter::new(
-        &p.name,
+        keys,
         discord::DiscordSettings {
             api_base: p
                 .api_base
@@ -251,9 +251,46 @@ pub fn discord_from_config(
             invalid_request_limit: p.invalid_request_limit,
             request_timeout: Duration::from_millis(p.timeout_ms),
             max_inline_wait: Duration::from_millis(p.max_inline_wait_ms),
+            toggle: p.toggle_button.then(|| discord::ToggleButton {
+                label: p.toggle_label.clone(),
+                custom_id: p.toggle_custom_id.clone(),
+            }),
+            nonce_window: Duration::from_millis(p.nonce_window_ms),
+            presence: p.gateway,
         },
         conn,
-        keys.discord(),
+    )
+}
+
+/// The Discord gateway session of a `[[platform]]` table with `gateway =
+/// true`: run by whichever gateway of the fleet holds its lease (`owner` is
+/// this gateway's consumer name).
+pub fn discord_session_from_config(
+    p: &crate::config::PlatformConfig,
+    token: Option<String>,
+    owner: &str,
+    bus: &crate::bus::Bus,
+    inbound: crate::inbound::InboundPublisher,
+) -> Result<discord::gateway::Session, String> {
+    let token = token.ok_or_else(|| format!("platform `{}` needs `token_env`", p.name))?;
+    let token = token.trim();
+    discord::gateway::Session::new(
+        discord::gateway::SessionSettings {
+            platform: p.name.clone(),
+            token: token.strip_prefix("Bot ").unwrap_or(token).to_owned(),
+            api_base: p
+                .api_base
+                .clone()
+                .unwrap_or_else(|| discord::DEFAULT_API_BASE.to_owned()),
+            gateway_url: p.gateway_url.clone(),
+            intents: p.intents.unwrap_or(discord::gateway::DEFAULT_INTENTS),
+            lease: Duration::from_millis(p.session_lease_ms),
+            owner: owner.to_owned(),
+        },
+        bus.client().clone(),
+        bus.conn(),
+        bus.keys().discord(),
+        inbound,
     )
 }
 

@@ -312,6 +312,11 @@ impl Bus {
         &self.keys
     }
 
+    /// The Redis client, for connections of their own (subscriptions).
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
     /// Call `wake` with the channel state key of every commit, dead-letter or
     /// release that had a lane waiting on it, until `stop`. Reconnects after
     /// errors; waiters poll meanwhile, so a lost wake-up only costs latency.

@@ -1,0 +1,1081 @@
+//! The Discord gateway session against a local fake gateway (websocket, the
+//! documented v10 sequence: Hello, Identify/Resume, READY/RESUMED, dispatches
+//! with `s`, heartbeats and ACKs, op 7, op 9, close codes) and a fake REST API
+//! (`GET /gateway/bot`, interaction callbacks), with a private redis-server.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::Router;
+use axum::extract::Path;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::{get, post};
+use common::Rig;
+use futures::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use stargazer::adapters::discord::gateway::{
+    DEFAULT_INTENTS, Session, SessionSettings, guilds_key, nonce_key, set_presence,
+};
+use stargazer::inbound::{InboundEvent, InboundPublisher};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::timeout;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_util::sync::CancellationToken;
+
+const T: Duration = Duration::from_secs(10);
+const TOKEN: &str = "fake.gateway.token";
+const BOT: &str = "900000000000000001";
+const USER: &str = "53908099506183680";
+
+/// Poll `$cond` (an `Option`) until it is `Some`, or fail after `T`.
+macro_rules! eventually {
+    ($what:expr, $cond:expr) => {{
+        let deadline = Instant::now() + T;
+        loop {
+            if let Some(v) = $cond {
+                break v;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {}", $what);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }};
+}
+
+// ---------------------------------------------------------------------------
+// The fake gateway.
+
+enum Out {
+    Text(Value),
+    Close(u16),
+}
+
+/// One websocket connection the fake accepted.
+struct Peer {
+    /// The request path and query (`/?v=10&encoding=json`, `/resume?…`).
+    path: String,
+    out: mpsc::UnboundedSender<Out>,
+    /// Every client frame but heartbeats.
+    frames: mpsc::UnboundedReceiver<Value>,
+    /// Heartbeats (op 1).
+    beats: mpsc::UnboundedReceiver<Value>,
+    /// Whether heartbeats are ACKed (op 11).
+    acks: Arc<AtomicBool>,
+    /// Set when the client closed: its close code, if any.
+    closed: watch::Receiver<Option<Option<u16>>>,
+    /// Every frame taken from `frames` so far.
+    seen: Vec<Value>,
+}
+
+impl Peer {
+    fn send(&self, v: Value) {
+        let _ = self.out.send(Out::Text(v));
+    }
+
+    fn hello(&self, interval_ms: u64) {
+        self.send(
+            json!({"op": 10, "s": null, "t": null, "d": {"heartbeat_interval": interval_ms}}),
+        );
+    }
+
+    fn dispatch(&self, t: &str, s: u64, d: Value) {
+        self.send(json!({"op": 0, "t": t, "s": s, "d": d}));
+    }
+
+    fn close(&self, code: u16) {
+        let _ = self.out.send(Out::Close(code));
+    }
+
+    async fn next_any(&mut self) -> Value {
+        match timeout(T, self.frames.recv()).await {
+            Ok(Some(v)) => {
+                self.seen.push(v.clone());
+                v
+            }
+            Ok(None) => panic!("{}: closed while a frame was awaited", self.path),
+            Err(_) => panic!("{}: no frame within {T:?}", self.path),
+        }
+    }
+
+    async fn next_op(&mut self, op: u64) -> Value {
+        loop {
+            let v = self.next_any().await;
+            if v["op"] == op {
+                return v;
+            }
+        }
+    }
+
+    async fn next_beat(&mut self) -> Value {
+        match timeout(T, self.beats.recv()).await {
+            Ok(Some(v)) => v,
+            Ok(None) => panic!("{}: closed while a heartbeat was awaited", self.path),
+            Err(_) => panic!("{}: no heartbeat within {T:?}", self.path),
+        }
+    }
+
+    /// Wait until the client closes; its close code.
+    async fn closed_by_client(&mut self) -> Option<u16> {
+        let mut rx = self.closed.clone();
+        let r = timeout(T, rx.wait_for(|c| c.is_some())).await;
+        let code = r.expect("the client did not close the connection");
+        code.expect("watch").expect("set")
+    }
+
+    fn ops_seen(&self) -> Vec<u64> {
+        self.seen.iter().filter_map(|v| v["op"].as_u64()).collect()
+    }
+}
+
+struct FakeGateway {
+    addr: SocketAddr,
+    peers: mpsc::UnboundedReceiver<Peer>,
+    live: Arc<AtomicUsize>,
+    max_live: Arc<AtomicUsize>,
+    accepted: Arc<AtomicUsize>,
+}
+
+impl FakeGateway {
+    async fn start() -> FakeGateway {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, peers) = mpsc::unbounded_channel();
+        let live = Arc::new(AtomicUsize::new(0));
+        let max_live = Arc::new(AtomicUsize::new(0));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counters = (live.clone(), max_live.clone(), accepted.clone());
+        tokio::spawn(async move {
+            while let Ok((sock, _)) = listener.accept().await {
+                tokio::spawn(serve(sock, tx.clone(), counters.clone()));
+            }
+        });
+        FakeGateway {
+            addr,
+            peers,
+            live,
+            max_live,
+            accepted,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("ws://{}", self.addr)
+    }
+
+    fn resume_url(&self) -> String {
+        format!("ws://{}/resume", self.addr)
+    }
+
+    async fn next_peer(&mut self) -> Peer {
+        match timeout(T, self.peers.recv()).await {
+            Ok(Some(p)) => p,
+            _ => panic!("no websocket connection within {T:?}"),
+        }
+    }
+
+    /// Assert no connection arrives within `window`.
+    async fn no_peer(&mut self, window: Duration) {
+        if let Ok(Some(p)) = timeout(window, self.peers.recv()).await {
+            panic!("unexpected connection to {}", p.path);
+        }
+    }
+}
+
+struct LiveGuard(Arc<AtomicUsize>);
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+type Counters = (Arc<AtomicUsize>, Arc<AtomicUsize>, Arc<AtomicUsize>);
+
+async fn serve(
+    sock: TcpStream,
+    peers: mpsc::UnboundedSender<Peer>,
+    (live, max_live, accepted): Counters,
+) {
+    let path = Arc::new(Mutex::new(String::new()));
+    let p = path.clone();
+    // The signature tungstenite's handshake callback requires.
+    #[allow(clippy::result_large_err)]
+    let callback = move |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
+        *p.lock().unwrap() = req.uri().to_string();
+        Ok(resp)
+    };
+    let Ok(ws) = tokio_tungstenite::accept_hdr_async(sock, callback).await else {
+        return;
+    };
+    accepted.fetch_add(1, Ordering::SeqCst);
+    let now_live = live.fetch_add(1, Ordering::SeqCst) + 1;
+    max_live.fetch_max(now_live, Ordering::SeqCst);
+    let _guard = LiveGuard(live);
+
+    let (out, mut out_rx) = mpsc::unbounded_channel();
+    let (frames_tx, frames) = mpsc::unbounded_channel();
+    let (beats_tx, beats) = mpsc::unbounded_channel();
+    let (closed_tx, closed) = watch::channel(None);
+    let acks = Arc::new(AtomicBool::new(true));
+    let path = path.lock().unwrap().clone();
+    let _ = peers.send(Peer {
+        path,
+        out,
+        frames,
+        beats,
+        acks: acks.clone(),
+        closed,
+        seen: Vec::new(),
+    });
+    let client_closed = |code: Option<u16>| {
+        closed_tx.send_if_modified(|c| {
+            if c.is_none() {
+                *c = Some(code);
+                true
+            } else {
+                false
+            }
+        });
+    };
+    let (mut sink, mut stream) = ws.split();
+    let mut out_open = true;
+    loop {
+        tokio::select! {
+            m = stream.next() => match m {
+                Some(Ok(Message::Text(t))) => {
+                    let v: Value = serde_json::from_str(t.as_str()).unwrap_or(Value::Null);
+                    if v["op"] == 1 {
+                        if acks.load(Ordering::SeqCst) {
+                            let _ = sink.send(Message::text(json!({"op": 11}).to_string())).await;
+                        }
+                        let _ = beats_tx.send(v);
+                    } else {
+                        let _ = frames_tx.send(v);
+                    }
+                }
+                Some(Ok(Message::Close(f))) => {
+                    client_closed(f.map(|f| u16::from(f.code)));
+                    break;
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => {
+                    client_closed(None);
+                    break;
+                }
+            },
+            cmd = out_rx.recv(), if out_open => match cmd {
+                Some(Out::Text(v)) => {
+                    let _ = sink.send(Message::text(v.to_string())).await;
+                }
+                Some(Out::Close(code)) => {
+                    let frame = CloseFrame { code: code.into(), reason: "".into() };
+                    let _ = sink.send(Message::Close(Some(frame))).await;
+                    // Let the client read it and answer before the socket goes.
+                    let _ = timeout(Duration::from_secs(2), async {
+                        while let Some(Ok(m)) = stream.next().await {
+                            if let Message::Close(f) = m {
+                                client_closed(f.map(|f| u16::from(f.code)));
+                                break;
+                            }
+                        }
+                    })
+                    .await;
+                    client_closed(None);
+                    break;
+                }
+                None => out_open = false,
+            },
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The fake REST API.
+
+#[derive(Default)]
+struct HttpBook {
+    gateway_bot_auth: Vec<String>,
+    /// (interaction id, token, body)
+    callbacks: Vec<(String, String, Value)>,
+}
+
+struct FakeHttp {
+    api_base: String,
+    book: Arc<Mutex<HttpBook>>,
+}
+
+impl FakeHttp {
+    async fn start(ws_url: String) -> FakeHttp {
+        let book = Arc::new(Mutex::new(HttpBook::default()));
+        let b1 = book.clone();
+        let b2 = book.clone();
+        let app = Router::new()
+            .route(
+                "/api/v10/gateway/bot",
+                get(move |headers: HeaderMap| async move {
+                    let auth = headers
+                        .get("authorization")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_owned();
+                    b1.lock().unwrap().gateway_bot_auth.push(auth);
+                    Json(json!({
+                        "url": ws_url,
+                        "shards": 1,
+                        "session_start_limit": {"total": 1000, "remaining": 999, "reset_after": 14_400_000, "max_concurrency": 1}
+                    }))
+                }),
+            )
+            .route(
+                "/api/v10/interactions/{id}/{token}/callback",
+                post(
+                    move |Path((id, token)): Path<(String, String)>, Json(body): Json<Value>| async move {
+                        b2.lock().unwrap().callbacks.push((id, token, body));
+                        StatusCode::NO_CONTENT
+                    },
+                ),
+            );
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        FakeHttp {
+            api_base: format!("http://{addr}/api/v10"),
+            book,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Helpers.
+
+fn settings(rig: &Rig, gw: &FakeGateway, owner: &str) -> SessionSettings {
+    SessionSettings {
+        platform: rig.keys.platform().to_owned(),
+        token: TOKEN.into(),
+        api_base: "http://127.0.0.1:9/api/v10".into(),
+        gateway_url: Some(gw.url()),
+        intents: DEFAULT_INTENTS,
+        lease: Duration::from_millis(900),
+        owner: owner.into(),
+    }
+}
+
+struct Running {
+    owner: String,
+    session: Arc<Session>,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Running {
+    /// Stop, and require `run` to return promptly.
+    async fn stop(self) {
+        self.stop.cancel();
+        timeout(Duration::from_secs(5), self.task)
+            .await
+            .expect("run returns promptly after stop")
+            .expect("run does not panic");
+    }
+}
+
+fn start(rig: &Rig, settings: SessionSettings) -> Running {
+    let owner = settings.owner.clone();
+    let client = redis::Client::open(rig.server.url()).unwrap();
+    let inbound = InboundPublisher::new(rig.bus.conn(), rig.keys.clone());
+    let session = Arc::new(
+        Session::new(
+            settings,
+            client,
+            rig.bus.conn(),
+            rig.keys.discord(),
+            inbound,
+        )
+        .expect("session settings"),
+    );
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(session.clone().run(stop.clone()));
+    Running {
+        owner,
+        session,
+        stop,
+        task,
+    }
+}
+
+fn ready(session_id: &str, resume_url: &str) -> Value {
+    json!({
+        "v": 10,
+        "user": {"id": BOT, "username": "stargazer", "global_name": null, "bot": true, "discriminator": "0"},
+        "guilds": [{"id": "G1", "unavailable": true}],
+        "session_id": session_id,
+        "resume_gateway_url": resume_url,
+        "application": {"id": BOT, "flags": 0}
+    })
+}
+
+fn user_message(id: &str, channel: &str, text: &str) -> Value {
+    json!({
+        "id": id,
+        "channel_id": channel,
+        "author": {"id": USER, "username": "mason", "global_name": "Mason", "discriminator": "0"},
+        "content": text,
+        "timestamp": "2017-07-11T17:27:07.299000+00:00",
+        "tts": false, "mention_everyone": false, "mentions": [], "mention_roles": [],
+        "attachments": [], "embeds": [], "pinned": false, "type": 0
+    })
+}
+
+async fn inbound(rig: &Rig) -> Vec<InboundEvent> {
+    let r: redis::streams::StreamRangeReply =
+        rig.cmd(&["XRANGE", &rig.keys.inbound(), "-", "+"]).await;
+    r.ids
+        .iter()
+        .map(|e| serde_json::from_str(&e.get::<String>("payload").unwrap()).unwrap())
+        .collect()
+}
+
+async fn session_field(rig: &Rig, field: &str) -> Option<String> {
+    let key = format!("{}session", rig.keys.discord());
+    rig.cmd(&["HGET", &key, field]).await
+}
+
+/// Hello, Identify (returned), READY.
+async fn identify(p: &mut Peer, interval_ms: u64, session_id: &str, resume_url: &str) -> Value {
+    p.hello(interval_ms);
+    let id = p.next_op(2).await;
+    p.dispatch("READY", 1, ready(session_id, resume_url));
+    id
+}
+
+// ---------------------------------------------------------------------------
+// Tests.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identify_then_inbound_events() {
+    let rig = Rig::new().await;
+    let base = rig.keys.discord();
+    let mut gw = FakeGateway::start().await;
+    let http = FakeHttp::start(gw.url()).await;
+    set_presence(&mut rig.bus.conn(), &base, Some("on call"), Some("📟"))
+        .await
+        .unwrap();
+    let mut s = settings(&rig, &gw, "gw-1");
+    s.gateway_url = None; // from GET /gateway/bot
+    s.api_base = http.api_base.clone();
+    let run = start(&rig, s);
+
+    let mut p = gw.next_peer().await;
+    assert_eq!(p.path, "/?v=10&encoding=json");
+    p.hello(45_000);
+    let id = p.next_op(2).await;
+    assert_eq!(
+        http.book.lock().unwrap().gateway_bot_auth,
+        vec![format!("Bot {TOKEN}")]
+    );
+    let d = &id["d"];
+    assert_eq!(d["token"], TOKEN);
+    assert_eq!(d["intents"], DEFAULT_INTENTS);
+    assert_eq!(d["properties"]["browser"], "stargazer");
+    assert_eq!(d["properties"]["device"], "stargazer");
+    assert!(d["properties"]["os"].is_string());
+    assert_eq!(
+        d["presence"],
+        json!({"since": null, "activities": [{"name": "Custom Status", "type": 4, "state": "📟 on call"}], "status": "online", "afk": false})
+    );
+
+    p.dispatch("READY", 1, ready("sess-1", &gw.resume_url()));
+    eventually!("READY", run.session.connected().then_some(()));
+    p.dispatch(
+        "GUILD_CREATE",
+        2,
+        json!({
+            "id": "G1", "name": "guild", "unavailable": false, "member_count": 2,
+            "channels": [{"id": "C1", "type": 0, "name": "general"}, {"id": "C2", "type": 2, "name": "voice"}],
+            "threads": [{"id": "T1", "parent_id": "C1", "type": 11}],
+            "members": [], "roles": []
+        }),
+    );
+    let mut msg = user_message("334385199974967042", "C1", "hello bot");
+    msg["guild_id"] = "G1".into();
+    msg["message_reference"] = json!({"message_id": "334385199974967040", "channel_id": "C1"});
+    p.dispatch("MESSAGE_CREATE", 3, msg);
+    let mut own = user_message("M-bot", "C9", "sent by the bot");
+    own["author"] = json!({"id": BOT, "username": "stargazer", "bot": true});
+    own["nonce"] = "nonce-abc".into();
+    own["guild_id"] = "G2".into();
+    p.dispatch("MESSAGE_CREATE", 4, own);
+    p.dispatch(
+        "MESSAGE_REACTION_ADD",
+        5,
+        json!({
+            "user_id": USER, "channel_id": "C1", "message_id": "M-bot", "guild_id": "G1",
+            "member": {"user": {"id": USER, "username": "mason", "global_name": "Mason"}},
+            "emoji": {"id": null, "name": "🔥"}, "burst": false, "type": 0
+        }),
+    );
+    p.dispatch(
+        "INTERACTION_CREATE",
+        6,
+        json!({
+            "id": "846462639134605312", "application_id": BOT, "type": 3, "token": "tok-1",
+            "guild_id": "G1", "channel_id": "C1", "version": 1,
+            "data": {"custom_id": "vote:yes", "component_type": 2},
+            "member": {"user": {"id": USER, "username": "mason", "global_name": "Mason"}},
+            "message": {"id": "M-bot", "channel_id": "C1"}
+        }),
+    );
+
+    // The last event recorded (its seq stored with it) and acknowledged.
+    eventually!(
+        "seq 6",
+        (session_field(&rig, "seq").await.as_deref() == Some("6")).then_some(())
+    );
+    eventually!(
+        "the interaction callback",
+        (!http.book.lock().unwrap().callbacks.is_empty()).then_some(())
+    );
+    assert_eq!(
+        http.book.lock().unwrap().callbacks,
+        vec![(
+            "846462639134605312".to_owned(),
+            "tok-1".to_owned(),
+            json!({"type": 6})
+        )]
+    );
+
+    let evs = inbound(&rig).await;
+    assert_eq!(
+        evs.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>(),
+        ["message", "reaction", "button"],
+        "{evs:#?}"
+    );
+    let platform = rig.keys.platform();
+    let m = &evs[0];
+    assert_eq!(m.platform, platform);
+    assert_eq!(m.channel_id, "C1");
+    assert_eq!(m.user_id, USER);
+    assert_eq!(m.user_name, "Mason");
+    assert_eq!(m.text.as_deref(), Some("hello bot"));
+    assert_eq!(m.message_id.as_deref(), Some("334385199974967042"));
+    assert_eq!(m.reply_to.as_deref(), Some("334385199974967040"));
+    assert_eq!(m.ts_ms, 1_499_794_027_299);
+    assert_eq!(m.extra["guild_id"], "G1");
+    assert_eq!(m.extra["is_bot"], false);
+    let r = &evs[1];
+    assert_eq!(
+        (
+            r.channel_id.as_str(),
+            r.user_id.as_str(),
+            r.message_id.as_deref(),
+            r.emoji.as_deref()
+        ),
+        ("C1", USER, Some("M-bot"), Some("🔥"))
+    );
+    assert_eq!(r.extra["guild_id"], "G1");
+    let b = &evs[2];
+    assert_eq!(
+        (
+            b.channel_id.as_str(),
+            b.user_id.as_str(),
+            b.user_name.as_str()
+        ),
+        ("C1", USER, "Mason")
+    );
+    assert_eq!(b.message_id.as_deref(), Some("M-bot"));
+    assert_eq!(b.custom_id.as_deref(), Some("vote:yes"));
+    assert_eq!(b.extra["guild_id"], "G1");
+    assert_eq!(b.extra["interaction_id"], "846462639134605312");
+    assert_eq!(b.extra["interaction_token"], "tok-1");
+
+    // The bot's own message: not inbound, but its nonce maps to its id, for a day.
+    let nonce = nonce_key(&base, "nonce-abc");
+    assert_eq!(
+        rig.cmd::<Option<String>>(&["GET", &nonce]).await.as_deref(),
+        Some("M-bot")
+    );
+    let ttl: i64 = rig.cmd(&["TTL", &nonce]).await;
+    assert!((86_000..=86_400).contains(&ttl), "ttl {ttl}");
+
+    let guilds: std::collections::HashMap<String, String> =
+        rig.cmd(&["HGETALL", &guilds_key(&base)]).await;
+    let want: std::collections::HashMap<String, String> =
+        [("C1", "G1"), ("C2", "G1"), ("T1", "G1"), ("C9", "G2")]
+            .into_iter()
+            .map(|(c, g)| (c.to_owned(), g.to_owned()))
+            .collect();
+    assert_eq!(guilds, want);
+    assert_eq!(
+        session_field(&rig, "session_id").await.as_deref(),
+        Some("sess-1")
+    );
+    assert_eq!(session_field(&rig, "user_id").await.as_deref(), Some(BOT));
+
+    run.stop().await;
+    let code = p.closed_by_client().await;
+    assert_ne!(
+        code,
+        Some(1000),
+        "a 1000 close would invalidate the session"
+    );
+    assert!(!lease_held(&rig).await, "the lease is released on stop");
+}
+
+async fn lease_held(rig: &Rig) -> bool {
+    let lease = format!("{}session:lease", rig.keys.discord());
+    rig.cmd::<Option<String>>(&["GET", &lease]).await.is_some()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_carry_the_last_sequence() {
+    let rig = Rig::new().await;
+    let mut gw = FakeGateway::start().await;
+    let run = start(&rig, settings(&rig, &gw, "gw-1"));
+    let mut p = gw.next_peer().await;
+    identify(&mut p, 150, "sess-2", &gw.resume_url()).await;
+    p.dispatch(
+        "TYPING_START",
+        2,
+        json!({"channel_id": "C1", "user_id": USER, "timestamp": 1}),
+    );
+
+    // Heartbeats carry the last `s`, never more, never going back.
+    let mut last: Option<u64> = None;
+    let deadline = Instant::now() + T;
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "no heartbeat with d = 2 within {T:?}"
+        );
+        let beat = p.next_beat().await;
+        let d = beat["d"].as_u64();
+        assert!(d <= Some(2), "heartbeat ahead of the sequence: {beat}");
+        assert!(d >= last, "heartbeat went back: {beat} after {last:?}");
+        last = d;
+        if d == Some(2) {
+            break;
+        }
+    }
+    p.dispatch(
+        "CHANNEL_CREATE",
+        3,
+        json!({"id": "C3", "guild_id": "G1", "type": 0}),
+    );
+    let deadline = Instant::now() + T;
+    while p.next_beat().await["d"] != 3 {
+        assert!(
+            Instant::now() < deadline,
+            "no heartbeat with d = 3 within {T:?}"
+        );
+    }
+    // The seq of events that record nothing is stored lazily, at a heartbeat.
+    eventually!(
+        "seq 3 stored",
+        (session_field(&rig, "seq").await.as_deref() == Some("3")).then_some(())
+    );
+
+    // No ACK since the last heartbeat: a zombie; the client closes and resumes.
+    p.acks.store(false, Ordering::SeqCst);
+    let stopped_acking = Instant::now();
+    let code = p.closed_by_client().await;
+    assert_ne!(code, Some(1000));
+    assert!(stopped_acking.elapsed() < Duration::from_secs(2));
+    let mut q = gw.next_peer().await;
+    assert!(q.path.starts_with("/resume?"), "{}", q.path);
+    q.hello(60_000);
+    let r = q.next_op(6).await;
+    assert_eq!(
+        r["d"],
+        json!({"token": TOKEN, "session_id": "sess-2", "seq": 3})
+    );
+    q.dispatch("RESUMED", 4, json!({}));
+    eventually!("RESUMED", run.session.connected().then_some(()));
+
+    // A server heartbeat request (op 1) is answered at once (the interval is
+    // a minute: at most one of these beats can be a scheduled one).
+    for _ in 0..3 {
+        q.send(json!({"op": 1, "d": null}));
+        let beat = timeout(Duration::from_secs(1), q.beats.recv())
+            .await
+            .expect("a heartbeat answers op 1 at once")
+            .unwrap();
+        assert_eq!(beat["d"], 4);
+    }
+    assert_eq!(q.ops_seen(), vec![6]);
+    run.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnect_and_resume() {
+    let rig = Rig::new().await;
+    let mut gw = FakeGateway::start().await;
+    let run = start(&rig, settings(&rig, &gw, "gw-1"));
+    let mut p = gw.next_peer().await;
+    identify(&mut p, 45_000, "sess-3", &gw.resume_url()).await;
+    p.dispatch("MESSAGE_CREATE", 2, user_message("1001", "C1", "one"));
+    p.dispatch("MESSAGE_CREATE", 3, user_message("1002", "C1", "two"));
+    eventually!("two events", (inbound(&rig).await.len() == 2).then_some(()));
+
+    p.send(json!({"op": 7, "d": null}));
+    let code = p.closed_by_client().await;
+    assert_ne!(code, Some(1000));
+    let mut q = gw.next_peer().await;
+    assert!(
+        q.path.starts_with("/resume?v=10&encoding=json"),
+        "{}",
+        q.path
+    );
+    q.hello(45_000);
+    let r = q.next_op(6).await;
+    assert_eq!(
+        r["d"],
+        json!({"token": TOKEN, "session_id": "sess-3", "seq": 3})
+    );
+    // Discord replays what was missed, then RESUMED.
+    q.dispatch("MESSAGE_CREATE", 4, user_message("1003", "C1", "three"));
+    q.dispatch("RESUMED", 5, json!({}));
+    eventually!("RESUMED", run.session.connected().then_some(()));
+    eventually!(
+        "seq 4 stored",
+        (session_field(&rig, "seq").await.as_deref() == Some("4")).then_some(())
+    );
+    let evs = inbound(&rig).await;
+    assert_eq!(
+        evs.iter()
+            .map(|e| (e.message_id.clone().unwrap(), e.text.clone().unwrap()))
+            .collect::<Vec<_>>(),
+        [("1001", "one"), ("1002", "two"), ("1003", "three")]
+            .map(|(a, b)| (a.to_owned(), b.to_owned()))
+            .to_vec()
+    );
+    assert_eq!(q.ops_seen(), vec![6], "no Identify on a resume");
+    assert_eq!(gw.accepted.load(Ordering::SeqCst), 2);
+    run.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_session_reidentifies() {
+    let rig = Rig::new().await;
+    let mut gw = FakeGateway::start().await;
+    let run = start(&rig, settings(&rig, &gw, "gw-1"));
+    let mut p = gw.next_peer().await;
+    identify(&mut p, 45_000, "sess-4a", &gw.resume_url()).await;
+    eventually!(
+        "session stored",
+        (session_field(&rig, "session_id").await.as_deref() == Some("sess-4a")).then_some(())
+    );
+
+    let invalidated = Instant::now();
+    p.send(json!({"op": 9, "d": false}));
+    p.closed_by_client().await;
+    eventually!(
+        "the stored session cleared",
+        session_field(&rig, "session_id")
+            .await
+            .is_none()
+            .then_some(())
+    );
+    let mut q = gw.next_peer().await;
+    assert!(
+        q.path.starts_with("/?v=10"),
+        "identify at the gateway URL, not the resume URL: {}",
+        q.path
+    );
+    q.hello(45_000);
+    let first = q.next_any().await;
+    assert_eq!(first["op"], 2, "a fresh Identify, not a Resume: {first}");
+    assert_eq!(first["d"]["token"], TOKEN);
+    assert!(
+        invalidated.elapsed() >= Duration::from_secs(1),
+        "waited 1–5 s"
+    );
+    q.dispatch("READY", 1, ready("sess-4b", &gw.resume_url()));
+    eventually!(
+        "the new session stored",
+        (session_field(&rig, "session_id").await.as_deref() == Some("sess-4b")).then_some(())
+    );
+    eventually!("READY", run.session.connected().then_some(()));
+    run.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_updates_reach_the_gateway() {
+    let rig = Rig::new().await;
+    let base = rig.keys.discord();
+    let mut gw = FakeGateway::start().await;
+    let run = start(&rig, settings(&rig, &gw, "gw-1"));
+    let mut p = gw.next_peer().await;
+    let id = identify(&mut p, 45_000, "sess-5", &gw.resume_url()).await;
+    assert!(
+        id["d"].get("presence").is_none(),
+        "no presence stored yet: {id}"
+    );
+    eventually!("READY", run.session.connected().then_some(()));
+
+    // Another connection (a worker, another gateway) sets it.
+    let mut other = redis::Client::open(rig.server.url())
+        .unwrap()
+        .get_connection_manager()
+        .await
+        .unwrap();
+    let state = |v: &Value| v["d"]["activities"][0]["state"].as_str().map(str::to_owned);
+
+    set_presence(&mut other, &base, Some("first"), Some("⭐"))
+        .await
+        .unwrap();
+    let u = p.next_op(3).await;
+    assert_eq!(
+        u,
+        json!({"op": 3, "d": {"since": null, "activities": [{"name": "Custom Status", "type": 4, "state": "⭐ first"}], "status": "online", "afk": false}})
+    );
+    set_presence(&mut other, &base, Some("solo"), None)
+        .await
+        .unwrap();
+    assert_eq!(state(&p.next_op(3).await).as_deref(), Some("solo"));
+    set_presence(&mut other, &base, None, Some("🔥"))
+        .await
+        .unwrap();
+    assert_eq!(state(&p.next_op(3).await).as_deref(), Some("🔥"));
+
+    // Several at once: the last one received is the last one set.
+    for (text, emoji) in [("a", None), ("b", Some("🔥")), ("night", Some("🌙"))] {
+        set_presence(&mut other, &base, Some(text), emoji)
+            .await
+            .unwrap();
+    }
+    let deadline = Instant::now() + T;
+    while state(&p.next_op(3).await).as_deref() != Some("🌙 night") {
+        assert!(Instant::now() < deadline, "the last presence never arrived");
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    while let Ok(v) = p.frames.try_recv() {
+        if v["op"] == 3 {
+            assert_eq!(state(&v).as_deref(), Some("🌙 night"), "latest wins: {v}");
+        }
+    }
+
+    // Cleared → no activities.
+    set_presence(&mut other, &base, None, None).await.unwrap();
+    assert_eq!(p.next_op(3).await["d"]["activities"], json!([]));
+    run.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_lease_holder_connects() {
+    let rig = Rig::new().await;
+    let base = rig.keys.discord();
+    let mut gw = FakeGateway::start().await;
+    let mut a = settings(&rig, &gw, "gw-a");
+    let mut b = settings(&rig, &gw, "gw-b");
+    a.lease = Duration::from_millis(600);
+    b.lease = Duration::from_millis(600);
+    let a = start(&rig, a);
+    let b = start(&rig, b);
+
+    let mut p = gw.next_peer().await;
+    identify(&mut p, 45_000, "sess-6", &gw.resume_url()).await;
+    p.dispatch(
+        "MESSAGE_CREATE",
+        2,
+        user_message("2001", "C1", "before the handover"),
+    );
+    eventually!(
+        "seq 2 stored",
+        (session_field(&rig, "seq").await.as_deref() == Some("2")).then_some(())
+    );
+    // Several lease periods: still one connection, one holder.
+    gw.no_peer(Duration::from_millis(1200)).await;
+    assert!(a.session.connected() ^ b.session.connected());
+    let (holder, other) = if a.session.connected() {
+        (a, b)
+    } else {
+        (b, a)
+    };
+
+    holder.stop().await;
+    let code = p.closed_by_client().await;
+    assert_ne!(code, Some(1000));
+    let mut q = gw.next_peer().await;
+    assert!(q.path.starts_with("/resume?"), "{}", q.path);
+    q.hello(45_000);
+    let first = q.next_any().await;
+    assert_eq!(
+        first,
+        json!({"op": 6, "d": {"token": TOKEN, "session_id": "sess-6", "seq": 2}}),
+        "the new holder resumes the stored session"
+    );
+    // The replay includes the bot's own message: the new holder knows the bot's id.
+    let mut own = user_message("2002", "C1", "mine");
+    own["author"] = json!({"id": BOT, "username": "stargazer", "bot": true});
+    own["nonce"] = "n-6".into();
+    q.dispatch("MESSAGE_CREATE", 3, own);
+    q.dispatch(
+        "MESSAGE_CREATE",
+        4,
+        user_message("2003", "C1", "after the handover"),
+    );
+    q.dispatch("RESUMED", 5, json!({}));
+    eventually!("RESUMED", other.session.connected().then_some(()));
+    eventually!("two events", (inbound(&rig).await.len() == 2).then_some(()));
+    eventually!(
+        "seq 4 stored",
+        (session_field(&rig, "seq").await.as_deref() == Some("4")).then_some(())
+    );
+    let texts: Vec<String> = inbound(&rig)
+        .await
+        .into_iter()
+        .filter_map(|e| e.text)
+        .collect();
+    assert_eq!(texts, ["before the handover", "after the handover"]);
+    assert_eq!(
+        rig.cmd::<Option<String>>(&["GET", &nonce_key(&base, "n-6")])
+            .await
+            .as_deref(),
+        Some("2002")
+    );
+    let lease = format!("{base}session:lease");
+    assert_eq!(
+        rig.cmd::<Option<String>>(&["GET", &lease]).await,
+        Some(other.owner.clone()),
+        "the lease changed hands"
+    );
+    assert_eq!(
+        gw.max_live.load(Ordering::SeqCst),
+        1,
+        "never two connections at once"
+    );
+    assert_eq!(gw.accepted.load(Ordering::SeqCst), 2);
+    assert_eq!(gw.live.load(Ordering::SeqCst), 1);
+    other.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fatal_close_code_stops_reconnecting() {
+    // 4014 right after Identify (the Message Content intent not enabled), and
+    // 4004 on a ready session (which would otherwise be resumed at once).
+    let (rig_a, rig_b) = (Rig::new().await, Rig::new().await);
+    let (mut gw_a, mut gw_b) = (FakeGateway::start().await, FakeGateway::start().await);
+    let run_a = start(&rig_a, settings(&rig_a, &gw_a, "gw-1"));
+    let run_b = start(&rig_b, settings(&rig_b, &gw_b, "gw-1"));
+
+    let mut pa = gw_a.next_peer().await;
+    pa.hello(45_000);
+    pa.next_op(2).await;
+    pa.close(4014);
+    let mut pb = gw_b.next_peer().await;
+    identify(&mut pb, 45_000, "sess-7", &gw_b.resume_url()).await;
+    eventually!("READY", run_b.session.connected().then_some(()));
+    pb.close(4004);
+    eventually!("disconnected", (!run_b.session.connected()).then_some(()));
+
+    // A reconnect would come within the identify spacing (5 s) plus the first
+    // backoff (≤ 1.5 s) for A, at once for B.
+    let window = Duration::from_millis(7000);
+    tokio::join!(gw_a.no_peer(window), gw_b.no_peer(window));
+    assert!(!run_a.session.connected());
+    assert!(!run_b.session.connected());
+    assert_eq!(gw_a.accepted.load(Ordering::SeqCst), 1);
+    assert_eq!(gw_b.accepted.load(Ordering::SeqCst), 1);
+    assert!(!run_a.task.is_finished(), "run stays alive until stop");
+    run_a.stop().await;
+    run_b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_resume_host_falls_back_to_identify() {
+    let rig = Rig::new().await;
+    let mut gw = FakeGateway::start().await;
+    // A resume URL nobody listens on.
+    let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead_url = format!("ws://{}/resume", dead.local_addr().unwrap());
+    drop(dead);
+    let run = start(&rig, settings(&rig, &gw, "gw-1"));
+    let mut p = gw.next_peer().await;
+    identify(&mut p, 45_000, "sess-8a", &dead_url).await;
+    eventually!("READY", run.session.connected().then_some(()));
+    p.send(json!({"op": 7, "d": null}));
+    p.closed_by_client().await;
+    // Three resumes fail to connect; then a fresh session at the gateway URL.
+    let mut q = timeout(Duration::from_secs(20), gw.next_peer())
+        .await
+        .expect("identified afresh after failed resumes");
+    assert!(q.path.starts_with("/?v=10"), "{}", q.path);
+    q.hello(45_000);
+    let first = q.next_any().await;
+    assert_eq!(first["op"], 2, "a fresh Identify: {first}");
+    q.dispatch("READY", 1, ready("sess-8b", &gw.resume_url()));
+    eventually!(
+        "the new session stored",
+        (session_field(&rig, "session_id").await.as_deref() == Some("sess-8b")).then_some(())
+    );
+    run.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_with_gateway_true_runs_the_session() {
+    // The whole path from a config: a presence envelope published to the
+    // outbound stream reaches the websocket as op 3, and a user's message on
+    // the websocket reaches the inbound stream.
+    let rig = Rig::new().await;
+    let mut gw = FakeGateway::start().await;
+    let toml = format!(
+        r#"
+[redis]
+url = "{url}"
+[gateway]
+consumer_name = "gw-e2e"
+[consumer]
+block_ms = 100
+[[platform]]
+name = "{name}"
+adapter = "discord"
+api_base = "http://127.0.0.1:9/api/v10"
+token_env = "DC_TOKEN"
+gateway = true
+gateway_url = "{ws}"
+session_lease_ms = 3000
+"#,
+        url = rig.server.url(),
+        name = rig.keys.platform(),
+        ws = gw.url(),
+    );
+    let config = stargazer::config::Config::from_toml(&toml, Vec::new()).expect("config");
+    let env = [("DC_TOKEN".to_owned(), TOKEN.to_owned())].into();
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    let task = tokio::spawn(async move {
+        stargazer::gateway::run(config, env, s.cancelled_owned())
+            .await
+            .expect("gateway");
+    });
+    let mut p = gw.next_peer().await;
+    let id = identify(&mut p, 45_000, "sess-e2e", &gw.resume_url()).await;
+    assert_eq!(id["d"]["token"], TOKEN);
+    rig.publish(json!({"type": "presence", "text": "charting", "emoji": "🔭"}))
+        .await;
+    let u = p.next_op(3).await;
+    assert_eq!(u["d"]["activities"][0]["state"], "🔭 charting");
+    rig.drained(T).await;
+    p.dispatch("MESSAGE_CREATE", 2, user_message("2001", "C9", "hello bot"));
+    let evs = eventually!("the inbound message", {
+        let evs = inbound(&rig).await;
+        (!evs.is_empty()).then_some(evs)
+    });
+    assert_eq!(evs.len(), 1);
+    assert_eq!(evs[0].kind, "message");
+    assert_eq!(evs[0].channel_id, "C9");
+    assert_eq!(evs[0].text.as_deref(), Some("hello bot"));
+    assert_eq!(evs[0].platform, rig.keys.platform());
+    stop.cancel();
+    timeout(Duration::from_secs(10), task)
+        .await
+        .expect("the gateway stops")
+        .unwrap();
+}
