@@ -69,6 +69,12 @@ impl Keys {
         format!("{}:{{{}}}:discord:", self.prefix, self.platform)
     }
 
+    /// `sg:{P}:toggles:<feature>` — a hash of per-channel and per-guild
+    /// switches of one feature (`channel:<id>` / `guild:<id>` → `on` | `off`).
+    pub fn toggles(&self, feature: &str) -> String {
+        format!("{}:{{{}}}:toggles:{feature}", self.prefix, self.platform)
+    }
+
     /// `sg:{P}:rpc:reply:` — every RPC reply list starts with this.
     pub fn reply_prefix(&self) -> String {
         format!("{}:{{{}}}:rpc:reply:", self.prefix, self.platform)

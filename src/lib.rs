@@ -45,6 +45,7 @@ pub mod redis_server;
 pub mod rpc;
 pub mod sdk;
 pub mod stats;
+pub mod toggles;
 pub mod tools;
 pub mod trim;
 

@@ -53,6 +53,8 @@ enum Command {
     Status(ops_cli::StatusArgs),
     /// Inspect, replay and purge dead letters.
     Dlq(ops_cli::DlqArgs),
+    /// Switch a feature (the Discord toggle button) on or off per channel or guild.
+    Toggle(ops_cli::ToggleArgs),
     /// Run the SPEC §6 benchmark workloads (W1–W5) against a private redis-server.
     Bench(stargazer::bench::BenchArgs),
     /// One gateway node of `bench` (spawned by it).
@@ -202,6 +204,10 @@ async fn main() -> Result<()> {
         Command::Dlq(args) => {
             init_logs(cli.log_format, "warn");
             ops_cli::dlq(args).await
+        }
+        Command::Toggle(args) => {
+            init_logs(cli.log_format, "warn");
+            ops_cli::toggle(args).await
         }
         Command::Bench(args) => {
             init_logs(cli.log_format, "warn");

@@ -429,3 +429,85 @@ pub async fn dlq(a: DlqArgs) -> Result<()> {
         }
     }
 }
+
+/// `stargazer toggle`: switch a feature (the Discord toggle button by
+/// default) on or off for a channel or a guild, or list the switches.
+#[derive(clap::Args, Debug)]
+pub struct ToggleArgs {
+    #[command(flatten)]
+    to: Target,
+    /// The platform (its `[[platform]] name`).
+    #[arg(long)]
+    platform: String,
+    /// The feature (`toggle_menu` is the Discord toggle button).
+    #[arg(long, default_value = stargazer::toggles::TOGGLE_MENU)]
+    feature: String,
+    #[command(subcommand)]
+    action: ToggleAction,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum ToggleAction {
+    /// Switch the feature on for a channel or guild.
+    On(ToggleScope),
+    /// Switch the feature off for a channel or guild.
+    Off(ToggleScope),
+    /// Remove a channel's or guild's switch (its guild's, or the default, applies).
+    Clear(ToggleScope),
+    /// List every switch of the feature.
+    List,
+}
+
+#[derive(clap::Args, Debug)]
+#[group(required = true, multiple = false)]
+struct ToggleScope {
+    /// A channel id.
+    #[arg(long)]
+    channel: Option<String>,
+    /// A guild (server) id: every channel of it without a switch of its own.
+    #[arg(long)]
+    guild: Option<String>,
+}
+
+impl ToggleScope {
+    fn scope(&self) -> Result<stargazer::toggles::Scope> {
+        use stargazer::toggles::Scope;
+        match (&self.channel, &self.guild) {
+            (Some(c), None) if !c.is_empty() => Ok(Scope::Channel(c.clone())),
+            (None, Some(g)) if !g.is_empty() => Ok(Scope::Guild(g.clone())),
+            _ => bail!("give one non-empty --channel or --guild"),
+        }
+    }
+}
+
+pub async fn toggle(a: ToggleArgs) -> Result<()> {
+    use stargazer::toggles::Toggles;
+    let r = a.to.resolve(&a.platform).await?;
+    let toggles = Toggles::new(r.bus.conn(), r.bus.keys().clone());
+    let (scope, value) = match &a.action {
+        ToggleAction::On(s) => (s.scope()?, Some(true)),
+        ToggleAction::Off(s) => (s.scope()?, Some(false)),
+        ToggleAction::Clear(s) => (s.scope()?, None),
+        ToggleAction::List => {
+            let all = toggles.list(&a.feature).await?;
+            if all.is_empty() {
+                println!(
+                    "{} on {}: no switches (the platform's default applies everywhere)",
+                    a.feature, a.platform
+                );
+            }
+            for (scope, on) in all {
+                println!("{scope}\t{}", if on { "on" } else { "off" });
+            }
+            return Ok(());
+        }
+    };
+    toggles.set(&a.feature, &scope, value).await?;
+    let now = match value {
+        Some(true) => "on",
+        Some(false) => "off",
+        None => "cleared",
+    };
+    println!("{} on {}: {scope} {now}", a.feature, a.platform);
+    Ok(())
+}

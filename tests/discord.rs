@@ -45,6 +45,8 @@ struct Limits {
     /// Create-message requests per channel per window.
     per_channel: u32,
     window: Duration,
+    /// How long a nonce is remembered (`enforce_nonce`).
+    nonce_window: Duration,
 }
 
 impl Default for Limits {
@@ -53,6 +55,7 @@ impl Default for Limits {
             global_per_second: 1000,
             per_channel: 1000,
             window: Duration::from_secs(1),
+            nonce_window: Duration::from_secs(600),
         }
     }
 }
@@ -60,7 +63,11 @@ impl Default for Limits {
 #[derive(Default)]
 struct Book {
     messages: HashMap<String, Vec<Msg>>,
-    nonces: HashMap<(String, String), Value>,
+    nonces: HashMap<(String, String), (Value, Instant)>,
+    /// channel → guild, for `GET /channels/{c}` (a channel not here is a DM).
+    guild_of: HashMap<String, String>,
+    /// `GET /channels/{c}` calls, by channel.
+    channel_lookups: HashMap<String, u32>,
     typing: Vec<String>,
     /// (channel, message, emoji as decoded, segment as sent)
     reactions: Vec<(String, String, String, String)>,
@@ -129,6 +136,10 @@ impl Server {
         f(&self.fake.book.lock().unwrap())
     }
 
+    fn book_mut<R>(&self, f: impl FnOnce(&mut Book) -> R) -> R {
+        f(&mut self.fake.book.lock().unwrap())
+    }
+
     fn messages(&self, channel: &str) -> Vec<Msg> {
         self.book(|b| b.messages.get(channel).cloned().unwrap_or_default())
     }
@@ -142,6 +153,9 @@ impl Server {
             invalid_request_limit: 9000,
             request_timeout: Duration::from_secs(10),
             max_inline_wait: Duration::from_secs(1),
+            toggle: None,
+            nonce_window: Duration::from_secs(120),
+            presence: false,
         }
     }
 
@@ -150,10 +164,7 @@ impl Server {
     }
 
     fn adapter_with(&self, rig: &Rig, s: DiscordSettings) -> Arc<DiscordAdapter> {
-        Arc::new(
-            DiscordAdapter::new(rig.keys.platform(), s, rig.bus.conn(), rig.keys.discord())
-                .expect("adapter"),
-        )
+        Arc::new(DiscordAdapter::new(&rig.keys, s, rig.bus.conn()).expect("adapter"))
     }
 }
 
@@ -361,6 +372,14 @@ async fn handle(
         }
     }
     match (method.clone(), segs.as_slice()) {
+        (Method::GET, ["channels", _]) => {
+            *book.channel_lookups.entry(channel.clone()).or_default() += 1;
+            match book.guild_of.get(&channel) {
+                Some(g) => axum::Json(json!({"id": channel, "type": 0, "guild_id": g})),
+                None => axum::Json(json!({"id": channel, "type": 1})),
+            }
+            .into_response()
+        }
         (Method::POST, ["channels", _, "messages"]) => {
             // The route's bucket, per channel.
             let now = Instant::now();
@@ -391,7 +410,8 @@ async fn handle(
                     format!("{:.3}", reset_after.as_secs_f64()),
                 ),
             ];
-            let mut r = create(&mut book, &channel, &headers, &body);
+            let nonce_window = f.limits.nonce_window;
+            let mut r = create(&mut book, &channel, &headers, &body, nonce_window);
             for (k, v) in rl {
                 r.headers_mut().insert(k, v.parse().unwrap());
             }
@@ -447,7 +467,13 @@ async fn handle(
 }
 
 /// `POST /channels/{c}/messages`: validate, de-duplicate by nonce, create.
-fn create(book: &mut Book, channel: &str, headers: &HeaderMap, body: &[u8]) -> Response {
+fn create(
+    book: &mut Book,
+    channel: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+    nonce_window: Duration,
+) -> Response {
     let ctype = headers
         .get("content-type")
         .and_then(|v| v.to_str().ok())
@@ -502,7 +528,8 @@ fn create(book: &mut Book, channel: &str, headers: &HeaderMap, body: &[u8]) -> R
     }
     if payload["enforce_nonce"] == true
         && let Some(n) = &nonce
-        && let Some(original) = book.nonces.get(&(channel.to_owned(), n.clone()))
+        && let Some((original, at)) = book.nonces.get(&(channel.to_owned(), n.clone()))
+        && at.elapsed() < nonce_window
     {
         return axum::Json(original.clone()).into_response();
     }
@@ -522,7 +549,8 @@ fn create(book: &mut Book, channel: &str, headers: &HeaderMap, body: &[u8]) -> R
         msg["message_reference"] = json!({"message_id": r, "channel_id": channel});
     }
     if let Some(n) = nonce {
-        book.nonces.insert((channel.to_owned(), n), msg.clone());
+        book.nonces
+            .insert((channel.to_owned(), n), (msg.clone(), Instant::now()));
     }
     book.created_at.push(Instant::now());
     book.messages
@@ -561,6 +589,65 @@ async fn deliver(a: &DiscordAdapter, env: &Envelope, key: &str) -> Result<Delive
         resend: false,
     })
     .await
+}
+
+/// Deliver again an entry published at `published_ms` whose earlier try may
+/// have landed.
+async fn redeliver(
+    a: &DiscordAdapter,
+    env: &Envelope,
+    key: &str,
+    published_ms: u64,
+) -> Result<Delivered, AdapterError> {
+    let id = StreamId(format!("{published_ms}-0"));
+    a.deliver(Delivery {
+        platform: "dc",
+        stream_id: &id,
+        envelope: env,
+        idempotency_key: key,
+        attempt: 2,
+        resend: true,
+    })
+    .await
+}
+
+/// The value of counter `name` with label `result`, for `platform`.
+fn counter(text: &str, name: &str, platform: &str, result: &str) -> u64 {
+    text.lines()
+        .find(|l| {
+            l.starts_with(name)
+                && l.contains(&format!("platform=\"{platform}\""))
+                && l.contains(&format!("result=\"{result}\""))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .unwrap_or(0)
+}
+
+/// The components of `m`: each row's buttons as (label, custom_id or url).
+fn rows(m: &Msg) -> Vec<Vec<(String, String)>> {
+    m.json["components"]
+        .as_array()
+        .map(|rows| {
+            rows.iter()
+                .map(|r| {
+                    r["components"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|b| {
+                            let id = b["custom_id"].as_str().or(b["url"].as_str());
+                            (
+                                b["label"].as_str().unwrap_or_default().to_owned(),
+                                id.unwrap_or_default().to_owned(),
+                            )
+                        })
+                        .collect()
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 async fn cached_id(rig: &Rig, key: &str) -> Option<String> {
@@ -930,13 +1017,8 @@ async fn shared_limits(n: usize, channels: usize, limits: Limits) -> (f64, u64) 
         let bus = stargazer::bus::Bus::connect(&rig.server.url(), rig.keys.clone())
             .await
             .expect("connect");
-        let adapter = DiscordAdapter::new(
-            rig.keys.platform(),
-            server.settings(),
-            bus.conn(),
-            rig.keys.discord(),
-        )
-        .expect("adapter");
+        let adapter =
+            DiscordAdapter::new(&rig.keys, server.settings(), bus.conn()).expect("adapter");
         let consumer = stargazer::consumer::Consumer::start(stargazer::consumer::ConsumerParts {
             bus,
             adapter: Arc::new(adapter),
@@ -1026,6 +1108,7 @@ async fn three_gateways_share_per_route_limits() {
         global_per_second: 50,
         per_channel: 5,
         window: Duration::from_secs(5),
+        ..Limits::default()
     };
     let n = if full_scale() { 2000 } else { 400 };
     let (efficiency, too_many) = shared_limits(n, 20, limits).await;
@@ -1042,6 +1125,7 @@ async fn three_gateways_share_the_global_limit() {
         global_per_second: 50,
         per_channel: 5,
         window: Duration::from_secs(5),
+        ..Limits::default()
     };
     let n = if full_scale() { 2000 } else { 500 };
     let (efficiency, too_many) = shared_limits(n, n / 5, limits).await;
@@ -1068,6 +1152,8 @@ name = "{name}"
 adapter = "discord"
 api_base = "{base}"
 token_env = "DC_TOKEN"
+toggle_button = true
+toggle_label = "menu"
 "#,
         url = rig.server.url(),
         name = rig.keys.platform(),
@@ -1091,6 +1177,11 @@ token_env = "DC_TOKEN"
         server.messages("77")[0].json["content"],
         "through the gateway"
     );
+    // The config's toggle button went with it.
+    assert_eq!(
+        rows(&server.messages("77")[0]),
+        vec![vec![("menu".to_owned(), "sg:toggle_menu".to_owned())]]
+    );
     // The limiter's state is in Redis under the platform's discord keys.
     let route: Option<String> = rig
         .cmd(&[
@@ -1113,6 +1204,9 @@ fn discord_config_keys_are_checked() {
     assert_eq!(p.global_rate_limit, 50);
     assert_eq!(p.invalid_request_limit, 9000);
     assert!(p.api_base.is_none());
+    assert!(!p.gateway && !p.toggle_button);
+    assert_eq!(p.toggle_label, "✧");
+    assert_eq!(p.nonce_window_ms, 120_000);
     assert!(!format!("{p:?}").contains("s3cret"), "{p:?}");
     let env = HashMap::new();
     assert_eq!(Config::discord_token_for(p, &env).unwrap(), "s3cret.token");
@@ -1126,6 +1220,22 @@ fn discord_config_keys_are_checked() {
             "global_rate_limit",
         ),
         ("token = \"t\"\nlong_text = \"shorten\"\n", "shorten"),
+        (
+            "token = \"t\"\ngateway = true\ngateway_url = \"https://x\"\n",
+            "ws://",
+        ),
+        (
+            "token = \"t\"\ngateway_url = \"wss://x\"\n",
+            "gateway = true",
+        ),
+        (
+            "token = \"t\"\nsession_lease_ms = 100\n",
+            "session_lease_ms",
+        ),
+        (
+            "token = \"t\"\ntoggle_button = true\ntoggle_label = \"\"\n",
+            "toggle_label",
+        ),
     ] {
         let e = with(extra).expect_err(extra).to_string();
         assert!(e.contains(needle), "{extra}: {e}");
@@ -1137,4 +1247,221 @@ fn discord_config_keys_are_checked() {
     assert!(e.contains("DC_T"), "{e}");
     let env = [("DC_T".to_owned(), "tok".to_owned())].into();
     assert_eq!(Config::discord_token_for(p, &env).unwrap(), "tok");
+}
+
+#[tokio::test]
+async fn the_toggle_button_follows_channel_and_guild_switches() {
+    use stargazer::adapters::discord::ToggleButton;
+    use stargazer::toggles::{Scope, TOGGLE_MENU, Toggles};
+    let server = Server::start(Limits::default()).await;
+    let rig = Rig::new().await;
+    server.book_mut(|b| {
+        for (c, g) in [("100", "g1"), ("101", "g1"), ("102", "g2")] {
+            b.guild_of.insert(c.into(), g.into());
+        }
+    });
+    let adapter = server.adapter_with(
+        &rig,
+        DiscordSettings {
+            toggle: Some(ToggleButton {
+                label: "✧".into(),
+                custom_id: "sg:toggle_menu".into(),
+            }),
+            ..server.settings()
+        },
+    );
+    let toggles = Toggles::new(rig.bus.conn(), rig.keys.clone());
+    // Guild g1 off; channel 101 of it back on (a channel's switch wins);
+    // channel 104 (a DM) off by its own switch.
+    toggles
+        .set(TOGGLE_MENU, &Scope::Guild("g1".into()), Some(false))
+        .await
+        .unwrap();
+    toggles
+        .set(TOGGLE_MENU, &Scope::Channel("101".into()), Some(true))
+        .await
+        .unwrap();
+    toggles
+        .set(TOGGLE_MENU, &Scope::Channel("104".into()), Some(false))
+        .await
+        .unwrap();
+    // A channel whose guild the gateway session recorded: no lookup needed.
+    let guilds = stargazer::adapters::discord::gateway::guilds_key(&rig.keys.discord());
+    rig.cmd::<()>(&["HSET", &guilds, "103", "g1"]).await;
+
+    let toggle = vec![("✧".to_owned(), "sg:toggle_menu".to_owned())];
+    let plain = |c: &str| envelope(json!({"channel_id": c, "text": "hi"}));
+    for (c, want) in [
+        ("100", vec![]),
+        ("101", vec![toggle.clone()]),
+        ("102", vec![toggle.clone()]),
+        ("103", vec![]),
+        ("dm-1", vec![toggle.clone()]),
+        ("104", vec![]),
+    ] {
+        deliver(&adapter, &plain(c), &format!("k-{c}"))
+            .await
+            .unwrap();
+        let got = rows(&server.messages(c)[0]);
+        assert_eq!(got, want, "channel {c}");
+    }
+    // A second message to 100 asks Discord for its guild no more; 103's was
+    // never asked; the guilds learned are recorded for every gateway.
+    deliver(&adapter, &plain("100"), "k-100b").await.unwrap();
+    assert_eq!(rows(&server.messages("100")[1]), Vec::<Vec<_>>::new());
+    server.book(|b| {
+        assert_eq!(b.channel_lookups.get("100"), Some(&1));
+        assert_eq!(b.channel_lookups.get("103"), None);
+    });
+    let g: Option<String> = rig.cmd(&["HGET", &guilds, "102"]).await;
+    assert_eq!(g.as_deref(), Some("g2"));
+    // Switched back: clearing g1's switch lets channel 100 show it again
+    // (the switch is read per message, not cached).
+    toggles
+        .set(TOGGLE_MENU, &Scope::Guild("g1".into()), None)
+        .await
+        .unwrap();
+    deliver(&adapter, &plain("100"), "k-100c").await.unwrap();
+    assert_eq!(rows(&server.messages("100")[2]), vec![toggle.clone()]);
+    // Beside the message's own buttons: in the last row while it has room,
+    // else in a row of its own; a `buttons` envelope gets none.
+    let two = json!([{"label": "A", "custom_id": "a"}, {"label": "B", "custom_id": "b"}]);
+    let with = envelope(json!({"channel_id": "102", "text": "pick", "buttons": two}));
+    deliver(&adapter, &with, "k-b1").await.unwrap();
+    let got = rows(&server.messages("102")[1]);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].len(), 3);
+    assert_eq!(got[0][2], toggle[0]);
+    let five: Vec<Value> = (0..5)
+        .map(|i| json!({"label": format!("L{i}"), "custom_id": format!("c{i}")}))
+        .collect();
+    let full = envelope(json!({"channel_id": "102", "text": "pick", "buttons": five}));
+    deliver(&adapter, &full, "k-b2").await.unwrap();
+    let got = rows(&server.messages("102")[2]);
+    assert_eq!(got.len(), 2);
+    assert_eq!(got[1], toggle);
+    let menu =
+        envelope(json!({"type": "buttons", "channel_id": "102", "text": "m", "buttons": two}));
+    deliver(&adapter, &menu, "k-b3").await.unwrap();
+    assert_eq!(rows(&server.messages("102")[3]).concat().len(), 2);
+    // Without `toggle_button`, nothing is attached.
+    let bare = server.adapter(&rig);
+    deliver(&bare, &plain("102"), "k-bare").await.unwrap();
+    assert!(rows(&server.messages("102")[4]).is_empty());
+}
+
+#[tokio::test]
+async fn a_resend_of_unknown_outcome_is_reconciled_or_counted() {
+    use stargazer::adapters::discord::{gateway, nonce};
+    let metrics = stargazer::metrics::install();
+    const NAME: &str = "stargazer_discord_unknown_outcomes_total";
+    // A fake that forgets nonces at once: past Discord's window.
+    let server = Server::start(Limits {
+        nonce_window: Duration::ZERO,
+        ..Limits::default()
+    })
+    .await;
+    let rig = Rig::new().await;
+    let adapter = server.adapter(&rig);
+    let before = metrics.render();
+    let long_ago = now_ms() - 600_000;
+
+    // The first try landed and the gateway session saw it (its
+    // MESSAGE_CREATE carried our nonce): the resend is not sent.
+    let env = envelope(json!({"channel_id": "7", "text": "once"}));
+    let first = deliver(&adapter, &env, "sg:u:1").await.unwrap();
+    let id = first.message_id.clone().unwrap();
+    let key = gateway::nonce_key(&rig.keys.discord(), &nonce("sg:u:1", 0));
+    rig.cmd::<()>(&["SET", &key, &id]).await;
+    let again = redeliver(&adapter, &env, "sg:u:1", long_ago).await.unwrap();
+    assert_eq!(again, first);
+    assert_eq!(server.messages("7").len(), 1, "reconciled, not resent");
+
+    // A split message whose first part landed and second did not: only the
+    // second is sent, and the first part's id is the one written back.
+    let long = envelope(json!({"channel_id": "8", "text": "y ".repeat(1500)}));
+    let part0 = serde_json::from_value::<Value>(json!({
+        "channel_id": "8", "content": "y", "nonce": nonce("sg:u:2", 0), "enforce_nonce": true
+    }))
+    .unwrap();
+    let landed = adapter_post(&server, "8", &part0).await;
+    let key0 = gateway::nonce_key(&rig.keys.discord(), &nonce("sg:u:2", 0));
+    rig.cmd::<()>(&["SET", &key0, &landed]).await;
+    let got = redeliver(&adapter, &long, "sg:u:2", long_ago)
+        .await
+        .unwrap();
+    assert_eq!(got.message_id.as_deref(), Some(landed.as_str()));
+    assert_eq!(
+        server.messages("8").len(),
+        2,
+        "the landed part plus the missing one"
+    );
+
+    // No record, past the window: resent (and counted as unverified).
+    let env9 = envelope(json!({"channel_id": "9", "text": "maybe"}));
+    redeliver(&adapter, &env9, "sg:u:3", long_ago)
+        .await
+        .unwrap();
+    assert_eq!(server.messages("9").len(), 1);
+
+    // No record, inside the window: resent with the same nonce, which
+    // Discord de-duplicates.
+    let fresh = Server::start(Limits::default()).await;
+    let adapter2 = fresh.adapter(&rig);
+    let env10 = envelope(json!({"channel_id": "10", "text": "dup?"}));
+    let a = deliver(&adapter2, &env10, "sg:u:4").await.unwrap();
+    let b = redeliver(&adapter2, &env10, "sg:u:4", now_ms())
+        .await
+        .unwrap();
+    assert_eq!(a, b);
+    assert_eq!(fresh.messages("10").len(), 1);
+
+    let after = metrics.render();
+    let p = rig.keys.platform();
+    let delta = |r: &str| counter(&after, NAME, p, r) - counter(&before, NAME, p, r);
+    assert_eq!(delta("reconciled"), 2, "{after}");
+    assert_eq!(delta("unverified"), 2, "part 2 of channel 8 and channel 9");
+    assert_eq!(delta("nonce_window"), 1);
+}
+
+/// POST a create-message to the fake directly (a try that landed while its
+/// sender lost the answer); the new message's id.
+async fn adapter_post(server: &Server, channel: &str, payload: &Value) -> String {
+    let resp = reqwest::Client::new()
+        .post(format!("{}/channels/{channel}/messages", server.base))
+        .header("authorization", format!("Bot {TOKEN}"))
+        .json(payload)
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success());
+    let v: Value = resp.json().await.unwrap();
+    v["id"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn presence_is_recorded_for_the_session_holder() {
+    let server = Server::start(Limits::default()).await;
+    let rig = Rig::new().await;
+    let without = server.adapter(&rig);
+    assert!(!without.capabilities().presence);
+    let adapter = server.adapter_with(
+        &rig,
+        DiscordSettings {
+            presence: true,
+            ..server.settings()
+        },
+    );
+    assert!(adapter.capabilities().presence);
+    let env = envelope(json!({"type": "presence", "text": "watching the stars", "emoji": "✨"}));
+    deliver(&adapter, &env, "p1").await.unwrap();
+    let stored: Option<String> = rig
+        .cmd(&["GET", &format!("{}presence", rig.keys.discord())])
+        .await;
+    let stored = stored.expect("presence stored");
+    let v: Value = serde_json::from_str(&stored).unwrap();
+    assert_eq!(v["text"], "watching the stars");
+    assert_eq!(v["emoji"], "✨");
+    // Nothing went to the REST API.
+    assert_eq!(server.book(|b| b.requests), 0);
 }

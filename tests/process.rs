@@ -371,3 +371,53 @@ async fn webhook_platforms_take_signed_inbound_events_over_http() {
     signal(&gw, "-TERM");
     assert!(wait_exit(&mut gw, Duration::from_secs(15)).await.success());
 }
+
+#[tokio::test]
+async fn toggle_switches_are_set_listed_and_read_back() {
+    use stargazer::toggles::{TOGGLE_MENU, Toggles};
+    let rig = Rig::new().await;
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_stargazer"))
+            .arg("toggle")
+            .args(["--redis-url", &rig.server.url(), "--platform"])
+            .arg(rig.keys.platform())
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    assert!(run(&["off", "--guild", "g1"]).0);
+    assert!(run(&["on", "--channel", "c1"]).0);
+    assert!(run(&["off", "--channel", "c2"]).0);
+    let (ok, listed) = run(&["list"]);
+    assert!(ok, "{listed}");
+    assert_eq!(
+        listed.lines().collect::<Vec<_>>(),
+        ["guild g1\toff", "channel c1\ton", "channel c2\toff"]
+    );
+    let t = Toggles::new(rig.bus.conn(), rig.keys.clone());
+    let on = |c: &'static str, g: Option<&'static str>| {
+        let t = t.clone();
+        async move { t.enabled(TOGGLE_MENU, c, g, true).await.unwrap() }
+    };
+    assert!(on("c1", Some("g1")).await, "the channel's switch wins");
+    assert!(!on("c3", Some("g1")).await, "the guild's switch applies");
+    assert!(!on("c2", None).await);
+    assert!(on("c3", None).await, "the default");
+    assert!(run(&["clear", "--guild", "g1"]).0);
+    assert!(on("c3", Some("g1")).await);
+    // Bad input is refused, naming what is wanted.
+    let (ok, err) = run(&["off"]);
+    assert!(!ok);
+    assert!(
+        err.contains("--channel") || err.contains("--guild"),
+        "{err}"
+    );
+    let (ok, err) = run(&["off", "--channel", "c1", "--guild", "g1"]);
+    assert!(!ok);
+    assert!(err.contains("cannot be used with"), "{err}");
+}

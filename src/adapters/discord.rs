@@ -16,8 +16,17 @@
 //!   (Discord's indicator stops by itself, or when the message arrives).
 //! * `reaction` → `PUT /channels/{c}/messages/{m}/reactions/{emoji}/@me`, a
 //!   unicode emoji percent-encoded, a custom one as `name:id` (`<:name:id>` is accepted).
-//! * `presence` needs a gateway session (op 3), not yet built: the adapter
-//!   reports no presence capability, so such envelopes are acknowledged unsent.
+//! * `presence` (with `gateway = true`) is recorded in Redis, latest wins,
+//!   and sent as op 3 by whichever gateway holds the session
+//!   ([`gateway::Session`]); it is also part of every Identify. Without a
+//!   session the adapter reports no presence capability, so such envelopes
+//!   are acknowledged unsent.
+//! * The toggle button (`toggle_button = true`): every `message` gets one more
+//!   button (`toggle_label`, `toggle_custom_id`), unless the feature
+//!   `toggle_menu` is switched off for its channel or, failing a channel
+//!   switch, its guild (`stargazer toggle`, [`crate::toggles`]). The guild
+//!   comes from what the gateway session recorded, else `GET /channels/{c}`,
+//!   remembered. A press arrives as an inbound `button` event.
 //! * RPC `delete_webhook` (`webhook_id`) → `DELETE /webhooks/{id}`;
 //!   `fetch_channel_history` → `GET /channels/{c}/messages?limit=N`.
 //!
@@ -29,7 +38,11 @@
 //! Every create-message carries a `nonce` derived from the delivery's
 //! idempotency key (20 hex digits of SHA-256, `-<n>` appended for part n > 0)
 //! with `enforce_nonce: true`, so a resend inside Discord's de-duplication
-//! window is answered with the original message (G2).
+//! window is answered with the original message (G2). Before a resend, the
+//! nonce is looked up in what the gateway session recorded of the bot's own
+//! messages: when the original landed it is not sent again (reconciled), even
+//! past the window. Every such resend is counted by result
+//! (`stargazer_discord_unknown_outcomes_total`).
 //!
 //! Rate limits ([`Limiter`], script `discord/limits.lua`): before each request
 //! the adapter takes, atomically in Redis, a permit of the invalid-request
@@ -60,9 +73,20 @@ use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 use tracing::{debug, warn};
 
-use super::{Adapter, AdapterError, BoxFuture, Capabilities, Delivered, Delivery, HistoryMessage};
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use redis::AsyncCommands;
+
+use super::{
+    Adapter, AdapterError, BoxFuture, Capabilities, Delivered, Delivery, HistoryMessage, Retry,
+};
 use crate::config::LongText;
 use crate::envelope::{Action, Button};
+use crate::keys::Keys;
+use crate::toggles::{TOGGLE_MENU, Toggles};
+
+pub mod gateway;
 
 /// Discord's longest message content, in characters.
 pub const MAX_CONTENT: usize = 2000;
@@ -101,6 +125,20 @@ pub struct DiscordSettings {
     /// A rate-limit wait up to this long is waited inside the delivery;
     /// a longer one is handed back to the lane as a rate limit.
     pub max_inline_wait: Duration,
+    /// The toggle button attached to every message, unless switched off for
+    /// its channel or guild (`None`: no toggle button).
+    pub toggle: Option<ToggleButton>,
+    /// How long Discord de-duplicates a repeated nonce.
+    pub nonce_window: Duration,
+    /// A gateway session is configured: presence updates go through it.
+    pub presence: bool,
+}
+
+/// The toggle button: a secondary-style button with this label and custom id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToggleButton {
+    pub label: String,
+    pub custom_id: String,
 }
 
 impl fmt::Debug for DiscordSettings {
@@ -113,6 +151,9 @@ impl fmt::Debug for DiscordSettings {
             .field("invalid_request_limit", &self.invalid_request_limit)
             .field("request_timeout", &self.request_timeout)
             .field("max_inline_wait", &self.max_inline_wait)
+            .field("toggle", &self.toggle)
+            .field("nonce_window", &self.nonce_window)
+            .field("presence", &self.presence)
             .finish()
     }
 }
@@ -269,6 +310,27 @@ pub struct DiscordAdapter {
     max_inline_wait: Duration,
     client: reqwest::Client,
     limiter: Limiter,
+    /// `sg:{P}:discord:`, the base of the session's keys (guilds, nonces, presence).
+    state_base: String,
+    conn: ConnectionManager,
+    toggle: Option<ToggleButton>,
+    toggles: Toggles,
+    /// Channel → its guild (`""`: not in a guild), as learned.
+    guilds: Mutex<HashMap<String, String>>,
+    nonce_window: Duration,
+    presence: bool,
+}
+
+/// How many channels' guilds are remembered in memory before starting over.
+const MAX_GUILD_CACHE: usize = 100_000;
+
+/// What a create-message send needs to know about the delivery.
+struct SendCtx<'a> {
+    key: &'a str,
+    /// An earlier try of this entry may have reached Discord.
+    resend: bool,
+    /// How old the entry is (an upper bound on the time since its first try).
+    age: Duration,
 }
 
 impl fmt::Debug for DiscordAdapter {
@@ -279,6 +341,8 @@ impl fmt::Debug for DiscordAdapter {
             .field("token", &"<redacted>")
             .field("long_text", &self.long_text)
             .field("limiter", &self.limiter)
+            .field("toggle", &self.toggle)
+            .field("presence", &self.presence)
             .finish_non_exhaustive()
     }
 }
@@ -298,15 +362,16 @@ struct Attachment<'a> {
 }
 
 impl DiscordAdapter {
-    /// An adapter for `platform`; `conn` and `limits_base` (`Keys::discord()`)
-    /// hold the shared rate-limit state. Fails, naming the problem, on a bad
-    /// API base or an empty token.
+    /// An adapter for the platform of `keys`; `conn` holds the state shared
+    /// by every gateway (rate limits, toggles, what the gateway session
+    /// records). Fails, naming the problem, on a bad API base or an empty token.
     pub fn new(
-        platform: &str,
+        keys: &Keys,
         settings: DiscordSettings,
         conn: ConnectionManager,
-        limits_base: String,
     ) -> Result<Self, String> {
+        let platform = keys.platform();
+        let limits_base = keys.discord();
         let url = Url::parse(&settings.api_base)
             .map_err(|e| format!("discord api_base is not a valid URL: {e}"))?;
         if !matches!(url.scheme(), "http" | "https") {
@@ -345,11 +410,18 @@ impl DiscordAdapter {
             max_inline_wait: settings.max_inline_wait,
             client,
             limiter: Limiter::new(
-                conn,
-                limits_base,
+                conn.clone(),
+                limits_base.clone(),
                 settings.global_per_second,
                 settings.invalid_request_limit,
             ),
+            state_base: limits_base,
+            toggles: Toggles::new(conn.clone(), keys.clone()),
+            conn,
+            toggle: settings.toggle,
+            guilds: Mutex::new(HashMap::new()),
+            nonce_window: settings.nonce_window,
+            presence: settings.presence,
         })
     }
 
@@ -506,20 +578,25 @@ impl DiscordAdapter {
 
     /// Send `text` as one or more ordered messages (see the module docs); the
     /// first part's message id.
+    #[allow(clippy::too_many_arguments)]
     async fn send_parts(
         &self,
         channel: &str,
-        key: &str,
+        ctx: &SendCtx<'_>,
         text: &str,
         reply_to: Option<&str>,
         buttons: &[Button],
+        toggle: Option<&ToggleButton>,
         file: Option<Attachment<'_>>,
     ) -> Result<String, AdapterError> {
-        let components = if buttons.is_empty() {
+        let mut components = if buttons.is_empty() {
             None
         } else {
             Some(components(buttons)?)
         };
+        if let Some(t) = toggle {
+            components = with_toggle(components, buttons, t);
+        }
         let chars = text.chars().count();
         let parts = if chars <= MAX_CONTENT {
             vec![text.to_owned()]
@@ -542,8 +619,15 @@ impl DiscordAdapter {
         let last = parts.len() - 1;
         let mut first_id = None;
         for (i, part) in parts.iter().enumerate() {
+            let nonce = nonce(ctx.key, i);
+            if ctx.resend
+                && let Some(id) = self.reconcile(&nonce, ctx.age).await
+            {
+                first_id.get_or_insert(id);
+                continue;
+            }
             let mut payload = json!({
-                "nonce": nonce(key, i),
+                "nonce": nonce,
                 "enforce_nonce": true,
                 "allowed_mentions": {"parse": []},
             });
@@ -579,7 +663,14 @@ impl DiscordAdapter {
                     AdapterError::permanent("a discord delivery needs channel_id (a channel id)")
                 })
         };
-        let key = d.idempotency_key;
+        let ctx = SendCtx {
+            key: d.idempotency_key,
+            resend: d.resend,
+            age: Duration::from_millis(
+                crate::now_ms()
+                    .saturating_sub(env.created_ms.unwrap_or_else(|| d.stream_id.millis())),
+            ),
+        };
         let sent = |id: String| Delivered {
             message_id: Some(id),
         };
@@ -588,12 +679,15 @@ impl DiscordAdapter {
                 text,
                 reply_to,
                 buttons,
-            } => self
-                .send_parts(channel()?, key, text, reply_to.as_deref(), buttons, None)
-                .await
-                .map(sent),
+            } => {
+                let c = channel()?;
+                let toggle = self.toggle_for(c, buttons).await?;
+                self.send_parts(c, &ctx, text, reply_to.as_deref(), buttons, toggle, None)
+                    .await
+                    .map(sent)
+            }
             Action::Buttons { text, buttons } => self
-                .send_parts(channel()?, key, text, None, buttons, None)
+                .send_parts(channel()?, &ctx, text, None, buttons, None, None)
                 .await
                 .map(sent),
             Action::File {
@@ -609,10 +703,11 @@ impl DiscordAdapter {
                 };
                 self.send_parts(
                     channel()?,
-                    key,
+                    &ctx,
                     text.as_deref().unwrap_or(""),
                     None,
                     &[],
+                    None,
                     Some(file),
                 )
                 .await
@@ -646,13 +741,145 @@ impl DiscordAdapter {
                 self.call_api(&route, &[], Body::None).await?;
                 Ok(Delivered::default())
             }
-            Action::Presence { .. } => Err(AdapterError::permanent(
-                "discord presence needs a gateway session, which this adapter does not hold yet",
-            )),
+            Action::Presence { text, emoji } => {
+                if !self.presence {
+                    return Err(AdapterError::permanent(
+                        "discord presence needs a gateway session (`gateway = true`)",
+                    ));
+                }
+                let mut conn = self.conn.clone();
+                gateway::set_presence(
+                    &mut conn,
+                    &self.state_base,
+                    text.as_deref(),
+                    emoji.as_deref(),
+                )
+                .await
+                .map_err(|e| {
+                    AdapterError::transient(format!("storing the discord presence failed: {e}"))
+                })?;
+                Ok(Delivered::default())
+            }
             Action::Rpc { method, .. } => Err(AdapterError::permanent(format!(
                 "rpc_request `{method}` is answered by the gateway, not delivered to discord"
             ))),
         }
+    }
+
+    /// The toggle button for a message to `channel`, unless it is switched
+    /// off for the channel or its guild, or the message's own buttons use its
+    /// custom id.
+    async fn toggle_for(
+        &self,
+        channel: &str,
+        buttons: &[Button],
+    ) -> Result<Option<&ToggleButton>, AdapterError> {
+        let Some(t) = &self.toggle else {
+            return Ok(None);
+        };
+        if buttons
+            .iter()
+            .any(|b| b.custom_id.as_deref() == Some(t.custom_id.as_str()))
+        {
+            return Ok(None);
+        }
+        let guild = self.guild_of(channel).await?;
+        let on = self
+            .toggles
+            .enabled(TOGGLE_MENU, channel, guild.as_deref(), true)
+            .await
+            .map_err(|e| {
+                AdapterError::transient(format!("reading the toggle switches (redis) failed: {e}"))
+            })?;
+        Ok(on.then_some(t))
+    }
+
+    /// The guild `channel` belongs to (`None` for a DM, or when Discord will
+    /// not say): from memory, else what the gateway session recorded in
+    /// Redis, else `GET /channels/{c}` (recorded for every gateway). A rate
+    /// limit or transient failure of that call is the delivery's; a
+    /// permanent one leaves the guild unknown (the channel's own switch
+    /// still applies).
+    async fn guild_of(&self, channel: &str) -> Result<Option<String>, AdapterError> {
+        let known = |g: String| (!g.is_empty()).then_some(g);
+        if let Some(g) = self.guilds.lock().expect("guild cache").get(channel) {
+            return Ok(known(g.clone()));
+        }
+        let mut conn = self.conn.clone();
+        let key = gateway::guilds_key(&self.state_base);
+        let stored: Option<String> = conn.hget(&key, channel).await.map_err(|e| {
+            AdapterError::transient(format!("reading the channel's guild (redis) failed: {e}"))
+        })?;
+        let guild = match stored {
+            Some(g) => g,
+            None => {
+                let route = Route::new(
+                    Method::GET,
+                    format!("/channels/{}", seg(channel)),
+                    "/channels/:c",
+                    channel,
+                );
+                match self.call_api(&route, &[], Body::None).await {
+                    Ok(v) => {
+                        let g = v
+                            .get("guild_id")
+                            .and_then(Value::as_str)
+                            .unwrap_or("")
+                            .to_owned();
+                        let r: redis::RedisResult<()> = conn.hset(&key, channel, &g).await;
+                        if let Err(e) = r {
+                            debug!(error = %e, "recording a channel's guild failed");
+                        }
+                        g
+                    }
+                    Err(e) if e.retry == Retry::Never => {
+                        debug!(channel, error = %e.message, "the channel's guild is unknown; its own toggle switch alone applies");
+                        String::new()
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        };
+        let mut cache = self.guilds.lock().expect("guild cache");
+        if cache.len() >= MAX_GUILD_CACHE {
+            cache.clear();
+        }
+        cache.insert(channel.to_owned(), guild.clone());
+        Ok(known(guild))
+    }
+
+    /// Before resending a part whose earlier try may have reached Discord:
+    /// the original message's id when the gateway session saw it (its
+    /// `MESSAGE_CREATE` carried our nonce), so it is not sent again.
+    /// Otherwise the part is resent with the same nonce, which Discord
+    /// de-duplicates inside its window; past the window nothing else can
+    /// tell (Discord's message history does not keep nonces, and matching on
+    /// text could mistake another message for ours and lose this one), so
+    /// the resend is counted as unverified.
+    async fn reconcile(&self, nonce: &str, age: Duration) -> Option<String> {
+        let mut conn = self.conn.clone();
+        let seen: redis::RedisResult<Option<String>> =
+            conn.get(gateway::nonce_key(&self.state_base, nonce)).await;
+        let result = match seen {
+            Ok(Some(id)) if !id.is_empty() => {
+                crate::metrics::discord_unknown_outcome(&self.platform, "reconciled");
+                debug!(nonce, message_id = %id, "the earlier try had landed; not resending");
+                return Some(id);
+            }
+            Ok(_) => None,
+            Err(e) => {
+                warn!(platform = %self.platform, error = %e, "looking up a nonce the gateway session recorded failed");
+                None
+            }
+        };
+        if age < self.nonce_window {
+            crate::metrics::discord_unknown_outcome(&self.platform, "nonce_window");
+        } else {
+            crate::metrics::discord_unknown_outcome(&self.platform, "unverified");
+            warn!(platform = %self.platform, nonce, age_ms = age.as_millis() as u64,
+                "resending past Discord's nonce window with no record of the earlier try: it may duplicate");
+        }
+        result
     }
 
     /// `GET /channels/{c}/messages?limit=N`: the latest messages, oldest first.
@@ -708,7 +935,7 @@ impl Adapter for DiscordAdapter {
 
     fn capabilities(&self) -> Capabilities {
         Capabilities {
-            presence: false,
+            presence: self.presence,
             ..Capabilities::ALL
         }
     }
@@ -742,6 +969,31 @@ impl Adapter for DiscordAdapter {
             }
         })
     }
+}
+
+/// `rows` (the message's own button rows, if any) with the toggle button
+/// added: at the end of the last row when it has room, else in a row of its
+/// own; left off when all five rows are full.
+fn with_toggle(rows: Option<Value>, buttons: &[Button], t: &ToggleButton) -> Option<Value> {
+    let button = json!({"type": 2, "style": 2, "label": t.label, "custom_id": t.custom_id});
+    let mut rows = match rows {
+        Some(Value::Array(r)) => r,
+        _ => Vec::new(),
+    };
+    let full_rows = rows.len() >= 5;
+    match rows
+        .last_mut()
+        .and_then(|r| r.get_mut("components"))
+        .and_then(Value::as_array_mut)
+    {
+        Some(last) if last.len() < 5 => last.push(button),
+        _ if !full_rows => rows.push(json!({"type": 1, "components": [button]})),
+        _ => debug!(
+            buttons = buttons.len(),
+            "no room for the toggle button beside the message's own"
+        ),
+    }
+    (!rows.is_empty()).then_some(Value::Array(rows))
 }
 
 /// The nonce of part `part` of a send: 20 hex digits of SHA-256 of the

@@ -555,7 +555,9 @@ impl Lane {
                 }
                 Err(e) => e,
             };
-            resend = true;
+            // A rate limit (429, or the adapter's own limiter) means the
+            // request was not taken; anything else may have landed.
+            resend |= !matches!(err.retry, Retry::After(_));
             let wait = match err.retry {
                 Retry::Never => {
                     warn!(error = %err.message, "platform refused the action; dead-lettered");
