@@ -37,7 +37,8 @@
 //! op 9 → resume (d = true) or identify afresh (d = false) after 1–5 s. Close
 //! codes 4004 and 4010–4014 are fatal (logged with the fix, no reconnect);
 //! others reconnect with exponential backoff (1 s doubling to 30 s, reset by
-//! a successful session). At most one IDENTIFY per 5 s from one session.
+//! a successful session); three resumes in a row that do not come up give
+//! way to a fresh Identify. At most one IDENTIFY per 5 s from one session.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
