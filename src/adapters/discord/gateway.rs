@@ -522,19 +522,17 @@ impl Session {
     }
 
     async fn acquire(&self) -> RedisResult<bool> {
-        let mut conn = self.conn.clone();
-        let n: i64 = ACQUIRE
-            .key(lease_key(&self.base))
-            .arg(&self.settings.owner)
-            .arg(self.lease_ms())
-            .invoke_async(&mut conn)
-            .await?;
-        Ok(n == 1)
+        self.lease_script(&ACQUIRE).await
     }
 
     async fn renew(&self) -> RedisResult<bool> {
+        self.lease_script(&RENEW).await
+    }
+
+    /// Run a lease script (take or renew) for this owner: whether it is ours now.
+    async fn lease_script(&self, script: &Script) -> RedisResult<bool> {
         let mut conn = self.conn.clone();
-        let n: i64 = RENEW
+        let n: i64 = script
             .key(lease_key(&self.base))
             .arg(&self.settings.owner)
             .arg(self.lease_ms())
