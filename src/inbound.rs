@@ -106,12 +106,14 @@ impl InboundEvent {
     }
 }
 
-/// Appends events to a platform's inbound stream (kept to about `maxlen`).
+/// About how many entries an inbound stream keeps.
+pub const INBOUND_MAXLEN: usize = 100_000;
+
+/// Appends events to a platform's inbound stream (kept to about `INBOUND_MAXLEN`).
 #[derive(Clone)]
 pub struct InboundPublisher {
     conn: ConnectionManager,
     keys: Keys,
-    maxlen: usize,
 }
 
 impl std::fmt::Debug for InboundPublisher {
@@ -124,11 +126,7 @@ impl std::fmt::Debug for InboundPublisher {
 
 impl InboundPublisher {
     pub fn new(conn: ConnectionManager, keys: Keys) -> Self {
-        InboundPublisher {
-            conn,
-            keys,
-            maxlen: 100_000,
-        }
+        InboundPublisher { conn, keys }
     }
 
     pub async fn publish(&self, event: &InboundEvent) -> RedisResult<StreamId> {
@@ -137,7 +135,7 @@ impl InboundPublisher {
         let id: String = conn
             .xadd_maxlen(
                 self.keys.inbound(),
-                redis::streams::StreamMaxlen::Approx(self.maxlen),
+                redis::streams::StreamMaxlen::Approx(INBOUND_MAXLEN),
                 "*",
                 &[("payload", payload)],
             )

@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 use stargazer::adapters::discord::gateway::{
     DEFAULT_INTENTS, Session, SessionSettings, guilds_key, nonce_key, set_presence,
 };
-use stargazer::inbound::{InboundEvent, InboundPublisher};
+use stargazer::inbound::InboundEvent;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -389,16 +389,8 @@ impl Running {
 fn start(rig: &Rig, settings: SessionSettings) -> Running {
     let owner = settings.owner.clone();
     let client = redis::Client::open(rig.server.url()).unwrap();
-    let inbound = InboundPublisher::new(rig.bus.conn(), rig.keys.clone());
     let session = Arc::new(
-        Session::new(
-            settings,
-            client,
-            rig.bus.conn(),
-            rig.keys.discord(),
-            inbound,
-        )
-        .expect("session settings"),
+        Session::new(settings, client, rig.bus.conn(), &rig.keys).expect("session settings"),
     );
     let stop = CancellationToken::new();
     let task = tokio::spawn(session.clone().run(stop.clone()));

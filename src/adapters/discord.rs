@@ -380,14 +380,13 @@ impl DiscordAdapter {
                 url.scheme()
             ));
         }
-        let token = settings.token.trim();
+        let token = bare_token(&settings.token);
         if token.is_empty() {
             return Err("discord bot token is empty".into());
         }
         if settings.request_timeout.is_zero() {
             return Err("discord request timeout must be greater than zero".into());
         }
-        let token = token.strip_prefix("Bot ").unwrap_or(token);
         let mut auth = HeaderValue::from_str(&format!("Bot {token}"))
             .map_err(|_| "discord bot token cannot be sent as an HTTP header".to_owned())?;
         auth.set_sensitive(true);
@@ -595,7 +594,7 @@ impl DiscordAdapter {
             Some(components(buttons)?)
         };
         if let Some(t) = toggle {
-            components = with_toggle(components, buttons, t);
+            components = with_toggle(components, t);
         }
         let chars = text.chars().count();
         let parts = if chars <= MAX_CONTENT {
@@ -860,18 +859,17 @@ impl DiscordAdapter {
         let mut conn = self.conn.clone();
         let seen: redis::RedisResult<Option<String>> =
             conn.get(gateway::nonce_key(&self.state_base, nonce)).await;
-        let result = match seen {
+        match seen {
             Ok(Some(id)) if !id.is_empty() => {
                 crate::metrics::discord_unknown_outcome(&self.platform, "reconciled");
                 debug!(nonce, message_id = %id, "the earlier try had landed; not resending");
                 return Some(id);
             }
-            Ok(_) => None,
+            Ok(_) => {}
             Err(e) => {
                 warn!(platform = %self.platform, error = %e, "looking up a nonce the gateway session recorded failed");
-                None
             }
-        };
+        }
         if age < self.nonce_window {
             crate::metrics::discord_unknown_outcome(&self.platform, "nonce_window");
         } else {
@@ -879,7 +877,7 @@ impl DiscordAdapter {
             warn!(platform = %self.platform, nonce, age_ms = age.as_millis() as u64,
                 "resending past Discord's nonce window with no record of the earlier try: it may duplicate");
         }
-        result
+        None
     }
 
     /// `GET /channels/{c}/messages?limit=N`: the latest messages, oldest first.
@@ -974,7 +972,7 @@ impl Adapter for DiscordAdapter {
 /// `rows` (the message's own button rows, if any) with the toggle button
 /// added: at the end of the last row when it has room, else in a row of its
 /// own; left off when all five rows are full.
-fn with_toggle(rows: Option<Value>, buttons: &[Button], t: &ToggleButton) -> Option<Value> {
+fn with_toggle(rows: Option<Value>, t: &ToggleButton) -> Option<Value> {
     let button = json!({"type": 2, "style": 2, "label": t.label, "custom_id": t.custom_id});
     let mut rows = match rows {
         Some(Value::Array(r)) => r,
@@ -988,12 +986,15 @@ fn with_toggle(rows: Option<Value>, buttons: &[Button], t: &ToggleButton) -> Opt
     {
         Some(last) if last.len() < 5 => last.push(button),
         _ if !full_rows => rows.push(json!({"type": 1, "components": [button]})),
-        _ => debug!(
-            buttons = buttons.len(),
-            "no room for the toggle button beside the message's own"
-        ),
+        _ => debug!("no room for the toggle button beside the message's own five rows"),
     }
     (!rows.is_empty()).then_some(Value::Array(rows))
+}
+
+/// A bot token as configured, without surrounding blanks or a `Bot ` prefix.
+pub fn bare_token(raw: &str) -> &str {
+    let t = raw.trim();
+    t.strip_prefix("Bot ").unwrap_or(t)
 }
 
 /// The nonce of part `part` of a send: 20 hex digits of SHA-256 of the

@@ -241,10 +241,7 @@ pub fn discord_from_config(
     discord::DiscordAdapter::new(
         keys,
         discord::DiscordSettings {
-            api_base: p
-                .api_base
-                .clone()
-                .unwrap_or_else(|| discord::DEFAULT_API_BASE.to_owned()),
+            api_base: discord_api_base(p),
             token: token.ok_or_else(|| format!("platform `{}` needs `token_env`", p.name))?,
             long_text: p.long_text,
             global_per_second: p.global_rate_limit,
@@ -262,6 +259,13 @@ pub fn discord_from_config(
     )
 }
 
+/// A discord platform's REST API base: its `api_base`, else Discord's.
+fn discord_api_base(p: &crate::config::PlatformConfig) -> String {
+    p.api_base
+        .clone()
+        .unwrap_or_else(|| discord::DEFAULT_API_BASE.to_owned())
+}
+
 /// The Discord gateway session of a `[[platform]]` table with `gateway =
 /// true`: run by whichever gateway of the fleet holds its lease (`owner` is
 /// this gateway's consumer name).
@@ -270,18 +274,12 @@ pub fn discord_session_from_config(
     token: Option<String>,
     owner: &str,
     bus: &crate::bus::Bus,
-    inbound: crate::inbound::InboundPublisher,
 ) -> Result<discord::gateway::Session, String> {
-    let token = token.ok_or_else(|| format!("platform `{}` needs `token_env`", p.name))?;
-    let token = token.trim();
     discord::gateway::Session::new(
         discord::gateway::SessionSettings {
             platform: p.name.clone(),
-            token: token.strip_prefix("Bot ").unwrap_or(token).to_owned(),
-            api_base: p
-                .api_base
-                .clone()
-                .unwrap_or_else(|| discord::DEFAULT_API_BASE.to_owned()),
+            token: token.ok_or_else(|| format!("platform `{}` needs `token_env`", p.name))?,
+            api_base: discord_api_base(p),
             gateway_url: p.gateway_url.clone(),
             intents: p.intents.unwrap_or(discord::gateway::DEFAULT_INTENTS),
             lease: Duration::from_millis(p.session_lease_ms),
@@ -289,8 +287,7 @@ pub fn discord_session_from_config(
         },
         bus.client().clone(),
         bus.conn(),
-        bus.keys().discord(),
-        inbound,
+        bus.keys(),
     )
 }
 

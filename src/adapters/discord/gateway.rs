@@ -63,7 +63,8 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::inbound::{InboundEvent, InboundPublisher};
+use crate::inbound::InboundEvent;
+use crate::keys::Keys;
 
 /// GUILDS | GUILD_MESSAGES | GUILD_MESSAGE_REACTIONS | DIRECT_MESSAGES |
 /// DIRECT_MESSAGE_REACTIONS | MESSAGE_CONTENT (privileged: enable it in the
@@ -75,8 +76,6 @@ pub const DEFAULT_LEASE: Duration = Duration::from_secs(15);
 const CLOSE_RESUMABLE: u16 = 4000;
 /// How long a bot-sent message's nonce is remembered.
 const NONCE_TTL_S: u64 = 86_400;
-/// About how many entries the inbound stream keeps (as `InboundPublisher`).
-const INBOUND_MAXLEN: usize = 100_000;
 /// Gateway send limit: events per window per connection.
 const SEND_LIMIT: usize = 120;
 const SEND_WINDOW: Duration = Duration::from_secs(60);
@@ -410,11 +409,10 @@ pub struct Session {
     settings: SessionSettings,
     client: redis::Client,
     conn: ConnectionManager,
+    /// `sg:{P}:discord:`, the base of the session's keys.
     base: String,
-    inbound: InboundPublisher,
-    /// The inbound stream, derived from `base`, so an event and its seq are
-    /// written in one script; `None` → published through `inbound` first.
-    inbound_key: Option<String>,
+    /// `sg:{P}:inbound`: written in the same script as the event's seq.
+    inbound_key: String,
     http: reqwest::Client,
     connected: AtomicBool,
     last_identify: Mutex<Option<Instant>>,
@@ -432,15 +430,16 @@ impl fmt::Debug for Session {
 }
 
 impl Session {
-    /// `base` is `Keys::discord()` of the platform (`sg:{discord}:discord:`).
+    /// A session of the platform of `keys`: its state lives under
+    /// `keys.discord()`, its events go to `keys.inbound()`.
     pub fn new(
-        settings: SessionSettings,
+        mut settings: SessionSettings,
         client: redis::Client,
         conn: ConnectionManager,
-        base: String,
-        inbound: InboundPublisher,
+        keys: &Keys,
     ) -> Result<Self, String> {
-        if settings.token.trim().is_empty() {
+        settings.token = super::bare_token(&settings.token).to_owned();
+        if settings.token.is_empty() {
             return Err("the Discord gateway needs the bot token".into());
         }
         if settings.owner.is_empty() {
@@ -454,10 +453,6 @@ impl Session {
         }
         Url::parse(&settings.api_base)
             .map_err(|e| format!("invalid Discord api_base `{}`: {e}", settings.api_base))?;
-        let inbound_key = base
-            .strip_suffix("discord:")
-            .filter(|p| p.ends_with(':'))
-            .map(|p| format!("{p}inbound"));
         let http = reqwest::Client::builder()
             .timeout(HTTP_TIMEOUT)
             .build()
@@ -466,9 +461,8 @@ impl Session {
             settings,
             client,
             conn,
-            base,
-            inbound,
-            inbound_key,
+            base: keys.discord(),
+            inbound_key: keys.inbound(),
             http,
             connected: AtomicBool::new(false),
             last_identify: Mutex::new(None),
@@ -720,21 +714,11 @@ impl Session {
     /// while the lease is ours.
     async fn commit(&self, seq: Option<u64>, w: &Writes) -> RedisResult<Commit> {
         let mut conn = self.conn.clone();
-        let mut payload = String::new();
-        if let Some(ev) = &w.event {
-            let json = serde_json::to_string(ev).unwrap_or_default();
-            if self.inbound_key.is_some() {
-                payload = json;
-            } else {
-                // Not the usual key layout: publish first, so the seq written
-                // below never runs ahead of what was published.
-                self.inbound.publish(ev).await?;
-            }
-        }
-        let inbound_key = self
-            .inbound_key
-            .clone()
-            .unwrap_or_else(|| format!("{}inbound", self.base));
+        let payload = w
+            .event
+            .as_ref()
+            .map(|ev| serde_json::to_string(ev).expect("events serialise"))
+            .unwrap_or_default();
         let (nonce, message_id) = match &w.nonce {
             Some((n, m)) => (nonce_key(&self.base, n), m.clone()),
             None => (nonce_key(&self.base, ""), String::new()),
@@ -742,13 +726,13 @@ impl Session {
         let mut inv = COMMIT.prepare_invoke();
         inv.key(lease_key(&self.base))
             .key(session_key(&self.base))
-            .key(inbound_key)
+            .key(&self.inbound_key)
             .key(guilds_key(&self.base))
             .key(nonce)
             .arg(&self.settings.owner)
             .arg(seq.map(|s| s.to_string()).unwrap_or_default())
             .arg(payload)
-            .arg(INBOUND_MAXLEN)
+            .arg(crate::inbound::INBOUND_MAXLEN)
             .arg(message_id)
             .arg(NONCE_TTL_S);
         for (channel, guild) in &w.guilds {
