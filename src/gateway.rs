@@ -110,6 +110,10 @@ pub async fn run(
             _ => Config::secret_for(p, &env)?,
         };
         let inbound = crate::inbound::InboundPublisher::new(bus.conn(), bus.keys().clone());
+        let adapter_err = |message| GatewayError::Adapter {
+            platform: p.name.clone(),
+            message,
+        };
         let adapter: adapters::SharedAdapter = match p.adapter {
             crate::config::AdapterKind::Console if p.read_stdin => {
                 let console = Arc::new(adapters::console::ConsoleAdapter::stdout(&p.name));
@@ -119,12 +123,8 @@ pub async fn run(
                 console
             }
             crate::config::AdapterKind::Matrix => {
-                let matrix = Arc::new(adapters::matrix_from_config(p, secret.clone()).map_err(
-                    |message| GatewayError::Adapter {
-                        platform: p.name.clone(),
-                        message,
-                    },
-                )?);
+                let matrix =
+                    Arc::new(adapters::matrix_from_config(p, secret.clone()).map_err(adapter_err)?);
                 ops_tasks.push(tokio::spawn(matrix.clone().run_sync(
                     inbound.clone(),
                     bus.conn(),
@@ -135,10 +135,6 @@ pub async fn run(
                 matrix
             }
             crate::config::AdapterKind::Discord => {
-                let adapter_err = |message| GatewayError::Adapter {
-                    platform: p.name.clone(),
-                    message,
-                };
                 let discord =
                     adapters::discord_from_config(p, secret.clone(), bus.conn(), bus.keys())
                         .map_err(adapter_err)?;
@@ -148,7 +144,6 @@ pub async fn run(
                         secret.clone(),
                         &consumer_name,
                         &bus,
-                        inbound.clone(),
                     )
                     .map_err(adapter_err)?;
                     ops_tasks.push(tokio::spawn(Arc::new(session).run(ops_stop.clone())));
@@ -156,10 +151,7 @@ pub async fn run(
                 }
                 Arc::new(discord)
             }
-            _ => adapters::build(p, secret.clone()).map_err(|message| GatewayError::Adapter {
-                platform: p.name.clone(),
-                message,
-            })?,
+            _ => adapters::build(p, secret.clone()).map_err(adapter_err)?,
         };
         if p.adapter == crate::config::AdapterKind::Webhook {
             inbound_routes.add(&p.name, inbound, secret.map(String::into_bytes));
