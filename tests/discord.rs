@@ -1384,7 +1384,7 @@ async fn a_resend_of_unknown_outcome_is_reconciled_or_counted() {
         "channel_id": "8", "content": "y", "nonce": nonce("sg:u:2", 0), "enforce_nonce": true
     }))
     .unwrap();
-    let landed = adapter_post(&server, "8", &part0).await;
+    let landed = post_to_fake(&server, "8", &part0).await;
     let key0 = gateway::nonce_key(&rig.keys.discord(), &nonce("sg:u:2", 0));
     rig.cmd::<()>(&["SET", &key0, &landed]).await;
     let got = redeliver(&adapter, &long, "sg:u:2", long_ago)
@@ -1426,7 +1426,7 @@ async fn a_resend_of_unknown_outcome_is_reconciled_or_counted() {
 
 /// POST a create-message to the fake directly (a try that landed while its
 /// sender lost the answer); the new message's id.
-async fn adapter_post(server: &Server, channel: &str, payload: &Value) -> String {
+async fn post_to_fake(server: &Server, channel: &str, payload: &Value) -> String {
     let resp = reqwest::Client::new()
         .post(format!("{}/channels/{channel}/messages", server.base))
         .header("authorization", format!("Bot {TOKEN}"))
