@@ -53,7 +53,7 @@ impl Default for RedisConfig {
         Self {
             url: "redis://127.0.0.1:6379".into(),
             prefix: "sg".into(),
-            cache_prefix: "sg:".into(),
+            cache_prefix: "sg:msg:".into(),
         }
     }
 }
@@ -122,9 +122,11 @@ consumer_settings! {
     read_batch: usize = 256,
     /// How long one blocking read waits for new entries.
     block_ms: u64 = 2000,
-    /// Period of the recovery sweep (XAUTOCLAIM).
+    /// Period of the full recovery sweep over the group's consumers (dead
+    /// ones are also claimed as soon as they are found dead).
     autoclaim_interval_ms: u64 = 30_000,
-    /// A pending entry idle this long belongs to a dead consumer and is claimed.
+    /// The latest a dead consumer's pending entries are claimed; must cover
+    /// finding it dead (`lock_ttl_ms` and a third).
     autoclaim_min_idle_ms: u64 = 60_000,
     /// Attempts (across redeliveries) before an entry may be dead-lettered…
     max_attempts: u32 = 5,
@@ -132,7 +134,8 @@ consumer_settings! {
     max_age_ms: u64 = 600_000,
     /// How long a later `seq` waits for a predecessor that never arrives.
     gap_timeout_ms: u64 = 30_000,
-    /// Channel lock lease; renewed while held.
+    /// Node lease: a gateway whose heartbeat (every third of it) stood still
+    /// this long is dead, and its channels and entries move to the others.
     lock_ttl_ms: u64 = 10_000,
     /// Larger payloads are dead-lettered as `too_large`.
     max_payload_bytes: usize = 8 * 1024 * 1024,
@@ -154,6 +157,11 @@ consumer_settings! {
     trim_interval_ms: u64 = 60_000,
     /// Keep acknowledged entries at least this long (0 = trim as soon as acked).
     retention_ms: u64 = 3_600_000,
+    /// How long a sent idempotency key is remembered, so a repeat of it is
+    /// skipped as a proven duplicate.
+    dedup_window_ms: u64 = 86_400_000,
+    /// How long a gateway keeps an idle channel before giving it up.
+    idle_release_ms: u64 = 2_000,
 }
 
 impl ConsumerConfig {
@@ -184,9 +192,41 @@ impl ConsumerConfig {
                 self.backoff_max_ms, self.backoff_base_ms
             )));
         }
-        if self.lock_ttl_ms < 100 {
+        if self.lock_ttl_ms < 300 {
             return Err(err(format!(
-                "{at}.lock_ttl_ms must be at least 100 (it is renewed every third of it)"
+                "{at}.lock_ttl_ms must be at least 300 (the heartbeat runs every third of it)"
+            )));
+        }
+        // Coherent timers (SPEC §3): recovery of a dead gateway's entries
+        // (found dead after lock_ttl_ms, claimed at the next heartbeat) must
+        // fit in the idle bound and well inside the gap timeout, so a channel
+        // does not wait out its gap for entries that are only being recovered.
+        let recovery = self.lock_ttl_ms + self.lock_ttl_ms / 3;
+        if self.autoclaim_min_idle_ms < recovery {
+            return Err(err(format!(
+                "{at}.autoclaim_min_idle_ms ({}) is shorter than finding a dead gateway takes \
+                 ({at}.lock_ttl_ms {} and a third = {recovery} ms); raise it or lower lock_ttl_ms",
+                self.autoclaim_min_idle_ms, self.lock_ttl_ms
+            )));
+        }
+        if self.gap_timeout_ms < 2 * recovery {
+            return Err(err(format!(
+                "{at}.gap_timeout_ms ({}) must be at least twice the recovery time of a dead \
+                 gateway's entries (2 × ({at}.lock_ttl_ms {} and a third) = {} ms)",
+                self.gap_timeout_ms,
+                self.lock_ttl_ms,
+                2 * recovery
+            )));
+        }
+        if self.read_batch > self.max_in_flight {
+            return Err(err(format!(
+                "{at}.read_batch ({}) exceeds {at}.max_in_flight ({}): a read could never be held",
+                self.read_batch, self.max_in_flight
+            )));
+        }
+        if self.dedup_window_ms < 60_000 {
+            return Err(err(format!(
+                "{at}.dedup_window_ms must be at least 60000 (a minute)"
             )));
         }
         Ok(())
@@ -558,6 +598,17 @@ impl Config {
             ));
         }
         self.consumer.validate("consumer")?;
+        // The message cache must never reach Stargazer's own keys (SPEC §2).
+        let cp = &self.redis.cache_prefix;
+        for own in crate::keys::Keys::own_prefixes(&self.redis.prefix) {
+            if cp.is_empty() || own.starts_with(cp.as_str()) || cp.starts_with(own.as_str()) {
+                return Err(err(format!(
+                    "redis.cache_prefix `{cp}` overlaps Stargazer's own keys (`{own}…`); \
+                     use a prefix of its own such as `{}:msg:`",
+                    self.redis.prefix
+                )));
+            }
+        }
         if let Some(listen) = &self.http.listen
             && listen.parse::<std::net::SocketAddr>().is_err()
         {

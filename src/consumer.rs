@@ -1,31 +1,46 @@
-//! One platform's consumer: the reader (blocking XREADGROUP while there is
-//! room), the recovery sweep (XAUTOCLAIM, cursor followed to the end), and
-//! the keep-fresh ticker that stops sweeps elsewhere from taking this
-//! consumer's slow entries. Entries go to the [`Dispatcher`].
+//! One platform's consumer, as one gateway *instance* after another: an
+//! instance registers in `sg:{P}:nodes`, then runs
+//!
+//! - the reader: blocking XREADGROUP while there is room;
+//! - the inbox: entries peers handed over because this instance owns their channel;
+//! - liveness: a heartbeat every third of `lock_ttl_ms`, which also watches
+//!   the other nodes — one whose heartbeat stands still for `lock_ttl_ms` is
+//!   declared dead, and its pending entries (and those of any consumer with
+//!   no registration) are claimed at once, without room (G7: recovery never
+//!   waits behind the reader's budget);
+//! - recovery of this consumer name's own pending entries from an earlier life.
+//!
+//! Entries go to the [`Dispatcher`]. An instance that finds itself no longer
+//! registered (its peers declared it dead) drops everything it holds and a
+//! new instance starts over; on shutdown it drains, then unregisters so its
+//! peers claim what is left at once.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use redis::RedisResult;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::adapters::SharedAdapter;
-use crate::bus::{Bus, DeadLetter, Identity, RawEntry, Timing};
-use crate::config::ConsumerConfig;
+use crate::bus::{Beat, Bus, Identity, RawEntry};
+use crate::config::{ConsumerConfig, UnknownOutcome};
 use crate::dispatch::retry::RetryPolicy;
-use crate::dispatch::{Dispatcher, DispatcherParts, Entry};
-use crate::envelope::{ParseRules, parse_entry};
+use crate::dispatch::{Arrival, Dispatcher, DispatcherParts, Settings};
+use crate::envelope::{ParseRules, StreamId, parse_entry};
+use crate::keys::Keys;
 use crate::stats::Stats;
 
 /// A running consumer.
 #[derive(Debug)]
 pub struct Consumer {
-    dispatcher: Dispatcher,
     stats: Arc<Stats>,
-    tasks: Vec<JoinHandle<()>>,
-    drain: Duration,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+    current: Arc<Mutex<Option<Dispatcher>>>,
     platform: String,
 }
 
@@ -44,14 +59,37 @@ pub struct ConsumerParts {
     pub tools: Vec<Arc<dyn crate::tools::Tool>>,
 }
 
+/// What the gauges read of the running instance.
+#[derive(Debug, Clone)]
+pub struct Load(Arc<Mutex<Option<Dispatcher>>>);
+
+impl Load {
+    pub fn held_count(&self) -> usize {
+        self.0
+            .lock()
+            .expect("load poisoned")
+            .as_ref()
+            .map_or(0, Dispatcher::held_count)
+    }
+
+    pub fn lanes_count(&self) -> usize {
+        self.0
+            .lock()
+            .expect("load poisoned")
+            .as_ref()
+            .map_or(0, Dispatcher::lanes_count)
+    }
+}
+
 struct Ctx {
     bus: Bus,
-    dispatcher: Dispatcher,
     settings: ConsumerConfig,
     rules: ParseRules,
-    who: Identity,
-    room: Arc<Semaphore>,
+    consumer: String,
+    adapter: SharedAdapter,
+    rpc: Arc<crate::rpc::RpcServer>,
     stats: Arc<Stats>,
+    current: Arc<Mutex<Option<Dispatcher>>>,
 }
 
 impl Consumer {
@@ -59,29 +97,17 @@ impl Consumer {
     pub async fn start(p: ConsumerParts) -> RedisResult<Consumer> {
         p.bus.ensure_group().await?;
         let platform = p.bus.keys().platform().to_owned();
-        let who = Identity {
-            consumer: p.consumer_name.clone(),
-            instance: format!("{}/{:016x}", p.consumer_name, rand::random::<u64>()),
-        };
         let st = &p.settings;
-        let timing = Timing {
-            lock_ttl: ConsumerConfig::ms(st.lock_ttl_ms),
-            gap_timeout: ConsumerConfig::ms(st.gap_timeout_ms),
-            dlq_maxlen: st.dlq_maxlen,
-        };
-        let stats = Arc::new(Stats::default());
         let rules = ParseRules {
             max_payload_bytes: st.max_payload_bytes,
             signing_secret: st.signing_secret.as_ref().map(|s| s.as_bytes().to_vec()),
             cache_prefix: p.cache_prefix.clone(),
+            own_prefixes: Keys::own_prefixes(p.bus.keys().prefix()),
             reply_prefix: p.bus.keys().reply_prefix(),
         };
-        let room = Arc::new(Semaphore::new(st.max_in_flight));
-        let dispatcher = Dispatcher::new(DispatcherParts {
-            room: room.clone(),
-            max_in_flight: st.max_in_flight,
-            rules: rules.clone(),
-            handoff_idle: ConsumerConfig::ms(st.autoclaim_min_idle_ms),
+        let stats = Arc::new(Stats::default());
+        let current = Arc::new(Mutex::new(None));
+        let ctx = Arc::new(Ctx {
             rpc: Arc::new(crate::rpc::RpcServer::new(
                 &platform,
                 p.adapter.clone(),
@@ -89,48 +115,25 @@ impl Consumer {
                 p.tools.clone(),
             )),
             bus: p.bus.clone(),
-            adapter: p.adapter.clone(),
-            who: who.clone(),
-            timing,
-            retry: RetryPolicy {
-                base: ConsumerConfig::ms(st.backoff_base_ms),
-                max: ConsumerConfig::ms(st.backoff_max_ms),
-                max_attempts: st.max_attempts,
-                max_age: ConsumerConfig::ms(st.max_age_ms),
-            },
-            unknown_outcome: st.unknown_outcome,
-            stats: stats.clone(),
-        });
-        let ctx = Arc::new(Ctx {
-            bus: p.bus.clone(),
-            dispatcher: dispatcher.clone(),
             settings: p.settings.clone(),
             rules,
-            who,
-            room,
+            consumer: p.consumer_name.clone(),
+            adapter: p.adapter.clone(),
             stats: stats.clone(),
+            current: current.clone(),
         });
+        let stop = CancellationToken::new();
+        // The first instance registers before start returns, so a worker
+        // may rely on the gateway being live once it is started.
+        let first = Instance::register(&ctx, &stop).await;
         let span = info_span!("consumer", platform = %platform, consumer = %p.consumer_name);
-        let reader_conn = p.bus.blocking_connection().await?;
-        let tasks = vec![
-            tokio::spawn(read_loop(ctx.clone(), reader_conn).instrument(span.clone())),
-            tokio::spawn(sweep_loop(ctx.clone()).instrument(span.clone())),
-            tokio::spawn(keep_fresh_loop(ctx.clone()).instrument(span.clone())),
-            tokio::spawn(
-                {
-                    let (bus, d) = (p.bus.clone(), dispatcher.clone());
-                    let stop = dispatcher.stopping().clone();
-                    async move { bus.watch_wakeups(|chan| d.wake(chan), stop).await }
-                }
-                .instrument(span),
-            ),
-        ];
+        let task = tokio::spawn(supervise(ctx, stop.clone(), first).instrument(span));
         info!(platform = %platform, consumer = %p.consumer_name, adapter = p.adapter.kind(), "consumer started");
         Ok(Consumer {
-            dispatcher,
             stats,
-            tasks,
-            drain: ConsumerConfig::ms(st.drain_timeout_ms),
+            stop,
+            task,
+            current,
             platform,
         })
     }
@@ -145,23 +148,147 @@ impl Consumer {
 
     /// Entries held in memory right now.
     pub fn in_flight(&self) -> usize {
-        self.dispatcher.held_count()
+        self.load().held_count()
     }
 
-    /// A handle on the dispatcher (cheap clone), for the gauges.
-    pub fn dispatcher(&self) -> Dispatcher {
-        self.dispatcher.clone()
+    /// A handle on the running instance's load, for the gauges.
+    pub fn dispatcher(&self) -> Load {
+        self.load()
+    }
+
+    fn load(&self) -> Load {
+        Load(self.current.clone())
     }
 
     /// G8: stop reading, finish in-flight work until the drain timeout,
-    /// release every lock. What is left stays pending for the others.
+    /// release every channel, unregister. What is left stays pending for the
+    /// others, who claim it at once.
     pub async fn shutdown(self) {
-        self.dispatcher.stopping().cancel();
-        for t in self.tasks {
-            let _ = t.await;
-        }
-        self.dispatcher.shutdown(self.drain).await;
+        self.stop.cancel();
+        let _ = self.task.await;
         info!(platform = %self.platform, "consumer stopped");
+    }
+}
+
+/// One registered instance and its tasks.
+struct Instance {
+    who: Identity,
+    d: Dispatcher,
+    room: Arc<Semaphore>,
+}
+
+impl Instance {
+    /// Register a new instance (retrying while Redis is unreachable).
+    async fn register(ctx: &Arc<Ctx>, stop: &CancellationToken) -> Option<Instance> {
+        let who = Identity::new(&ctx.consumer);
+        let mut delay = Duration::from_millis(50);
+        loop {
+            match ctx.bus.register(&who).await {
+                Ok(old) => {
+                    if let Some(old) = old {
+                        info!(replaced = %old, "took over from an earlier instance of this consumer name");
+                    }
+                    break;
+                }
+                Err(e) => {
+                    warn!(error = %e, "could not register with Redis; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = stop.cancelled() => return None,
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+        let st = &ctx.settings;
+        let room = Arc::new(Semaphore::new(st.max_in_flight));
+        let d = Dispatcher::new(DispatcherParts {
+            bus: ctx.bus.clone(),
+            adapter: ctx.adapter.clone(),
+            who: who.clone(),
+            settings: Settings {
+                retry: RetryPolicy {
+                    base: ConsumerConfig::ms(st.backoff_base_ms),
+                    max: ConsumerConfig::ms(st.backoff_max_ms),
+                    max_attempts: st.max_attempts,
+                    max_age: ConsumerConfig::ms(st.max_age_ms),
+                },
+                unknown_outcome: st.unknown_outcome,
+                lock_ttl: ConsumerConfig::ms(st.lock_ttl_ms),
+                gap_timeout: ConsumerConfig::ms(st.gap_timeout_ms),
+                dlq_maxlen: st.dlq_maxlen,
+                dedup_window: ConsumerConfig::ms(st.dedup_window_ms),
+                idle_release: ConsumerConfig::ms(st.idle_release_ms),
+                max_in_flight: st.max_in_flight,
+            },
+            stats: ctx.stats.clone(),
+            room: room.clone(),
+            rules: ctx.rules.clone(),
+            rpc: ctx.rpc.clone(),
+        });
+        // Registered means live: the lease holds from the registration on.
+        d.lease()
+            .renew(Instant::now(), ConsumerConfig::ms(st.lock_ttl_ms / 2));
+        *ctx.current.lock().expect("current poisoned") = Some(d.clone());
+        Some(Instance { who, d, room })
+    }
+}
+
+async fn supervise(ctx: Arc<Ctx>, stop: CancellationToken, first: Option<Instance>) {
+    let mut next = first;
+    loop {
+        let Some(inst) = next.take() else { return };
+        let tasks_stop = CancellationToken::new();
+        let live_stop = CancellationToken::new();
+        let reader = tokio::spawn(read_loop(
+            ctx.clone(),
+            inst.d.clone(),
+            inst.room.clone(),
+            inst.who.clone(),
+            tasks_stop.clone(),
+        ));
+        let inbox = tokio::spawn(inbox_loop(
+            ctx.clone(),
+            inst.d.clone(),
+            inst.room.clone(),
+            inst.who.clone(),
+            tasks_stop.clone(),
+        ));
+        let live = tokio::spawn(liveness_loop(
+            ctx.clone(),
+            inst.d.clone(),
+            inst.room.clone(),
+            inst.who.clone(),
+            live_stop.clone(),
+        ));
+        let lost = inst.d.lost().clone();
+        tokio::select! {
+            _ = stop.cancelled() => {
+                tasks_stop.cancel();
+                let _ = reader.await;
+                let _ = inbox.await;
+                // Keep beating while draining: peers must not think us dead.
+                inst.d.shutdown(ConsumerConfig::ms(ctx.settings.drain_timeout_ms)).await;
+                live_stop.cancel();
+                let _ = live.await;
+                if !inst.d.lost().is_cancelled()
+                    && let Err(e) = ctx.bus.leave(&inst.who).await
+                {
+                    warn!(error = %e, "could not unregister; peers find this gateway dead after lock_ttl_ms");
+                }
+                return;
+            }
+            _ = lost.cancelled() => {
+                error!(instance = %inst.who.instance, "this gateway was found dead by its peers (or replaced); dropping what it holds and starting over as a new instance");
+                tasks_stop.cancel();
+                live_stop.cancel();
+                inst.d.abandon().await;
+                let _ = reader.await;
+                let _ = inbox.await;
+                let _ = live.await;
+                next = Instance::register(&ctx, &stop).await;
+            }
+        }
     }
 }
 
@@ -177,190 +304,427 @@ async fn room_for(room: &Arc<Semaphore>, want: usize) -> Option<OwnedSemaphorePe
     Some(permit)
 }
 
-impl Ctx {
-    fn hand_over(&self, raw: RawEntry, permit: &mut OwnedSemaphorePermit) {
-        let Some(one) = permit.split(1) else {
-            error!("more entries than permits; entry left pending");
-            return;
-        };
-        let parsed = parse_entry(&raw.fields, &self.rules);
-        self.dispatcher.submit(Entry {
-            id: raw.id,
-            parsed,
-            permit: one,
-        });
-    }
+fn arrivals(
+    ctx: &Ctx,
+    raw: Vec<RawEntry>,
+    room: &Arc<Semaphore>,
+    mut permit: Option<OwnedSemaphorePermit>,
+    maybe_sent: &dyn Fn(&StreamId) -> bool,
+) -> Vec<Arrival> {
+    raw.into_iter()
+        .map(|r| {
+            let p = match permit.as_mut() {
+                Some(p) => p.split(1),
+                None => room.clone().try_acquire_owned().ok(),
+            };
+            Arrival {
+                maybe_sent: maybe_sent(&r.id),
+                parsed: parse_entry(&r.fields, &ctx.rules),
+                id: r.id,
+                permit: p,
+            }
+        })
+        .collect()
 }
 
-async fn read_loop(ctx: Arc<Ctx>, mut conn: redis::aio::MultiplexedConnection) {
-    let stopping = ctx.dispatcher.stopping().clone();
+async fn read_loop(
+    ctx: Arc<Ctx>,
+    d: Dispatcher,
+    room: Arc<Semaphore>,
+    who: Identity,
+    stop: CancellationToken,
+) {
+    // First what this consumer name left pending in an earlier life.
+    recover_own(&ctx, &d, &room, &who, &stop).await;
     let block = ConsumerConfig::ms(ctx.settings.block_ms);
-    // First what this consumer name left pending in an earlier life, then new entries.
-    let mut cursor = Some("0".to_owned());
+    let mut conn = None;
     let mut failures = 0u32;
-    while !stopping.is_cancelled() {
-        if !ctx.dispatcher.can_park() {
+    while !stop.is_cancelled() {
+        if !d.can_park() {
             // Busy channels have parked as many ids as we keep: read no more
             // until they catch up (memory stays bounded).
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(10)) => {}
-                _ = stopping.cancelled() => break,
+                _ = stop.cancelled() => break,
             }
             continue;
         }
         let permit = tokio::select! {
-            p = room_for(&ctx.room, ctx.settings.read_batch) => p,
-            _ = stopping.cancelled() => None,
+            p = room_for(&room, ctx.settings.read_batch) => p,
+            _ = stop.cancelled() => None,
         };
-        let Some(mut permit) = permit else {
-            break;
-        };
-        let want = permit.num_permits();
-        let (from, blocking) = match &cursor {
-            Some(c) => (c.clone(), None),
-            None => (">".to_owned(), Some(block)),
+        let Some(permit) = permit else { break };
+        let c = match conn.as_mut() {
+            Some(c) => c,
+            None => match ctx.bus.blocking_connection().await {
+                Ok(c) => conn.insert(c),
+                Err(e) => {
+                    failures += 1;
+                    warn!(error = %e, "cannot connect to Redis to read; retrying");
+                    backoff(failures, &stop).await;
+                    continue;
+                }
+            },
         };
         let call = ctx
             .bus
-            .read(&mut conn, &ctx.who.consumer, &from, want, blocking);
-        let result = match tokio::time::timeout(block + Duration::from_secs(10), call).await {
-            Ok(r) => r,
-            Err(_) => Err(redis::RedisError::from((
-                redis::ErrorKind::Io,
-                "XREADGROUP did not answer in time",
-            ))),
+            .read(c, &who.consumer, ">", permit.num_permits(), Some(block));
+        let result = tokio::select! {
+            r = tokio::time::timeout(block + Duration::from_secs(5), call) => match r {
+                Ok(r) => r,
+                Err(_) => Err(redis::RedisError::from((redis::ErrorKind::Io, "XREADGROUP did not answer in time"))),
+            },
+            _ = stop.cancelled() => break,
         };
         match result {
             Ok(entries) => {
                 failures = 0;
-                if cursor.is_some() {
-                    cursor = entries.last().map(|e| e.id.0.clone());
-                    if cursor.is_none() {
-                        debug!("own pending entries taken back; reading new ones");
-                    }
-                }
                 Stats::add(&ctx.stats.read, entries.len() as u64);
-                for raw in entries {
-                    ctx.hand_over(raw, &mut permit);
-                }
+                let batch = arrivals(&ctx, entries, &room, Some(permit), &|_| false);
+                d.admit(batch).await;
             }
             Err(e) => {
                 failures += 1;
+                conn = None;
                 if e.code() == Some("NOGROUP") {
                     warn!("consumer group missing (stream deleted?); creating it again");
                     let _ = ctx.bus.ensure_group().await;
                 } else {
                     warn!(error = %e, "reading the stream failed; retrying");
                 }
-                let delay = Duration::from_millis(100 * u64::from(failures.min(20)));
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = stopping.cancelled() => break,
-                }
-                if let Ok(c) = ctx.bus.blocking_connection().await {
-                    conn = c;
-                }
+                backoff(failures, &stop).await;
             }
         }
     }
 }
 
-async fn sweep_loop(ctx: Arc<Ctx>) {
-    let stopping = ctx.dispatcher.stopping().clone();
-    let every = ConsumerConfig::ms(ctx.settings.autoclaim_interval_ms);
-    // At start (a node that died may have left entries behind), then periodically.
+async fn backoff(failures: u32, stop: &CancellationToken) {
+    let delay = Duration::from_millis(50 * u64::from(failures.min(40)));
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => {}
+        _ = stop.cancelled() => {}
+    }
+}
+
+/// Whether entries recovered from a dead holder may have been sent: always
+/// with `resend` (they are sent again under the same idempotency key),
+/// exactly (from the in-flight records) with `dead_letter`.
+async fn maybe_sent_of(ctx: &Ctx, ids: &[StreamId]) -> HashSet<StreamId> {
+    if ctx.settings.unknown_outcome == UnknownOutcome::Resend {
+        return ids.iter().cloned().collect();
+    }
+    let mut delay = Duration::from_millis(50);
     loop {
-        if let Err(e) = sweep(&ctx).await {
-            warn!(error = %e, "recovery sweep failed; trying again next interval");
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(every) => {}
-            _ = stopping.cancelled() => return,
+        match ctx.bus.were_sending(ids).await {
+            Ok(v) => {
+                return ids
+                    .iter()
+                    .zip(v)
+                    .filter(|(_, s)| *s)
+                    .map(|(i, _)| i.clone())
+                    .collect();
+            }
+            Err(e) => {
+                warn!(error = %e, "could not read in-flight records; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(1));
+            }
         }
     }
 }
 
-/// One full pass over the pending list, following the XAUTOCLAIM cursor.
-async fn sweep(ctx: &Ctx) -> RedisResult<()> {
-    let min_idle = ConsumerConfig::ms(ctx.settings.autoclaim_min_idle_ms);
-    let stopping = ctx.dispatcher.stopping();
-    let mut cursor = "0-0".to_owned();
-    let (mut claimed_total, mut lost_total) = (0usize, 0usize);
-    loop {
-        let permit = tokio::select! {
-            p = room_for(&ctx.room, 100) => p,
-            _ = stopping.cancelled() => None,
+/// Take this consumer name's pending entries from an earlier life.
+async fn recover_own(
+    ctx: &Arc<Ctx>,
+    d: &Dispatcher,
+    room: &Arc<Semaphore>,
+    who: &Identity,
+    stop: &CancellationToken,
+) {
+    let mut conn = None;
+    let mut cursor = "0".to_owned();
+    let mut failures = 0;
+    let mut total = 0usize;
+    while !stop.is_cancelled() {
+        let c = match conn.as_mut() {
+            Some(c) => c,
+            None => match ctx.bus.blocking_connection().await {
+                Ok(c) => conn.insert(c),
+                Err(_) => {
+                    failures += 1;
+                    backoff(failures, stop).await;
+                    continue;
+                }
+            },
         };
-        let Some(mut permit) = permit else {
-            return Ok(());
-        };
-        let count = permit.num_permits();
-        let (next, claimed, deleted) = ctx
-            .bus
-            .autoclaim(&ctx.who.consumer, min_idle, &cursor, count)
-            .await?;
-        claimed_total += claimed.len();
-        Stats::add(&ctx.stats.claimed, claimed.len() as u64);
-        for raw in claimed {
-            ctx.hand_over(raw, &mut permit);
+        match ctx.bus.read(c, &who.consumer, &cursor, 500, None).await {
+            Ok(entries) if entries.is_empty() => break,
+            Ok(entries) => {
+                cursor = entries.last().map(|e| e.id.0.clone()).unwrap_or_default();
+                total += entries.len();
+                let (gone, present): (Vec<_>, Vec<_>) =
+                    entries.into_iter().partition(|e| e.fields.is_empty());
+                for g in gone {
+                    lost(d, &g.id).await;
+                }
+                let ids: Vec<_> = present.iter().map(|e| e.id.clone()).collect();
+                let maybe = maybe_sent_of(ctx, &ids).await;
+                let batch = arrivals(ctx, present, room, None, &|id| maybe.contains(id));
+                d.admit(batch).await;
+            }
+            Err(e) => {
+                failures += 1;
+                conn = None;
+                warn!(error = %e, "reading this consumer's own pending entries failed; retrying");
+                backoff(failures, stop).await;
+            }
         }
-        for id in deleted {
-            lost_total += 1;
-            Stats::inc(&ctx.stats.lost_in_stream);
-            crate::metrics::lost_in_stream(ctx.bus.keys().platform());
-            ctx.bus
-                .dead_letter(
-                    &ctx.who,
-                    Timing {
-                        lock_ttl: Duration::from_secs(1),
-                        gap_timeout: Duration::ZERO,
-                        dlq_maxlen: ctx.settings.dlq_maxlen,
-                    },
-                    None,
-                    &id,
-                    None,
-                    false,
-                    DeadLetter {
-                        payload: b"",
-                        error: "the entry was pending but had been deleted from the stream (trimmed or XDEL'd) before it was delivered",
-                        error_kind: "lost_in_stream",
-                        attempts: 0,
-                        consumer: &ctx.who.consumer,
-                        channel_id: None,
-                    },
-                )
-                .await?;
-        }
-        if next == "0-0" || next.is_empty() {
-            break;
-        }
-        cursor = next;
     }
-    if claimed_total > 0 || lost_total > 0 {
+    if total > 0 {
         info!(
-            claimed = claimed_total,
-            lost_in_stream = lost_total,
-            "recovery sweep took over stranded entries"
+            entries = total,
+            "took back this consumer name's pending entries from an earlier run"
         );
     }
-    Ok(())
 }
 
-async fn keep_fresh_loop(ctx: Arc<Ctx>) {
-    let stopping = ctx.dispatcher.stopping().clone();
-    let every =
-        ConsumerConfig::ms(ctx.settings.autoclaim_min_idle_ms / 3).max(Duration::from_millis(10));
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(every) => {}
-            // Lanes may still be draining: keep their entries fresh until the end.
-            _ = stopping.cancelled() => return,
+async fn lost(d: &Dispatcher, id: &StreamId) {
+    warn!(stream_id = %id, "pending entry deleted from the stream; dead-lettered as lost_in_stream");
+    d.dead_letter_lost(id).await;
+}
+
+async fn inbox_loop(
+    ctx: Arc<Ctx>,
+    d: Dispatcher,
+    room: Arc<Semaphore>,
+    who: Identity,
+    stop: CancellationToken,
+) {
+    let mut conn = None;
+    let mut failures = 0;
+    while !stop.is_cancelled() {
+        let c = match conn.as_mut() {
+            Some(c) => c,
+            None => match ctx.bus.blocking_connection().await {
+                Ok(c) => conn.insert(c),
+                Err(_) => {
+                    failures += 1;
+                    backoff(failures, &stop).await;
+                    continue;
+                }
+            },
+        };
+        let wait = Duration::from_secs(1);
+        let popped = tokio::select! {
+            r = tokio::time::timeout(wait + Duration::from_secs(5), ctx.bus.inbox_pop(c, &who.consumer, wait)) => r,
+            _ = stop.cancelled() => break,
+        };
+        let ids = match popped {
+            Ok(Ok(ids)) => ids,
+            Ok(Err(e)) => {
+                failures += 1;
+                conn = None;
+                debug!(error = %e, "reading the inbox failed; retrying");
+                backoff(failures, &stop).await;
+                continue;
+            }
+            Err(_) => {
+                conn = None;
+                continue;
+            }
+        };
+        failures = 0;
+        if !ids.is_empty() {
+            take_over(&ctx, &d, &room, &who, ids, false).await;
         }
-        let ids = ctx.dispatcher.take_stale_held(every);
-        for chunk in ids.chunks(500) {
-            if let Err(e) = ctx.bus.keep_fresh(&ctx.who.consumer, chunk).await {
-                warn!(error = %e, "could not refresh held entries");
+    }
+}
+
+/// Claim `ids` for this consumer (they are pending for it or for a dead
+/// one) and take them in; those gone from the stream are dead-lettered.
+async fn take_over(
+    ctx: &Arc<Ctx>,
+    d: &Dispatcher,
+    room: &Arc<Semaphore>,
+    who: &Identity,
+    ids: Vec<StreamId>,
+    from_dead: bool,
+) {
+    let mut delay = Duration::from_millis(50);
+    let raw = loop {
+        match ctx.bus.claim(&who.consumer, &ids).await {
+            Ok(r) => break r,
+            Err(e) => {
+                if d.lost().is_cancelled() {
+                    return;
+                }
+                warn!(error = %e, "claiming entries failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(1));
+            }
+        }
+    };
+    let got: HashSet<_> = raw
+        .iter()
+        .filter(|r| !r.fields.is_empty())
+        .map(|r| r.id.clone())
+        .collect();
+    for id in ids.iter().filter(|i| !got.contains(*i)) {
+        match ctx.bus.exists(id).await {
+            Ok(false) => lost(d, id).await,
+            Ok(true) => debug!(stream_id = %id, "no longer pending; already finished"),
+            Err(e) => {
+                warn!(error = %e, stream_id = %id, "could not check a claimed entry; it is found again by the next sweep")
             }
         }
     }
+    let present: Vec<_> = raw.into_iter().filter(|r| !r.fields.is_empty()).collect();
+    if from_dead {
+        Stats::add(&ctx.stats.claimed, present.len() as u64);
+    }
+    let maybe = if from_dead {
+        let ids: Vec<_> = present.iter().map(|e| e.id.clone()).collect();
+        maybe_sent_of(ctx, &ids).await
+    } else {
+        HashSet::new()
+    };
+    let batch = arrivals(ctx, present, room, None, &|id| maybe.contains(id));
+    d.admit(batch).await;
+}
+
+/// Heartbeat; find dead nodes and claim what they (and unregistered
+/// consumers) left pending.
+async fn liveness_loop(
+    ctx: Arc<Ctx>,
+    d: Dispatcher,
+    room: Arc<Semaphore>,
+    who: Identity,
+    stop: CancellationToken,
+) {
+    let ttl = ConsumerConfig::ms(ctx.settings.lock_ttl_ms);
+    let every = ttl / 3;
+    // consumer → (instance, beat, watched standing still since)
+    let mut watch: HashMap<String, (String, String, Instant)> = HashMap::new();
+    let mut last_ok: Option<Instant> = None;
+    let claiming: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let mut last_sweep = Instant::now();
+    loop {
+        let sent = Instant::now();
+        match tokio::time::timeout(every.max(Duration::from_millis(100)), ctx.bus.beat(&who)).await
+        {
+            Ok(Ok(Beat::Lost)) => {
+                d.lost().cancel();
+                return;
+            }
+            Ok(Ok(Beat::Ok {
+                nodes,
+                beats,
+                pending,
+            })) => {
+                d.lease().renew(sent, ttl / 2);
+                let now = Instant::now();
+                // Judge only over time this node itself watched without a
+                // break: a stall of ours (or of Redis) kills nobody.
+                let continuous = last_ok.is_some_and(|t| sent.duration_since(t) <= ttl / 2);
+                last_ok = Some(now);
+                watch.retain(|c, _| nodes.contains_key(c));
+                for (consumer, instance) in &nodes {
+                    if *consumer == who.consumer {
+                        continue;
+                    }
+                    let beat = beats.get(consumer).cloned().unwrap_or_default();
+                    let w = watch
+                        .entry(consumer.clone())
+                        .or_insert_with(|| (instance.clone(), beat.clone(), now));
+                    if w.0 != *instance || w.1 != beat || !continuous {
+                        *w = (instance.clone(), beat.clone(), now);
+                        continue;
+                    }
+                    if now.duration_since(w.2) >= ttl {
+                        match ctx.bus.verdict(consumer, instance, &beat).await {
+                            Ok(true) => {
+                                warn!(dead = %consumer, instance = %instance, "gateway found dead (no heartbeat for lock_ttl_ms); taking over its entries");
+                                Stats::inc(&ctx.stats.nodes_found_dead);
+                                spawn_claim(&ctx, &d, &room, &who, consumer, &claiming);
+                            }
+                            Ok(false) => {}
+                            Err(e) => warn!(error = %e, "could not record a dead gateway"),
+                        }
+                    }
+                }
+                let sweep =
+                    last_sweep.elapsed() >= ConsumerConfig::ms(ctx.settings.autoclaim_interval_ms);
+                for (consumer, count) in &pending {
+                    if *consumer != who.consumer && *count > 0 && !nodes.contains_key(consumer) {
+                        spawn_claim(&ctx, &d, &room, &who, consumer, &claiming);
+                    } else if sweep && *count == 0 && !nodes.contains_key(consumer) {
+                        let _ = ctx.bus.reap(consumer).await;
+                    }
+                }
+                if sweep {
+                    last_sweep = Instant::now();
+                }
+            }
+            Ok(Err(e)) => {
+                warn!(error = %e, "heartbeat failed; sends pause once the lease runs out")
+            }
+            Err(_) => {
+                warn!("heartbeat did not answer in time; sends pause once the lease runs out")
+            }
+        }
+        let next = every.saturating_sub(sent.elapsed());
+        tokio::select! {
+            _ = tokio::time::sleep(next) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
+fn spawn_claim(
+    ctx: &Arc<Ctx>,
+    d: &Dispatcher,
+    room: &Arc<Semaphore>,
+    who: &Identity,
+    dead: &str,
+    claiming: &Arc<Mutex<HashSet<String>>>,
+) {
+    if !claiming
+        .lock()
+        .expect("claiming poisoned")
+        .insert(dead.to_owned())
+    {
+        return;
+    }
+    let (ctx, d, room, who, dead, claiming) = (
+        ctx.clone(),
+        d.clone(),
+        room.clone(),
+        who.clone(),
+        dead.to_owned(),
+        claiming.clone(),
+    );
+    tokio::spawn(async move {
+        let mut total = 0usize;
+        loop {
+            if d.lost().is_cancelled() || d.stopping().is_cancelled() {
+                break;
+            }
+            match ctx.bus.pending_of(&dead, 500).await {
+                Ok(ids) if ids.is_empty() => break,
+                Ok(ids) => {
+                    total += ids.len();
+                    take_over(&ctx, &d, &room, &who, ids, true).await;
+                }
+                Err(e) => {
+                    warn!(error = %e, "listing a dead gateway's entries failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+        if total > 0 {
+            info!(from = %dead, entries = total, "claimed a dead gateway's pending entries");
+        }
+        let _ = ctx.bus.reap(&dead).await;
+        claiming.lock().expect("claiming poisoned").remove(&dead);
+    });
 }

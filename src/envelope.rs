@@ -92,6 +92,26 @@ pub enum Action {
         reply_key: String,
         deadline_ms: Option<u64>,
     },
+    /// Replace the text (and buttons) of an earlier message.
+    Edit {
+        target: Target,
+        text: String,
+        buttons: Vec<Button>,
+    },
+    /// Delete an earlier message.
+    Delete {
+        target: Target,
+    },
+}
+
+/// The message an `edit` or `delete` acts on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// The platform's own message id.
+    MessageId(String),
+    /// The `message_key` of an earlier envelope of the same channel, resolved
+    /// through the message cache to the platform id its send produced.
+    Key(String),
 }
 
 /// How an action is ordered against the others of its channel (SPEC §3, G3).
@@ -117,6 +137,8 @@ impl Action {
             Action::Reaction { .. } => "reaction",
             Action::Presence { .. } => "presence",
             Action::Rpc { .. } => "rpc_request",
+            Action::Edit { .. } => "edit",
+            Action::Delete { .. } => "delete",
         }
     }
 
@@ -157,7 +179,7 @@ pub struct BadInput {
     pub detail: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum BadInputKind {
     /// The stream entry has no `payload` field.
@@ -213,8 +235,12 @@ pub struct ParseRules {
     pub max_payload_bytes: usize,
     /// When set, every entry must carry a valid `sig` (HMAC-SHA256 of the payload).
     pub signing_secret: Option<Vec<u8>>,
-    /// `message_key` must start with this (SPEC §2: `sg:` by default).
+    /// `message_key` and `target_key` must start with this (SPEC §2:
+    /// `sg:msg:` by default).
     pub cache_prefix: String,
+    /// Prefixes of Stargazer's own keys (`sg:{`, `sg:gateway:`): a
+    /// `message_key` there is refused whatever the cache prefix says.
+    pub own_prefixes: Vec<String>,
     /// `reply_key` must start with this (the platform's RPC reply prefix).
     pub reply_prefix: String,
 }
@@ -290,6 +316,21 @@ fn parse_payload(
         seq: None,
         presence: false,
     };
+    // G6: with signing configured, nothing is read from the payload (not
+    // even its channel or seq) before its signature is proven, so a forged
+    // entry can never move a channel's state.
+    if let Some(secret) = &rules.signing_secret {
+        let reason = match sig {
+            None => Some("entry has no `sig` field but signing is required"),
+            Some(sig) if !verify(secret, payload, sig) => {
+                Some("`sig` does not match the payload's HMAC-SHA256")
+            }
+            Some(_) => None,
+        };
+        if let Some(reason) = reason {
+            return (routing, Err(bad(BadInputKind::BadSignature, reason)));
+        }
+    }
     if payload.len() > rules.max_payload_bytes {
         // Still learn its channel and seq, so it is dead-lettered in its
         // place and its successors are released.
@@ -329,38 +370,30 @@ fn parse_payload(
     };
     // Routing first, leniently: a bad entry is still dead-lettered in its place.
     routing = routing_of(&obj);
-
-    if let Some(secret) = &rules.signing_secret {
-        match sig {
-            None => {
-                return (
-                    routing,
-                    Err(bad(
-                        BadInputKind::BadSignature,
-                        "entry has no `sig` field but signing is required",
-                    )),
-                );
-            }
-            Some(sig) if !verify(secret, payload, sig) => {
-                return (
-                    routing,
-                    Err(bad(
-                        BadInputKind::BadSignature,
-                        "`sig` does not match the payload's HMAC-SHA256",
-                    )),
-                );
-            }
-            Some(_) => {}
-        }
-    }
     let result = envelope_from(obj, rules);
     (routing, result)
+}
+
+/// The largest `seq` (and the largest integer a float carries exactly): 2^53.
+pub const MAX_SEQ: u64 = 1 << 53;
+
+/// A JSON number as a non-negative integer: an integer, or an integral float
+/// (`1.7e12`, as Python producers write them).
+fn as_whole(n: &serde_json::Number) -> Option<u64> {
+    if let Some(u) = n.as_u64() {
+        return Some(u);
+    }
+    let f = n.as_f64()?;
+    (f >= 0.0 && f.fract() == 0.0 && f <= MAX_SEQ as f64).then_some(f as u64)
 }
 
 fn routing_of(obj: &Map<String, Value>) -> Routing {
     Routing {
         channel_id: channel_of(obj).ok().flatten(),
-        seq: obj.get("seq").and_then(Value::as_u64).filter(|s| *s > 0),
+        seq: match obj.get("seq") {
+            Some(Value::Number(n)) => as_whole(n).filter(|s| (1..=MAX_SEQ).contains(s)),
+            _ => None,
+        },
         presence: obj.get("type").and_then(Value::as_str) == Some("presence"),
     }
 }
@@ -422,7 +455,7 @@ impl Fields<'_> {
     fn opt_u64(&self, name: &str) -> Result<Option<u64>, BadInput> {
         match self.0.get(name) {
             None | Some(Value::Null) => Ok(None),
-            Some(Value::Number(n)) if n.is_u64() => Ok(n.as_u64()),
+            Some(Value::Number(n)) if as_whole(n).is_some() => Ok(as_whole(n)),
             Some(v) => Err(bad(
                 BadInputKind::BadField,
                 format!("field `{name}` must be a non-negative integer, found {v}"),
@@ -482,6 +515,49 @@ impl Fields<'_> {
                 })
             })
             .collect()
+    }
+}
+
+/// A key Stargazer would write to (`message_key`) or read (`target_key`)
+/// must lie in the message cache and never among Stargazer's own keys.
+fn check_cache_key(field: &str, k: &str, rules: &ParseRules) -> Result<(), BadInput> {
+    if let Some(own) = rules
+        .own_prefixes
+        .iter()
+        .find(|p| k.starts_with(p.as_str()))
+    {
+        return Err(bad(
+            BadInputKind::ForbiddenKey,
+            format!("{field} `{k}` names one of Stargazer's own keys (`{own}…`)"),
+        ));
+    }
+    if !k.starts_with(&rules.cache_prefix) {
+        return Err(bad(
+            BadInputKind::ForbiddenKey,
+            format!(
+                "{field} `{k}` lies outside the message-cache prefix `{}`",
+                rules.cache_prefix
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn target_of(f: &Fields<'_>, ty: &str, rules: &ParseRules) -> Result<Target, BadInput> {
+    match (f.opt_str("message_id")?, f.opt_str("target_key")?) {
+        (Some(_), Some(_)) => Err(bad(
+            BadInputKind::BadField,
+            format!("a `{ty}` envelope takes `message_id` or `target_key`, not both"),
+        )),
+        (Some(id), None) => Ok(Target::MessageId(id)),
+        (None, Some(k)) => {
+            check_cache_key("target_key", &k, rules)?;
+            Ok(Target::Key(k))
+        }
+        (None, None) => Err(bad(
+            BadInputKind::MissingField,
+            format!("a `{ty}` envelope needs the field `message_id` or `target_key`"),
+        )),
     }
 }
 
@@ -548,6 +624,20 @@ fn envelope_from(obj: Map<String, Value>, rules: &ParseRules) -> Result<Envelope
                 emoji: f.req_str("emoji", "reaction")?,
             }
         }
+        "edit" => {
+            needs_channel("edit")?;
+            Action::Edit {
+                target: target_of(&f, "edit", rules)?,
+                text: f.req_str("text", "edit")?,
+                buttons: f.buttons("edit", false)?,
+            }
+        }
+        "delete" => {
+            needs_channel("delete")?;
+            Action::Delete {
+                target: target_of(&f, "delete", rules)?,
+            }
+        }
         "presence" => Action::Presence {
             text: f.opt_str("text")?,
             emoji: f.opt_str("emoji")?,
@@ -597,23 +687,17 @@ fn envelope_from(obj: Map<String, Value>, rules: &ParseRules) -> Result<Envelope
         }
     };
     let seq = f.opt_u64("seq")?;
-    if seq == Some(0) {
+    if let Some(s) = seq
+        && !(1..=MAX_SEQ).contains(&s)
+    {
         return Err(bad(
             BadInputKind::BadField,
-            "field `seq` must start at 1, found 0",
+            format!("field `seq` must be an integer from 1 to 2^53, found {s}"),
         ));
     }
     let message_key = f.opt_str("message_key")?;
-    if let Some(k) = &message_key
-        && !k.starts_with(&rules.cache_prefix)
-    {
-        return Err(bad(
-            BadInputKind::ForbiddenKey,
-            format!(
-                "message_key `{k}` lies outside the message-cache prefix `{}`",
-                rules.cache_prefix
-            ),
-        ));
+    if let Some(k) = &message_key {
+        check_cache_key("message_key", k, rules)?;
     }
     Ok(Envelope {
         channel_id,
@@ -637,6 +721,7 @@ mod tests {
             max_payload_bytes: 1024,
             signing_secret: None,
             cache_prefix: "sg:".into(),
+            own_prefixes: vec!["sg:{".into(), "sg:gateway:".into()],
             reply_prefix: "sg:{p}:rpc:reply:".into(),
         }
     }

@@ -22,6 +22,11 @@ impl Keys {
         &self.platform
     }
 
+    /// The key prefix (`sg` by default).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     /// `sg:{P}:outbound` — the stream workers publish to.
     pub fn outbound(&self) -> String {
         format!("{}:{{{}}}:outbound", self.prefix, self.platform)
@@ -73,6 +78,43 @@ impl Keys {
     /// switches of one feature (`channel:<id>` / `guild:<id>` → `on` | `off`).
     pub fn toggles(&self, feature: &str) -> String {
         format!("{}:{{{}}}:toggles:{feature}", self.prefix, self.platform)
+    }
+
+    /// `sg:{P}:nodes` — the live gateway instances: consumer name → instance
+    /// id. A consumer with no entry here is dead; its channels may be taken
+    /// and its pending entries claimed at once.
+    pub fn nodes(&self) -> String {
+        format!("{}:{{{}}}:nodes", self.prefix, self.platform)
+    }
+
+    /// `sg:{P}:beats` — consumer name → heartbeat counter, bumped every third
+    /// of `lock_ttl_ms`; a counter that stops moving is how peers find a dead node.
+    pub fn beats(&self) -> String {
+        format!("{}:{{{}}}:beats", self.prefix, self.platform)
+    }
+
+    /// `sg:{P}:inbox:<consumer>` — ids of entries handed to that consumer
+    /// (already pending for it) because it owns their channel.
+    pub fn inbox(&self, consumer: &str) -> String {
+        format!("{}:{{{}}}:inbox:{consumer}", self.prefix, self.platform)
+    }
+
+    /// `sg:{P}:sent:<bucket>` — de-duplication records: idempotency key →
+    /// platform message id (or `-`), one hash per time bucket.
+    pub fn sent(&self, bucket: u64) -> String {
+        format!("{}:{{{}}}:sent:{bucket}", self.prefix, self.platform)
+    }
+
+    /// `sg:{P}:sending` — stream ids whose send has begun and is not yet
+    /// committed (kept only with `unknown_outcome = "dead_letter"`).
+    pub fn sending(&self) -> String {
+        format!("{}:{{{}}}:sending", self.prefix, self.platform)
+    }
+
+    /// Prefixes of every key Stargazer owns under this prefix, for all
+    /// platforms: `sg:{` and `sg:gateway:`.
+    pub fn own_prefixes(prefix: &str) -> Vec<String> {
+        vec![format!("{prefix}:{{"), format!("{prefix}:gateway:")]
     }
 
     /// `sg:{P}:rpc:reply:` — every RPC reply list starts with this.

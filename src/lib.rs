@@ -32,6 +32,7 @@ pub mod bench;
 pub mod bus;
 pub mod config;
 pub mod consumer;
+pub mod dead_letter;
 pub mod dispatch;
 pub mod envelope;
 pub mod gateway;

@@ -154,7 +154,7 @@ pub fn finished(
     finished_as(platform, type_of(parsed), outcome, kind);
 }
 
-fn finished_as(platform: &str, ty: &'static str, outcome: &'static str, kind: Option<&str>) {
+pub fn finished_as(platform: &str, ty: &'static str, outcome: &'static str, kind: Option<&str>) {
     counter!(DELIVERIES.name, PLATFORM => platform.to_owned(), TYPE => ty, OUTCOME => outcome)
         .increment(1);
     if let Some(kind) = kind {

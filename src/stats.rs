@@ -63,6 +63,16 @@ counters! {
     rpc_expired,
     /// Ids pending in the group but gone from the stream.
     lost_in_stream,
+    /// Queued edits of one target superseded by a newer one, not sent.
+    coalesced,
+    /// Entries handed to the peer gateway that owns their channel.
+    handed_off,
+    /// Channels taken (first take or takeover from a dead owner).
+    channels_taken,
+    /// Gateways found dead by this one.
+    nodes_found_dead,
+    /// Batched commits written.
+    commits,
 }
 
 impl Stats {

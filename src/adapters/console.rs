@@ -110,7 +110,7 @@ impl ConsoleAdapter {
 }
 
 /// The one-line description of `envelope` for `platform`.
-fn describe(platform: &str, envelope: &Envelope) -> String {
+fn describe(platform: &str, envelope: &Envelope, delivery_target: Option<&str>) -> String {
     let mut line = format!("[{platform}]");
     if let Some(channel) = &envelope.channel_id {
         let _ = write!(line, " #{}", one_line(&channel.0));
@@ -175,6 +175,17 @@ fn describe(platform: &str, envelope: &Envelope) -> String {
             (Some(e), Some(t)) => write!(line, " presence: {} {}", one_line(e), one_line(t)),
         },
         Action::Rpc { method, .. } => write!(line, " rpc {}", one_line(method)),
+        Action::Edit { text, .. } => write!(
+            line,
+            " edit{seq} of {}: {}",
+            one_line(delivery_target.unwrap_or("?")),
+            one_line(text)
+        ),
+        Action::Delete { .. } => write!(
+            line,
+            " delete{seq} of {}",
+            one_line(delivery_target.unwrap_or("?"))
+        ),
     };
     line
 }
@@ -219,7 +230,7 @@ impl Adapter for ConsoleAdapter {
         delivery: Delivery<'a>,
     ) -> BoxFuture<'a, Result<Delivered, AdapterError>> {
         Box::pin(async move {
-            let line = describe(&self.platform, delivery.envelope);
+            let line = describe(&self.platform, delivery.envelope, delivery.target);
             self.write_line(&line).map_err(|e| {
                 AdapterError::transient(format!("could not write to the console: {e}"))
             })?;

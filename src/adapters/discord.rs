@@ -759,6 +759,10 @@ impl DiscordAdapter {
                 })?;
                 Ok(Delivered::default())
             }
+            Action::Edit { .. } | Action::Delete { .. } => Err(AdapterError::permanent(format!(
+                "the {} adapter does not edit or delete messages yet",
+                self.kind()
+            ))),
             Action::Rpc { method, .. } => Err(AdapterError::permanent(format!(
                 "rpc_request `{method}` is answered by the gateway, not delivered to discord"
             ))),
@@ -934,6 +938,8 @@ impl Adapter for DiscordAdapter {
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             presence: self.presence,
+            // Edits and deletes arrive with the Discord issue.
+            edits: false,
             ..Capabilities::ALL
         }
     }

@@ -449,6 +449,10 @@ impl MatrixAdapter {
                 self.presence(text.as_deref(), emoji.as_deref()).await?;
                 Ok(Delivered::default())
             }
+            Action::Edit { .. } | Action::Delete { .. } => Err(AdapterError::permanent(format!(
+                "the {} adapter does not edit or delete messages yet",
+                self.kind()
+            ))),
             Action::Rpc { method, .. } => Err(AdapterError::permanent(format!(
                 "rpc_request `{method}` is answered by the gateway, not delivered to matrix"
             ))),
@@ -794,7 +798,11 @@ impl Adapter for MatrixAdapter {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities::ALL
+        // Edits (m.replace) and redactions arrive with the Matrix issue.
+        Capabilities {
+            edits: false,
+            ..Capabilities::ALL
+        }
     }
 
     fn ready(&self) -> bool {

@@ -31,6 +31,8 @@ pub struct Capabilities {
     pub presence: bool,
     pub buttons: bool,
     pub files: bool,
+    /// `edit` and `delete` of earlier messages.
+    pub edits: bool,
 }
 
 impl Capabilities {
@@ -40,6 +42,7 @@ impl Capabilities {
         presence: true,
         buttons: true,
         files: true,
+        edits: true,
     };
 
     /// Whether `action` can be delivered on this platform.
@@ -52,6 +55,7 @@ impl Capabilities {
             Action::Message { buttons, .. } => buttons.is_empty() || self.buttons,
             Action::File { .. } => self.files,
             Action::Rpc { .. } => true,
+            Action::Edit { .. } | Action::Delete { .. } => self.edits,
         }
     }
 }
@@ -70,6 +74,9 @@ pub struct Delivery<'a> {
     /// True when an earlier try of this entry may have reached the platform
     /// (its sender vanished mid-send).
     pub resend: bool,
+    /// For `edit` and `delete`: the platform's id of the target message
+    /// (given as `message_id`, or resolved from `target_key`).
+    pub target: Option<&'a str>,
 }
 
 /// What a successful delivery returns.

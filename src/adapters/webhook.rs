@@ -9,7 +9,8 @@
 //!   and, with a secret, `X-Stargazer-Signature: sha256=<hex HMAC of the body>`.
 //! * The body is the envelope's own JSON object without `type` and `file_data`,
 //!   plus `action` (`send_message`, `send_file`, `send_buttons`, `start_typing`,
-//!   `stop_typing`, `add_reaction`, `set_presence`), `platform`, `channel_id`,
+//!   `stop_typing`, `add_reaction`, `set_presence`, `edit_message`,
+//!   `delete_message` — these two with the target's `message_id`), `platform`, `channel_id`,
 //!   `seq`, `idempotency_key`, `stream_id`, `attempt`, `resend` and the action's
 //!   own fields (`text`, `data_base64`/`filename`/`mimetype`, `buttons`,
 //!   `message_id`/`emoji`, presence `text`/`emoji`).
@@ -197,6 +198,23 @@ impl WebhookAdapter {
                 );
                 "set_presence"
             }
+            Action::Edit { text, buttons, .. } => {
+                body.remove("target_key");
+                body.insert("text".into(), Value::from(text.as_str()));
+                body.insert("message_id".into(), target_id(delivery)?);
+                if buttons.is_empty() {
+                    body.remove("buttons");
+                } else {
+                    body.insert("buttons".into(), to_json(buttons)?);
+                }
+                "edit_message"
+            }
+            Action::Delete { .. } => {
+                body.remove("target_key");
+                body.remove("text");
+                body.insert("message_id".into(), target_id(delivery)?);
+                "delete_message"
+            }
             Action::Rpc { method, .. } => {
                 return Err(AdapterError::permanent(format!(
                     "an rpc_request (`{method}`) is answered through `call`, never delivered \
@@ -327,6 +345,13 @@ impl WebhookAdapter {
         };
         AdapterError::transient(message)
     }
+}
+
+/// The platform id of an edit's or delete's target, as the engine resolved it.
+fn target_id(delivery: &Delivery<'_>) -> Result<Value, AdapterError> {
+    delivery.target.map(Value::from).ok_or_else(|| {
+        AdapterError::permanent("an edit or delete reached the webhook without its target's id")
+    })
 }
 
 impl Adapter for WebhookAdapter {

@@ -1,5 +1,6 @@
 //! The Lua scripts, each in a file of its own under `lua/`, with the shared
-//! prelude (state layout and helper functions) in front of each.
+//! prelude (the liveness and channel-state layout, helper functions) in
+//! front of each.
 
 use std::sync::OnceLock;
 
@@ -7,13 +8,16 @@ use redis::Script;
 
 /// Every script Stargazer runs.
 pub struct Scripts {
-    pub begin: Script,
-    pub commit: Script,
-    /// Several begin/commit steps in one call (see `lua/batch.lua`).
-    pub batch: Script,
-    pub dead_letter: Script,
-    pub renew: Script,
+    pub register: Script,
+    pub beat: Script,
+    pub verdict: Script,
+    pub leave: Script,
+    pub acquire: Script,
     pub release: Script,
+    pub handoff: Script,
+    pub commit: Script,
+    pub fetch: Script,
+    pub reap: Script,
     /// Dead letter back to the outbound stream (`stargazer dlq replay`).
     pub replay: Script,
 }
@@ -33,12 +37,16 @@ impl Scripts {
     pub fn get() -> &'static Scripts {
         static SCRIPTS: OnceLock<Scripts> = OnceLock::new();
         SCRIPTS.get_or_init(|| Scripts {
-            begin: script!("begin.lua"),
-            commit: script!("commit.lua"),
-            batch: script!("batch.lua"),
-            dead_letter: script!("dead_letter.lua"),
-            renew: script!("renew.lua"),
+            register: script!("register.lua"),
+            beat: script!("beat.lua"),
+            verdict: script!("verdict.lua"),
+            leave: script!("leave.lua"),
+            acquire: script!("acquire.lua"),
             release: script!("release.lua"),
+            handoff: script!("handoff.lua"),
+            commit: script!("commit.lua"),
+            fetch: script!("fetch.lua"),
+            reap: script!("reap.lua"),
             replay: script!("replay.lua"),
         })
     }

@@ -1,536 +1,633 @@
 //! One channel's lane: its entries strictly one after another, in `seq`
-//! order (or stream order when they carry none), across every gateway.
+//! order (stream order for entries without one), while this gateway owns
+//! the channel.
 //!
-//! For the entry at the front of the queue the lane asks Redis to *begin*
-//! (seq gate, channel lock with fencing token, in-flight record), delivers
-//! through the adapter while renewing the lock, then *commits* (delivered
-//! mark, message-cache write-back, ack) — beginning the next entry in the
-//! same round trip when one is queued. Failures are retried here, with
-//! backoff; what cannot be delivered is dead-lettered in its place, which
-//! releases its successors at once.
+//! The lane takes the channel once (its fencing token grows on every change
+//! of owner) and keeps it across consecutive messages; the delivered mark
+//! lives in memory and moves with each finished entry, which goes to the
+//! commit task — the lane does not wait for the commit of one entry before
+//! sending the next, but never runs more than [`UNCOMMITTED`] ahead. A
+//! channel a live peer owns is handed to it. Failures are retried here,
+//! with backoff; what cannot be delivered is dead-lettered in its place,
+//! which releases its successors at once. While the lane waits (a gap, a
+//! retry, a slow send) its queued entries give their room back and are
+//! fetched again when their turn comes.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering as AtomicOrdering};
+use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tracing::{Instrument, debug, info_span, warn};
 
-use super::{Entry, LaneMsg, Parked, Shared};
+use super::commit::{Done, End, dead_record, lookup_buckets};
+use super::{Class, Item, Shared, lost_record};
 use crate::adapters::{Delivery, Retry};
-use crate::bus::{Begin, BeginArgs, Commit, CommitArgs, DeadLetter, Timing};
+use crate::bus::Acquire;
 use crate::config::UnknownOutcome;
-use crate::envelope::{Action, Envelope, Ordering, parse_entry};
+use crate::dead_letter::DeadLetterKind;
+use crate::envelope::{Action, Envelope, Target, parse_entry};
 use crate::stats::Stats;
 
-/// How an entry ended (or is known to have ended, when a commit must be redone).
-#[derive(Debug, Clone)]
+/// Most finished entries of one channel whose commit has not landed yet:
+/// the bound on what a crash can leave "possibly sent".
+const UNCOMMITTED: usize = 32;
+
+/// A send running longer than this makes the lane give its queue's room back.
+const SLOW_SEND: Duration = Duration::from_millis(250);
+
+/// How an entry ended.
+#[derive(Debug)]
 enum Outcome {
     Delivered(Option<String>),
-    /// Acknowledged unsent (superseded, expired, unsupported, already sent).
+    /// Acknowledged unsent (duplicate, expired, superseded, coalesced, unsupported).
     Skipped,
     Dead {
-        kind: &'static str,
+        kind: DeadLetterKind,
         error: String,
         attempts: u32,
     },
 }
 
-/// Why a send stopped before an outcome.
-enum Interrupted {
-    LockLost,
-    Aborted,
-}
-
 pub(super) struct Lane {
     s: Arc<Shared>,
     key: String,
-    /// The channel state hash (seq, delivered mark, lock).
+    /// The channel state key.
     chan: String,
-    rx: mpsc::UnboundedReceiver<LaneMsg>,
-    queue: VecDeque<Entry>,
-    /// Entries of this channel left in Redis until the queue has room.
-    parked: VecDeque<Parked>,
-    /// Entries held in memory (shared with the dispatcher, which parks beyond a cap).
-    load: Arc<AtomicUsize>,
-    /// Length of `parked`, shared with the dispatcher.
-    parked_count: Arc<AtomicUsize>,
-    /// The front entry waits for a predecessor, which may be among the parked.
-    gap_waiting: bool,
-    /// Fencing token while we hold the channel lock.
-    token: Option<String>,
-    /// The front entry has begun (its in-flight record is ours).
-    begun: bool,
-    /// A begin answer obtained with the previous commit, for this id.
-    prefetched: Option<(crate::envelope::StreamId, Begin)>,
-    /// Outcome known for the front entry whose commit was refused (lock lost).
-    known: Option<Outcome>,
-    /// Poll delay while waiting for the lock or a predecessor.
-    poll: Duration,
+    rx: mpsc::UnboundedReceiver<Item>,
+    queue: VecDeque<Item>,
+    /// Items with a body (shared with the dispatcher, which parks beyond a cap).
+    full: Arc<AtomicUsize>,
+    stuck: Arc<AtomicBool>,
+    /// The delivered mark while the channel is ours.
+    done: Option<u64>,
+    /// The predecessors below this seq were proven absent: skip to it.
+    skip_to: Option<u64>,
+    /// The seq waited for, and when to check on it next.
+    gap: Option<(u64, Instant)>,
+    commits: VecDeque<oneshot::Receiver<bool>>,
+    /// Platform ids of messages this lane sent (message_key → id), for edits.
+    sent_ids: HashMap<String, String>,
+    /// Idempotency keys this lane sent (commits may not have landed yet).
+    sent_idems: HashSet<String>,
 }
 
-const POLL_MIN: Duration = Duration::from_millis(2);
-const POLL_MAX: Duration = Duration::from_millis(100);
+enum Step {
+    Go,
+    /// The lane is done (handed off, abandoned or lost).
+    Leave,
+}
 
 impl Lane {
     pub(super) fn new(
         s: Arc<Shared>,
         key: String,
-        chan: String,
-        rx: mpsc::UnboundedReceiver<LaneMsg>,
-        load: Arc<AtomicUsize>,
-        parked_count: Arc<AtomicUsize>,
+        rx: mpsc::UnboundedReceiver<Item>,
+        full: Arc<AtomicUsize>,
+        stuck: Arc<AtomicBool>,
     ) -> Self {
+        let chan = s.state_key(&key);
         Lane {
             s,
             key,
             chan,
             rx,
             queue: VecDeque::new(),
-            parked: VecDeque::new(),
-            load,
-            parked_count,
-            gap_waiting: false,
-            token: None,
-            begun: false,
-            prefetched: None,
-            known: None,
-            poll: POLL_MIN,
+            full,
+            stuck,
+            done: None,
+            skip_to: None,
+            gap: None,
+            commits: VecDeque::new(),
+            sent_ids: HashMap::new(),
+            sent_idems: HashSet::new(),
         }
     }
 
-    /// Put an arriving entry in place: by seq among numbered ones, else last.
-    /// A begun front entry keeps its place.
-    fn insert(&mut self, e: Entry) {
-        let held = self.begun || matches!(self.prefetched, Some((_, Begin::Go { .. })));
-        let start = usize::from(held);
-        if let Some(seq) = e.parsed.routing.seq {
+    /// Put an arriving item in place: by seq among numbered ones, else last.
+    fn insert(&mut self, item: Item) {
+        if let Some(seq) = item.seq {
             let pos = self
                 .queue
                 .iter()
-                .enumerate()
-                .skip(start)
-                .find(|(_, q)| q.parsed.routing.seq.is_some_and(|s| s > seq))
-                .map(|(i, _)| i);
+                .position(|q| q.seq.is_some_and(|s| s > seq));
             if let Some(i) = pos {
-                self.queue.insert(i, e);
+                self.queue.insert(i, item);
                 return;
             }
         }
-        self.queue.push_back(e);
-    }
-
-    fn take(&mut self, msg: LaneMsg) {
-        match msg {
-            LaneMsg::Entry(e) => self.insert(*e),
-            LaneMsg::Parked(p) => self.parked.push_back(p),
-        }
+        self.queue.push_back(item);
     }
 
     fn pull(&mut self) {
-        while let Ok(m) = self.rx.try_recv() {
-            self.take(m);
+        while let Ok(i) = self.rx.try_recv() {
+            self.insert(i);
         }
     }
 
-    /// Bring parked entries back into memory while the queue is short.
-    /// Returns false when the lane must stop.
-    async fn unpark(&mut self) -> bool {
-        let s = self.s.clone();
-        // Normally refill up to the cap once half of it is used up; when the
-        // front waits for a predecessor, that one may be parked: bring more.
-        let want = if self.gap_waiting {
-            s.lane_cap
-        } else if self.queue.len() > s.lane_cap / 2 {
-            0
-        } else {
-            s.lane_cap - self.queue.len()
-        };
-        if self.parked.is_empty() || want == 0 {
-            return true;
+    pub(super) async fn run(mut self) {
+        let span = info_span!("lane", platform = self.s.bus.keys().platform(), channel = %self.key);
+        async {
+            self.main().await;
+            self.drop_all();
         }
-        self.gap_waiting = false;
-        let mut n = want.min(self.parked.len());
-        // Never wait for room while holding entries: lanes waiting on each
-        // other's room would stall for good. An empty lane holds nothing.
-        let permit = if self.queue.is_empty() {
-            tokio::select! {
-                p = s.room.clone().acquire_many_owned(n as u32) => p.ok(),
-                _ = s.stopping.cancelled() => return true,
+        .instrument(span)
+        .await
+    }
+
+    async fn main(&mut self) {
+        loop {
+            self.pull();
+            if self.s.abort.is_cancelled() {
+                self.leave_now();
+                return;
             }
-        } else {
-            n = n.min(s.room.available_permits());
-            if n == 0 {
-                return true;
+            if self.queue.is_empty() || self.s.stopping.is_cancelled() {
+                if !self.s.stopping.is_cancelled() {
+                    if !self.settle().await {
+                        self.leave_now();
+                        return;
+                    }
+                    tokio::select! {
+                        m = self.rx.recv() => if let Some(i) = m {
+                            self.insert(i);
+                            continue;
+                        },
+                        _ = tokio::time::sleep(self.s.set.idle_release) => {}
+                        _ = self.s.stopping.cancelled() => {}
+                    }
+                }
+                // Leave, unless entries reached us meanwhile (and we may take them).
+                let late = self.s.leave_lane(&self.key, &mut self.rx);
+                if late.is_empty() {
+                    self.settle().await;
+                    self.release().await;
+                    return;
+                }
+                for i in late {
+                    self.insert(i);
+                }
+                if self.s.stopping.is_cancelled() {
+                    continue;
+                }
             }
-            s.room.clone().try_acquire_many_owned(n as u32).ok()
-        };
-        let Some(mut permit) = permit else {
-            return true;
-        };
-        let ids: Vec<_> = self.parked.iter().take(n).map(|p| p.id.clone()).collect();
-        let Some(raw) = s
-            .persist("claim parked", || s.bus.claim(&s.who.consumer, &ids))
-            .await
-        else {
-            return false;
-        };
-        self.parked.drain(..n);
-        self.parked_count.fetch_sub(n, AtomicOrdering::Relaxed);
-        let mut back = std::collections::HashSet::new();
-        for r in raw {
-            let Some(one) = permit.split(1) else { break };
-            back.insert(r.id.clone());
-            let parsed = parse_entry(&r.fields, &s.rules);
-            self.load.fetch_add(1, AtomicOrdering::Relaxed);
-            self.insert(Entry {
-                id: r.id,
-                parsed,
-                permit: one,
-            });
+            if self.done.is_none() {
+                match self.acquire().await {
+                    Step::Go => continue,
+                    Step::Leave => return,
+                }
+            }
+            match self.step().await {
+                Step::Go => {}
+                Step::Leave => {
+                    self.leave_now();
+                    return;
+                }
+            }
         }
-        for id in ids.iter().filter(|id| !back.contains(*id)) {
-            // Not pending for us any more: finished elsewhere, or deleted
-            // from the stream — which must not pass silently.
-            if let Some(false) = s.persist("check entry", || s.bus.exists(id)).await {
-                Stats::inc(&s.stats.lost_in_stream);
-                crate::metrics::lost_in_stream(s.bus.keys().platform());
-                let timing = Timing { ..s.timing };
-                let _ = s
-                    .persist("dead_letter", || {
-                        s.bus.dead_letter(&s.who, timing, None, id, None, false, crate::bus::DeadLetter {
-                            payload: b"",
-                            error: "the entry was pending but had been deleted from the stream (trimmed or XDEL'd) before it was delivered",
-                            error_kind: "lost_in_stream",
-                            attempts: 0,
-                            consumer: &s.who.consumer,
-                            channel_id: Some(&self.key),
-                        })
-                    })
-                    .await;
+    }
+
+    /// Leave the lane map at once (abandoned or lost): new items for the
+    /// channel start a new lane.
+    fn leave_now(&mut self) {
+        loop {
+            let late = self.s.leave_lane(&self.key, &mut self.rx);
+            if late.is_empty() {
+                return;
             }
-            s.forget(id);
+            for i in late {
+                self.insert(i);
+            }
+        }
+    }
+
+    /// Forget every item still held: it stays pending in Redis.
+    fn drop_all(&mut self) {
+        for item in self.queue.drain(..) {
+            self.s.forget(&item.id);
+            if item.body.is_some() {
+                self.full.fetch_sub(1, AtomicOrdering::Relaxed);
+            } else {
+                self.s.unpark();
+            }
+        }
+    }
+
+    /// Wait for every commit of this lane; false when one was refused.
+    async fn settle(&mut self) -> bool {
+        while let Some(rx) = self.commits.pop_front() {
+            if !rx.await.unwrap_or(false) {
+                return false;
+            }
         }
         true
     }
 
-    pub(super) async fn run(mut self) {
-        loop {
-            self.pull();
-            let stopping = self.s.stopping.is_cancelled();
-            if !stopping && !self.unpark().await {
-                break;
-            }
-            // While stopping, finish what is in memory; parked entries are handed off.
-            if self.queue.is_empty() && (self.parked.is_empty() || stopping) {
-                self.release().await;
-                // Leave only when nothing can be in flight to us: senders hold
-                // the same lock while they pick or create a lane.
-                let mut lanes = self.s.lanes.lock().expect("lane map poisoned");
-                match self.rx.try_recv() {
-                    Ok(m) => {
-                        drop(lanes);
-                        self.take(m);
-                        continue;
-                    }
-                    Err(_) => {
-                        lanes.remove(&self.key);
-                        drop(lanes);
-                        self.s.drop_waker(&self.chan);
-                        self.hand_off();
-                        return;
-                    }
-                }
-            }
-            if self.s.abort.is_cancelled() {
-                break;
-            }
-            if self.queue.is_empty() {
-                continue;
-            }
-            if !self.step().await {
-                break;
-            }
-        }
-        // Abandoned (drain deadline, or stopped while waiting): what is left
-        // stays pending, handed off to the other gateways.
-        self.release().await;
-        self.s
-            .lanes
-            .lock()
-            .expect("lane map poisoned")
-            .remove(&self.key);
-        self.pull();
-        self.s.drop_waker(&self.chan);
-        self.hand_off();
-    }
-
-    /// Give every entry still held back to Redis for the other gateways.
-    fn hand_off(&mut self) {
-        let ids: Vec<_> = self
-            .queue
-            .drain(..)
-            .map(|e| e.id)
-            .chain(self.parked.drain(..).map(|p| p.id))
-            .collect();
-        self.parked_count.store(0, AtomicOrdering::Relaxed);
-        for id in &ids {
-            self.s.forget(id);
-        }
-        self.s.hand_off(ids);
-    }
-
     async fn release(&mut self) {
-        if let Some(token) = self.token.take() {
+        if self.done.take().is_some() && !self.s.lost.is_cancelled() {
             let s = &self.s;
-            if let Err(e) = s.bus.release(&s.who, &self.chan, &token).await {
-                warn!(error = %e, channel = %self.key, "could not release channel lock; it lapses by itself");
-            }
-        }
-        self.begun = false;
-    }
-
-    fn begin_args(e: &Entry) -> BeginArgs<'_> {
-        BeginArgs {
-            id: &e.id,
-            seq: e.parsed.routing.seq,
-            cache: e
-                .parsed
-                .result
-                .as_ref()
-                .ok()
-                .and_then(|env| env.message_key.as_deref()),
-        }
-    }
-
-    /// Work on the front entry. Returns false when the lane must stop.
-    async fn step(&mut self) -> bool {
-        let front_id = self.queue[0].id.clone();
-        let begin = match self.prefetched.take() {
-            Some((id, b)) if id == front_id => b,
-            _ => {
-                let s = self.s.clone();
-                let chan = self.chan.clone();
-                let args = Self::begin_args(&self.queue[0]);
-                match s
-                    .persist("begin", || {
-                        s.bus.begin(&s.who, s.timing, &chan, args.clone())
-                    })
-                    .await
-                {
-                    Some(b) => b,
-                    None => return false,
-                }
-            }
-        };
-        match begin {
-            Begin::Done => {
-                debug!(stream_id = %front_id, "already finished; skipped");
-                Stats::inc(&self.s.stats.duplicates_skipped);
-                crate::metrics::finished(
-                    self.s.bus.keys().platform(),
-                    &self.queue[0].parsed,
-                    "skipped",
-                    None,
-                );
-                self.finish_front();
-                true
-            }
-            Begin::Moved(owner) => {
-                debug!(stream_id = %front_id, owner, "now pending for another consumer");
-                Stats::inc(&self.s.stats.moved);
-                self.finish_front();
-                true
-            }
-            // The missing predecessor may be parked: bring parked ones back
-            // (next turn of the run loop) instead of waiting.
-            Begin::Gap(_) if !self.parked.is_empty() && self.s.room.available_permits() > 0 => {
-                self.gap_waiting = true;
-                self.release().await;
-                true
-            }
-            Begin::Busy(wait) | Begin::Gap(wait) => {
-                // Never sit on the lock while waiting: the holder of the
-                // missing predecessor may need it.
-                self.release().await;
-                self.wait(wait).await
-            }
-            Begin::Go {
-                token,
-                attempts,
-                resumed,
-                cached,
-                gap_skipped,
-                late,
-            } => {
-                self.poll = POLL_MIN;
-                self.token = Some(token);
-                self.begun = true;
-                if gap_skipped > 0 {
-                    warn!(channel = %self.key, skipped = gap_skipped, "gave up waiting for missing seq numbers after gap_timeout_ms");
-                    Stats::add(&self.s.stats.gaps_skipped, gap_skipped);
-                    crate::metrics::gaps_skipped(self.s.bus.keys().platform(), gap_skipped);
-                }
-                if late {
-                    warn!(channel = %self.key, stream_id = %front_id, "delivering an entry whose seq was already passed");
-                    Stats::inc(&self.s.stats.late);
-                }
-                self.handle(attempts, resumed, cached).await
+            if let Err(e) = s.bus.release(&s.who, &self.chan).await {
+                debug!(error = %e, "could not give the channel up; it passes on once this gateway is gone");
             }
         }
     }
 
-    /// Wait for the lock or a predecessor: until `wait` passes (polling with a
-    /// growing interval), a new entry arrives, or the gateway stops.
-    async fn wait(&mut self, wait: Duration) -> bool {
-        let d = self.poll.min(wait.max(Duration::from_millis(1)));
-        self.poll = (self.poll * 2).min(POLL_MAX);
-        // Woken early when the holder or the predecessor commits (it
-        // publishes on the channel's key); the poll is only the fallback.
-        let wake = self.s.waker(&self.chan);
-        tokio::select! {
-            _ = tokio::time::sleep(d) => true,
-            _ = wake.notified() => true,
-            Some(m) = self.rx.recv() => { self.take(m); true }
-            _ = self.s.stopping.cancelled() => false,
-        }
-    }
-
-    fn finish_front(&mut self) {
-        if let Some(e) = self.queue.pop_front() {
-            self.s.forget(&e.id);
-            self.load.fetch_sub(1, AtomicOrdering::Relaxed);
-        }
-        self.begun = false;
-        self.known = None;
-    }
-
-    /// The front entry has begun: decide, deliver, commit.
-    async fn handle(&mut self, attempts: u32, resumed: bool, cached: bool) -> bool {
+    /// Take the channel, or hand its entries to the live peer that owns it.
+    async fn acquire(&mut self) -> Step {
         let s = self.s.clone();
-        let entry = &self.queue[0];
+        let Some(answer) = s
+            .persist("acquire", || s.bus.acquire(&s.who, &self.chan))
+            .await
+        else {
+            self.leave_now();
+            return Step::Leave;
+        };
+        match answer {
+            Acquire::Mine { done, .. } => {
+                Stats::inc(&s.stats.channels_taken);
+                s.set_peer(&self.key, None);
+                self.done = Some(done);
+                Step::Go
+            }
+            Acquire::Lost => {
+                s.lost.cancel();
+                self.leave_now();
+                Step::Leave
+            }
+            Acquire::Peer(peer) => {
+                s.set_peer(&self.key, Some(peer.clone()));
+                self.leave_now();
+                let items: Vec<Item> = self.queue.drain(..).collect();
+                let ids: Vec<_> = items.iter().map(|i| i.id.clone()).collect();
+                let moved = s
+                    .persist("handoff", || s.bus.handoff(&peer, &ids))
+                    .await
+                    .unwrap_or(false);
+                if moved {
+                    debug!(entries = ids.len(), peer = %peer, "handed to the channel's owner");
+                    Stats::add(&s.stats.handed_off, ids.len() as u64);
+                    for item in items {
+                        self.s.forget(&item.id);
+                        if item.body.is_some() {
+                            self.full.fetch_sub(1, AtomicOrdering::Relaxed);
+                        } else {
+                            self.s.unpark();
+                        }
+                    }
+                } else {
+                    // The peer died meanwhile: a new lane takes the channel.
+                    s.set_peer(&self.key, None);
+                    for item in items {
+                        if item.body.is_some() {
+                            self.full.fetch_sub(1, AtomicOrdering::Relaxed);
+                        }
+                        s.to_lane(self.key.clone(), item);
+                    }
+                }
+                Step::Leave
+            }
+        }
+    }
+
+    /// Give the room of every queued item back (the lane waits).
+    fn park_all(&mut self) {
+        for item in self.queue.iter_mut() {
+            if item.body.is_some() {
+                self.s.park(item);
+                self.full.fetch_sub(1, AtomicOrdering::Relaxed);
+            }
+        }
+    }
+
+    /// Work on the front item.
+    async fn step(&mut self) -> Step {
+        let done = self.done.unwrap_or(0);
+        let front_seq = self.queue[0].seq;
+        if let Some(seq) = front_seq
+            && seq > done + 1
+            && self.skip_to != Some(seq - 1)
+        {
+            return self.wait_gap(done, seq).await;
+        }
+        self.gap = None;
+        if self.queue[0].body.is_none() && !self.refetch().await {
+            return Step::Leave;
+        }
+        if self.queue[0].body.is_none() {
+            // it was finished elsewhere, or is lost: handled in refetch
+            return Step::Go;
+        }
+        self.stuck.store(false, AtomicOrdering::Relaxed);
+        let mut front = self.queue.pop_front().expect("front");
         let span = info_span!(
             "delivery",
-            platform = s.bus.keys().platform(),
+            platform = self.s.bus.keys().platform(),
             channel = %self.key,
-            stream_id = %entry.id,
-            attempt = attempts + 1,
+            stream_id = %front.id,
+            attempt = 1u32,
         );
-        let outcome = match self.known.take() {
-            Some(o) => o,
-            None => match self.decide(attempts, resumed, cached) {
-                Ok(o) => o,
-                Err(env) => {
-                    match self
-                        .deliver(env, attempts, resumed)
-                        .instrument(span.clone())
-                        .await
-                    {
-                        Ok(o) => o,
-                        Err(Interrupted::LockLost) => {
-                            Stats::inc(&s.stats.locks_lost);
-                            crate::metrics::lock_lost(s.bus.keys().platform());
-                            warn!(parent: &span, "channel lock lost mid-delivery; starting over");
-                            self.token = None;
-                            self.begun = false;
-                            return true;
-                        }
-                        Err(Interrupted::Aborted) => return false,
-                    }
-                }
-            },
+        let outcome = self.decide_and_send(&mut front).instrument(span).await;
+        let Some(outcome) = outcome else {
+            self.queue.push_front(front);
+            return Step::Leave;
         };
-        self.conclude(outcome).instrument(span).await
+        if self.finish(front, outcome).await {
+            Step::Go
+        } else {
+            Step::Leave
+        }
     }
 
-    /// Settle what needs no send. `Err(envelope)` means: deliver it.
-    fn decide(&self, attempts: u32, resumed: bool, cached: bool) -> Result<Outcome, &Envelope> {
-        let s = &self.s;
-        let entry = &self.queue[0];
-        let env = match &entry.parsed.result {
+    /// The front waits for predecessor `done + 1`.
+    async fn wait_gap(&mut self, done: u64, seq: u64) -> Step {
+        self.park_all();
+        self.stuck.store(true, AtomicOrdering::Relaxed);
+        let want = done + 1;
+        let timeout = self.s.set.gap_timeout;
+        let check_at = match self.gap {
+            Some((w, at)) if w == want => at,
+            _ => {
+                let at = Instant::now() + timeout;
+                self.gap = Some((want, at));
+                at
+            }
+        };
+        if Instant::now() >= check_at {
+            let s = self.s.clone();
+            let Some(exists) = s.predecessor_exists(&self.key, want, seq - 1).await else {
+                return Step::Leave;
+            };
+            self.pull();
+            let still = self.queue.front().and_then(|i| i.seq) == Some(seq);
+            if exists || !still {
+                // It exists (or arrived): waiting longer is always allowed.
+                let again = (timeout / 4).max(Duration::from_secs(1));
+                self.gap = Some((want, Instant::now() + again));
+                if exists {
+                    debug!(
+                        from = want,
+                        to = seq - 1,
+                        "a predecessor exists elsewhere; waiting for it"
+                    );
+                }
+                return Step::Go;
+            }
+            let skipped = seq - want;
+            warn!(
+                from = want,
+                to = seq - 1,
+                skipped,
+                "gave up waiting for seq numbers that no entry carries (gap_timeout_ms passed)"
+            );
+            Stats::add(&s.stats.gaps_skipped, skipped);
+            crate::metrics::gaps_skipped(s.bus.keys().platform(), skipped);
+            self.skip_to = Some(seq - 1);
+            self.gap = None;
+            return Step::Go;
+        }
+        let wait = check_at.saturating_duration_since(Instant::now());
+        tokio::select! {
+            m = self.rx.recv() => if let Some(i) = m { self.insert(i) },
+            _ = tokio::time::sleep(wait) => {}
+            _ = self.s.stopping.cancelled() => {}
+            _ = self.s.abort.cancelled() => {}
+        }
+        Step::Go
+    }
+
+    /// Fetch parked items at the front back from Redis. False: abandoned.
+    async fn refetch(&mut self) -> bool {
+        let s = self.s.clone();
+        self.park_all();
+        let n = self
+            .queue
+            .iter()
+            .take_while(|i| i.body.is_none())
+            .count()
+            .min(s.lane_cap)
+            .max(1);
+        // Holding nothing now, waiting for room cannot stall anyone.
+        let mut permit = tokio::select! {
+            p = s.room.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return false },
+            _ = s.abort.cancelled() => return false,
+        };
+        let extra = s.room.available_permits().min(n - 1);
+        if extra > 0
+            && let Ok(more) = s.room.clone().try_acquire_many_owned(extra as u32)
+        {
+            permit.merge(more);
+        }
+        let n = permit.num_permits();
+        let ids: Vec<_> = self.queue.iter().take(n).map(|i| i.id.clone()).collect();
+        let Some(raw) = s
+            .persist("fetch parked", || s.bus.claim(&s.who.consumer, &ids))
+            .await
+        else {
+            return false;
+        };
+        let mut got: HashMap<_, _> = raw.into_iter().map(|r| (r.id.clone(), r)).collect();
+        let mut i = 0;
+        let mut gone = Vec::new();
+        while i < n.min(self.queue.len()) {
+            let id = self.queue[i].id.clone();
+            match got.remove(&id) {
+                Some(r) => {
+                    let one = permit.split(1);
+                    let item = &mut self.queue[i];
+                    item.body = Some(Box::new(parse_entry(&r.fields, &s.rules)));
+                    item.permit = one;
+                    s.unpark();
+                    self.full.fetch_add(1, AtomicOrdering::Relaxed);
+                }
+                None => gone.push(i),
+            }
+            i += 1;
+        }
+        // Not returned: deleted from the stream (G7), or no longer ours.
+        for &idx in gone.iter().rev() {
+            let id = self.queue[idx].id.clone();
+            let exists = s.persist("check entry", || s.bus.exists(&id)).await;
+            let Some(exists) = exists else { return false };
+            let item = self.queue.remove(idx).expect("index");
+            s.unpark();
+            if exists {
+                debug!(stream_id = %id, "no longer pending for this gateway; dropped from memory");
+                Stats::inc(&s.stats.moved);
+                s.forget(&id);
+                continue;
+            }
+            warn!(stream_id = %id, "pending entry deleted from the stream; dead-lettered as lost_in_stream");
+            Stats::inc(&s.stats.lost_in_stream);
+            self.lost_in_place(item).await;
+        }
+        true
+    }
+
+    /// Dead-letter an item deleted from the stream, in its place (its seq
+    /// is known: its successors are released).
+    async fn lost_in_place(&mut self, item: Item) {
+        let mark = self.mark_for(item.seq);
+        let record = lost_record(&self.s, &item.id, Some(&self.key));
+        let (done, rx) = Done::dead(
+            Some((self.chan.clone(), mark)),
+            item.id.clone(),
+            record,
+            DeadLetterKind::LostInStream,
+            "unknown",
+        );
+        self.push_commit(done, rx);
+        self.s.forget(&item.id);
+    }
+
+    /// Move the delivered mark for a finished entry numbered `seq`; the new
+    /// mark if it moved.
+    fn mark_for(&mut self, seq: Option<u64>) -> Option<u64> {
+        let done = self.done.unwrap_or(0);
+        let seq = seq?;
+        let base = match self.skip_to.take() {
+            Some(b) if b + 1 == seq => b,
+            Some(b) => {
+                self.skip_to = Some(b);
+                done
+            }
+            None => done,
+        };
+        let new = if seq == base + 1 { seq } else { base };
+        if seq <= base && seq <= done {
+            Stats::inc(&self.s.stats.late);
+        }
+        let new = new.max(done);
+        self.done = Some(new);
+        (new != done).then_some(new)
+    }
+
+    fn push_commit(&mut self, done: Done, rx: oneshot::Receiver<bool>) {
+        if self.s.commits.send(done).is_ok() {
+            self.commits.push_back(rx);
+        }
+    }
+
+    /// Settle what needs no send, else send with retries. None: abandoned.
+    async fn decide_and_send(&mut self, item: &mut Item) -> Option<Outcome> {
+        let s = self.s.clone();
+        let parsed = item.body.as_ref().expect("body");
+        let env = match &parsed.result {
             Err(bad) => {
-                return Ok(Outcome::Dead {
-                    kind: bad.kind.as_str(),
+                return Some(Outcome::Dead {
+                    kind: DeadLetterKind::BadInput(bad.kind),
                     error: bad.detail.clone(),
-                    attempts,
+                    attempts: 0,
                 });
             }
             Ok(env) => env,
         };
-        if env.expires_ms.is_some_and(|t| crate::now_ms() > t) {
-            debug!(stream_id = %entry.id, "expired before it could be sent; dropped");
-            Stats::inc(&s.stats.expired);
-            return Ok(Outcome::Skipped);
+        if item.dup.is_some() || (item.idem_given && self.sent_idems.contains(&item.idem)) {
+            debug!("idempotency key already sent; skipped as a duplicate");
+            Stats::inc(&s.stats.duplicates_skipped);
+            if let (Some(k), Some(m)) = (&env.message_key, &item.dup)
+                && m != "-"
+            {
+                self.sent_ids.insert(k.clone(), m.clone());
+            }
+            return Some(Outcome::Skipped);
         }
-        if env.action.ordering() == Ordering::LatestWins && self.superseded(env) {
-            debug!(stream_id = %entry.id, "superseded by a newer one; dropped");
-            Stats::inc(&s.stats.superseded);
-            return Ok(Outcome::Skipped);
+        if expired(env) {
+            debug!("expired before it could be sent; dropped");
+            Stats::inc(&s.stats.expired);
+            return Some(Outcome::Skipped);
+        }
+        if self.superseded(&item.class) {
+            debug!("superseded by a newer one queued behind it; dropped");
+            let counter = if matches!(item.class, Class::Edit(_)) {
+                &s.stats.coalesced
+            } else {
+                &s.stats.superseded
+            };
+            Stats::inc(counter);
+            return Some(Outcome::Skipped);
         }
         if !s.adapter.capabilities().supports(&env.action) {
-            warn!(stream_id = %entry.id, action = env.action.type_name(), adapter = s.adapter.kind(), "the platform does not support this action; dropped");
+            warn!(
+                action = env.action.type_name(),
+                adapter = s.adapter.kind(),
+                "the platform does not support this action; dropped"
+            );
             Stats::inc(&s.stats.unsupported);
-            return Ok(Outcome::Skipped);
+            return Some(Outcome::Skipped);
         }
-        if cached {
-            debug!(stream_id = %entry.id, "message_key already holds a platform id; not sent again");
-            Stats::inc(&s.stats.cached_skipped);
-            return Ok(Outcome::Skipped);
-        }
-        if resumed && s.unknown_outcome == UnknownOutcome::DeadLetter {
-            return Ok(Outcome::Dead {
-                kind: "unknown_outcome",
+        if item.maybe_sent && s.set.unknown_outcome == UnknownOutcome::DeadLetter {
+            return Some(Outcome::Dead {
+                kind: DeadLetterKind::UnknownOutcome,
                 error: "the gateway sending this entry stopped mid-send; it may or may not have reached the platform (unknown_outcome = \"dead_letter\")".into(),
-                attempts: attempts + 1,
+                attempts: 1,
             });
         }
-        Err(env)
+        let target = match &env.action {
+            Action::Edit { target, .. } | Action::Delete { target } => {
+                match self.resolve(target).await? {
+                    Some(t) => Some(t),
+                    None => {
+                        return Some(Outcome::Dead {
+                            kind: DeadLetterKind::UnknownTarget,
+                            error: format!(
+                                "the target of this {} was never sent (no platform id for it)",
+                                env.action.type_name()
+                            ),
+                            attempts: 0,
+                        });
+                    }
+                }
+            }
+            _ => None,
+        };
+        self.send(item, target).await
     }
 
-    /// A typing or presence update with a newer one of its kind queued behind.
-    fn superseded(&self, env: &Envelope) -> bool {
-        let presence = matches!(env.action, Action::Presence { .. });
-        self.queue.iter().skip(1).any(|q| match &q.parsed.result {
-            Ok(later) => match later.action {
-                Action::Presence { .. } => presence,
-                Action::StartTyping | Action::StopTyping => !presence,
-                _ => false,
-            },
-            Err(_) => false,
-        })
+    /// A typing/presence update, or an edit, with a newer one of its kind queued behind.
+    fn superseded(&self, class: &Class) -> bool {
+        match class {
+            Class::Strict => false,
+            Class::Typing | Class::Presence => self.queue.iter().any(|q| q.class == *class),
+            Class::Edit(t) => self
+                .queue
+                .iter()
+                .any(|q| matches!(&q.class, Class::Edit(u) if u == t)),
+        }
     }
 
-    /// Deliver with retries, renewing the lock all along.
-    async fn deliver(
-        &self,
-        env: &Envelope,
-        mut attempts: u32,
-        resumed: bool,
-    ) -> Result<Outcome, Interrupted> {
+    /// The platform id of an edit's target. Some(None): no such message.
+    async fn resolve(&self, target: &Target) -> Option<Option<String>> {
+        let s = &self.s;
+        let key = match target {
+            Target::MessageId(m) => return Some(Some(m.clone())),
+            Target::Key(k) => k,
+        };
+        if let Some(m) = self.sent_ids.get(key) {
+            return Some(Some(m.clone()));
+        }
+        if let Some(m) = s.persist("resolve target", || s.bus.cached_id(key)).await? {
+            return Some(Some(m));
+        }
+        let buckets = lookup_buckets(s.set.dedup_window);
+        let keys = [key.as_str()];
+        let found = s
+            .persist("resolve target", || s.bus.sent_lookup(&buckets, &keys))
+            .await?;
+        Some(found.into_iter().next().flatten().filter(|m| m != "-"))
+    }
+
+    /// Deliver with retries. None: abandoned.
+    async fn send(&mut self, item: &mut Item, target: Option<String>) -> Option<Outcome> {
         let s = self.s.clone();
-        let entry = &self.queue[0];
-        let token = self.token.clone().unwrap_or_default();
+        let parsed = item.body.as_ref().expect("body");
+        let Ok(env) = &parsed.result else {
+            return None;
+        };
         let platform = s.bus.keys().platform().to_owned();
-        let idem = env
-            .idempotency_key
-            .clone()
-            .or_else(|| env.message_key.clone())
-            .unwrap_or_else(|| format!("{platform}:{}", entry.id));
-        let age_base = env.created_ms.unwrap_or_else(|| entry.id.millis());
-        let mut resend = resumed;
-        if resumed {
-            // The interrupted try counts: a message that crashes its gateway
-            // every time still runs out of attempts.
-            attempts = match s
-                .bus
-                .renew(&s.who, s.timing, &self.chan, &token, true)
-                .await
-            {
-                Ok(Some(n)) => n,
-                Ok(None) => return Err(Interrupted::LockLost),
-                Err(_) => attempts + 1,
-            };
+        let mut resend = item.maybe_sent;
+        let mut attempts = 0u32;
+        if resend {
             Stats::inc(&s.stats.unknown_outcome_resends);
             crate::metrics::unknown_outcome_resend(&platform);
             warn!(
@@ -538,196 +635,147 @@ impl Lane {
             );
         }
         loop {
+            if !s.wait_lease().await {
+                return None;
+            }
+            if expired(env) {
+                debug!("expired while waiting to be retried; dropped");
+                Stats::inc(&s.stats.expired);
+                return Some(Outcome::Skipped);
+            }
+            if s.set.unknown_outcome == UnknownOutcome::DeadLetter {
+                s.persist("mark sending", || s.bus.mark_sending(&item.id))
+                    .await?;
+            }
             let delivery = Delivery {
                 platform: &platform,
-                stream_id: &entry.id,
+                stream_id: &item.id,
                 envelope: env,
-                idempotency_key: &idem,
+                idempotency_key: &item.idem,
                 attempt: attempts + 1,
                 resend,
+                target: target.as_deref(),
             };
-            let delivery = crate::metrics::timed(&platform, s.adapter.deliver(delivery));
-            let result = self.hold(&token, delivery).await?;
+            let fut = crate::metrics::timed(&platform, s.adapter.deliver(delivery));
+            tokio::pin!(fut);
+            let slow = tokio::time::sleep(SLOW_SEND);
+            tokio::pin!(slow);
+            let mut parked = false;
+            let result = loop {
+                tokio::select! {
+                    r = &mut fut => break r,
+                    _ = &mut slow, if !parked => {
+                        parked = true;
+                        self.stuck.store(true, AtomicOrdering::Relaxed);
+                        self.pull();
+                        self.park_all();
+                    }
+                    _ = s.abort.cancelled() => return None,
+                }
+            };
             let err = match result {
                 Ok(d) => {
                     Stats::inc(&s.stats.delivered);
-                    return Ok(Outcome::Delivered(d.message_id));
+                    return Some(Outcome::Delivered(d.message_id));
                 }
                 Err(e) => e,
             };
-            // A rate limit (429, or the adapter's own limiter) means the
-            // request was not taken; anything else may have landed.
+            // A rate limit means the request was not taken; anything else may have landed.
             resend |= !matches!(err.retry, Retry::After(_));
             let wait = match err.retry {
                 Retry::Never => {
                     warn!(error = %err.message, "platform refused the action; dead-lettered");
-                    return Ok(Outcome::Dead {
-                        kind: "rejected",
+                    return Some(Outcome::Dead {
+                        kind: DeadLetterKind::Rejected,
                         error: err.message,
                         attempts: attempts + 1,
                     });
                 }
                 Retry::Backoff => {
-                    attempts = match s
-                        .bus
-                        .renew(&s.who, s.timing, &self.chan, &token, true)
-                        .await
-                    {
-                        Ok(Some(n)) => n,
-                        Ok(None) => return Err(Interrupted::LockLost),
-                        Err(_) => attempts + 1,
-                    };
-                    let age = Duration::from_millis(crate::now_ms().saturating_sub(age_base));
-                    if s.retry.exhausted(attempts, age) {
+                    attempts += 1;
+                    // G5: the age is Redis's, from the stream id.
+                    let age =
+                        Duration::from_millis(crate::now_ms().saturating_sub(item.id.millis()));
+                    if s.set.retry.exhausted(attempts, age) {
                         warn!(error = %err.message, attempts, "retries exhausted; dead-lettered");
-                        return Ok(Outcome::Dead {
-                            kind: "retries_exhausted",
+                        return Some(Outcome::Dead {
+                            kind: DeadLetterKind::RetriesExhausted,
                             error: format!("{} (after {attempts} attempts)", err.message),
                             attempts,
                         });
                     }
-                    s.retry.backoff(attempts)
+                    s.set.retry.backoff(attempts)
                 }
                 Retry::After(d) => d,
             };
             Stats::inc(&s.stats.retries);
             crate::metrics::retry(&platform);
             debug!(error = %err.message, wait_ms = wait.as_millis() as u64, "retrying");
-            self.hold(&token, tokio::time::sleep(wait)).await?;
-        }
-    }
-
-    /// Run `fut` while keeping the channel lock alive.
-    async fn hold<T>(
-        &self,
-        token: &str,
-        fut: impl std::future::Future<Output = T>,
-    ) -> Result<T, Interrupted> {
-        let s = &self.s;
-        let every = s.timing.lock_ttl / 3;
-        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-        tokio::pin!(fut);
-        loop {
+            self.stuck.store(true, AtomicOrdering::Relaxed);
+            self.pull();
+            self.park_all();
             tokio::select! {
-                r = &mut fut => return Ok(r),
-                _ = tick.tick() => {
-                    match s.bus.renew(&s.who, s.timing, &self.chan, token, false).await {
-                        Ok(Some(_)) => {}
-                        Ok(None) => return Err(Interrupted::LockLost),
-                        Err(e) => {
-                            warn!(error = %e, "could not renew channel lock");
-                            crate::metrics::lock_renew_failed(s.bus.keys().platform());
-                        }
-                    }
-                }
-                _ = s.abort.cancelled() => return Err(Interrupted::Aborted),
+                _ = tokio::time::sleep(wait) => {}
+                _ = s.abort.cancelled() => return None,
             }
         }
     }
 
-    /// Write the outcome: commit (beginning the next entry in the same trip)
-    /// or dead-letter. A refused write (lock lost) keeps the outcome so it is
-    /// written, not redone, once the lock is ours again.
-    async fn conclude(&mut self, outcome: Outcome) -> bool {
+    /// Record the outcome: move the mark, queue the commit. False: lost.
+    async fn finish(&mut self, item: Item, outcome: Outcome) -> bool {
         let s = self.s.clone();
-        self.pull();
-        let token = self.token.clone().unwrap_or_default();
-        let entry = &self.queue[0];
-        let release = self.queue.len() == 1;
-        let seq = entry.parsed.routing.seq;
-        let result = match &outcome {
-            Outcome::Delivered(_) | Outcome::Skipped => {
-                let message_id = match &outcome {
-                    Outcome::Delivered(m) => m.as_deref(),
-                    _ => None,
-                };
-                let cache = entry
-                    .parsed
-                    .result
-                    .as_ref()
-                    .ok()
-                    .and_then(|e| e.message_key.as_deref());
-                let next = self.queue.get(1).map(Self::begin_args);
-                let args = CommitArgs {
-                    chan: &self.chan,
-                    token: &token,
-                    id: &entry.id,
-                    seq,
-                    cache,
-                    message_id,
-                    release,
-                    next,
-                };
-                s.persist("commit", || s.bus.commit(&s.who, s.timing, args.clone()))
-                    .await
+        let mark = self.mark_for(item.seq);
+        let parsed = item.body.as_ref().expect("body");
+        let ty = crate::metrics::type_of(parsed);
+        let message_key = parsed
+            .result
+            .as_ref()
+            .ok()
+            .and_then(|e| e.message_key.clone());
+        let chan = Some((self.chan.clone(), mark));
+        let (mut done, rx) = match &outcome {
+            Outcome::Delivered(_) => {
+                Done::new(chan, item.id.clone(), End::Ack { delivered: true }, ty)
             }
+            Outcome::Skipped => Done::new(chan, item.id.clone(), End::Ack { delivered: false }, ty),
             Outcome::Dead {
                 kind,
                 error,
                 attempts,
             } => {
-                let dl = DeadLetter {
-                    payload: &entry.parsed.payload,
-                    error,
-                    error_kind: kind,
-                    attempts: *attempts,
-                    consumer: &s.who.consumer,
-                    channel_id: entry
-                        .parsed
-                        .routing
-                        .channel_id
-                        .as_ref()
-                        .map(|c| c.0.as_str()),
-                };
-                s.persist("dead_letter", || {
-                    s.bus.dead_letter(
-                        &s.who,
-                        s.timing,
-                        Some((&self.chan, &token)),
-                        &entry.id,
-                        seq,
-                        release,
-                        dl.clone(),
-                    )
-                })
-                .await
+                let record = dead_record(&s, &item.id, parsed, *kind, error, *attempts);
+                Done::dead(chan, item.id.clone(), record, *kind, ty)
             }
         };
-        match result {
-            None => false,
-            Some(Commit::Stale) => {
-                Stats::inc(&s.stats.locks_lost);
-                crate::metrics::lock_lost(s.bus.keys().platform());
-                warn!(channel = %self.key, "commit refused: the channel lock passed to another holder; will commit again once it is ours");
-                self.token = None;
-                self.begun = false;
-                self.known = Some(outcome);
-                true
+        if let Outcome::Delivered(mid) = &outcome {
+            if self.sent_idems.len() > 10_000 {
+                self.sent_idems.clear();
+                self.sent_ids.clear();
             }
-            Some(Commit::Ok(next)) => {
-                if let Outcome::Dead { .. } = outcome {
-                    Stats::inc(&s.stats.dead_lettered);
-                }
-                let (label, kind) = match &outcome {
-                    Outcome::Delivered(_) => ("delivered", None),
-                    Outcome::Skipped => ("skipped", None),
-                    Outcome::Dead { kind, .. } => ("dead_lettered", Some(*kind)),
-                };
-                crate::metrics::finished(
-                    s.bus.keys().platform(),
-                    &self.queue[0].parsed,
-                    label,
-                    kind,
-                );
-                if release {
-                    self.token = None;
-                }
-                self.finish_front();
-                if let (Some(b), Some(front)) = (next, self.queue.front()) {
-                    self.prefetched = Some((front.id.clone(), b));
-                }
-                true
+            if item.idem_given {
+                self.sent_idems.insert(item.idem.clone());
+                done.sent = Some((item.idem.clone(), mid.clone().unwrap_or_else(|| "-".into())));
+            }
+            if let (Some(k), Some(m)) = (&message_key, mid) {
+                self.sent_ids.insert(k.clone(), m.clone());
+                done.cache = Some((k.clone(), m.clone()));
             }
         }
+        done.sending = s.set.unknown_outcome == UnknownOutcome::DeadLetter;
+        self.push_commit(done, rx);
+        s.forget(&item.id);
+        self.full.fetch_sub(1, AtomicOrdering::Relaxed);
+        drop(item);
+        while self.commits.len() > UNCOMMITTED {
+            let rx = self.commits.pop_front().expect("commit");
+            if !rx.await.unwrap_or(false) {
+                return false;
+            }
+        }
+        true
     }
+}
+
+fn expired(env: &Envelope) -> bool {
+    env.expires_ms.is_some_and(|t| crate::now_ms() > t)
 }

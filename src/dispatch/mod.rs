@@ -1,65 +1,134 @@
-//! From a parsed entry to a finished one: entries are routed to per-channel
-//! lanes (one channel strictly one at a time, other channels in parallel),
-//! RPCs run beside the lanes, and channel-less bad input goes straight to the
-//! dead-letter stream. No Redis command is spelled here: every state change
-//! goes through [`crate::bus`]; no platform is spoken to but through the
-//! adapter.
+//! From an entry read (or handed over, or recovered) to a finished one.
+//!
+//! Entries are routed by channel: to this gateway's lane for the channel
+//! when it owns it (or can take it), else handed to the live peer that owns
+//! it. A lane sends its channel's entries strictly one after another in
+//! `seq` order (the sequence gate runs in memory: the channel is owned across
+//! consecutive messages), and every finished entry goes to the [`commit`]
+//! task, which writes a whole batch of them — across channels — in one
+//! script call. RPCs run beside the lanes; channel-less bad input goes
+//! straight to the dead-letter stream. No Redis command is spelled here:
+//! every state change goes through [`crate::bus`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
-
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info_span, warn};
 
 use crate::adapters::SharedAdapter;
-use crate::bus::{Bus, DeadLetter, Identity, Timing};
+use crate::bus::{Bus, DeadRecord, Identity};
 use crate::config::UnknownOutcome;
-use crate::envelope::{Action, ParseRules, Parsed, StreamId};
+use crate::dead_letter::DeadLetterKind;
+use crate::envelope::{Action, ParseRules, Parsed, StreamId, Target, parse_entry};
 use crate::stats::Stats;
 
+pub(crate) mod commit;
 mod lane;
 pub mod retry;
 
+use commit::Done;
 use retry::RetryPolicy;
 
-/// An entry held in memory, with the permit that bounds how many there are.
+/// An entry arriving in memory: read, handed over by a peer, or recovered
+/// from a dead gateway.
 #[derive(Debug)]
-pub struct Entry {
+pub struct Arrival {
     pub id: StreamId,
     pub parsed: Parsed,
-    pub permit: OwnedSemaphorePermit,
+    /// Room in `max_in_flight`; None when recovery took it in without room
+    /// (it is parked at once: recovery never waits behind the reader).
+    pub permit: Option<OwnedSemaphorePermit>,
+    /// An earlier gateway may have sent it (it died holding it).
+    pub maybe_sent: bool,
 }
 
-/// What a lane is handed: an entry to hold, or only the id of one it must
-/// fetch again later (the channel already holds its share of memory).
-#[derive(Debug)]
-pub(crate) enum LaneMsg {
-    Entry(Box<Entry>),
-    Parked(Parked),
+/// How an entry is ordered and superseded (G3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Class {
+    Strict,
+    Typing,
+    Presence,
+    /// An edit or delete of this target: a queued one is superseded by a later one.
+    Edit(String),
 }
 
-/// An entry left in Redis (pending for this gateway, kept fresh) while its
-/// channel is busy, so one slow channel cannot take all of `max_in_flight`.
+/// One entry of a lane: always its id and ordering facts; its body only
+/// while it holds room (a parked item is fetched again when its turn comes).
 #[derive(Debug)]
-pub(crate) struct Parked {
+pub(crate) struct Item {
     pub id: StreamId,
-    /// Counts against the parking capacity; the reader pauses while none is left.
-    pub _slot: Option<OwnedSemaphorePermit>,
+    pub seq: Option<u64>,
+    pub class: Class,
+    pub idem: String,
+    /// The idempotency key came from the envelope (not derived from the id).
+    pub idem_given: bool,
+    pub body: Option<Box<Parsed>>,
+    pub permit: Option<OwnedSemaphorePermit>,
+    pub maybe_sent: bool,
+    /// A de-duplication record says this key was sent (with this message id).
+    pub dup: Option<String>,
+}
+
+/// Everything the consumer's engine settles per platform.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub retry: RetryPolicy,
+    pub unknown_outcome: UnknownOutcome,
+    pub lock_ttl: Duration,
+    pub gap_timeout: Duration,
+    pub dlq_maxlen: u64,
+    pub dedup_window: Duration,
+    pub idle_release: Duration,
+    pub max_in_flight: usize,
+}
+
+/// This instance's own lease, as far as it knows: sends start only while
+/// it is valid, so a gateway that lost touch with Redis (and may be found
+/// dead by its peers) stops sending before they take over.
+#[derive(Debug)]
+pub(crate) struct Lease {
+    base: Instant,
+    until_ms: AtomicU64,
+    renewed: Notify,
+}
+
+impl Lease {
+    fn new() -> Lease {
+        Lease {
+            base: Instant::now(),
+            until_ms: AtomicU64::new(0),
+            renewed: Notify::new(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.base.elapsed().as_millis() as u64
+    }
+
+    pub(crate) fn valid(&self) -> bool {
+        self.now_ms() < self.until_ms.load(AtomicOrdering::Acquire)
+    }
+
+    /// A heartbeat sent at `sent` succeeded: the lease holds until `sent + span`.
+    pub(crate) fn renew(&self, sent: Instant, span: Duration) {
+        let until = (sent.duration_since(self.base) + span).as_millis() as u64;
+        self.until_ms.fetch_max(until, AtomicOrdering::AcqRel);
+        self.renewed.notify_waiters();
+    }
 }
 
 #[derive(Debug)]
-struct LaneHandle {
-    tx: mpsc::UnboundedSender<LaneMsg>,
-    /// Entries the lane holds in memory.
-    load: Arc<AtomicUsize>,
-    /// Entries the lane has parked. While there are any, every later entry
-    /// is parked too, so the lane sees its entries in arrival order.
-    parked: Arc<AtomicUsize>,
+pub(crate) struct LaneHandle {
+    tx: mpsc::UnboundedSender<Item>,
+    /// Items with a body in this lane.
+    full: Arc<AtomicUsize>,
+    /// The lane waits (gap, retry, a slow send): its new items are parked.
+    stuck: Arc<AtomicBool>,
 }
 
 /// Everything the lanes share.
@@ -68,40 +137,42 @@ pub(crate) struct Shared {
     pub bus: Bus,
     pub adapter: SharedAdapter,
     pub who: Identity,
-    pub timing: Timing,
-    pub retry: RetryPolicy,
-    pub unknown_outcome: UnknownOutcome,
+    pub set: Settings,
     pub stats: Arc<Stats>,
-    lanes: Mutex<HashMap<String, LaneHandle>>,
-    /// Most entries one lane holds in memory; the rest of its entries are parked.
-    pub lane_cap: usize,
-    /// Permits for entries in memory (`max_in_flight`).
-    pub room: Arc<Semaphore>,
-    /// Permits for parked ids; when none is left the reader pauses.
-    park_room: Arc<Semaphore>,
     pub rules: ParseRules,
-    rpc: Arc<crate::rpc::RpcServer>,
-    /// Ids held in memory, with when they were last claimed or kept fresh.
-    held: Mutex<HashMap<StreamId, Instant>>,
-    /// Lanes waiting on their channel (lock or predecessor), by channel state
-    /// key: woken when a commit elsewhere publishes on that key.
-    wakers: Mutex<HashMap<String, Arc<tokio::sync::Notify>>>,
-    /// Ids abandoned at shutdown, to be marked idle for the other gateways.
-    handed_off: Mutex<Vec<StreamId>>,
-    /// The idle time given to handed-off entries (`autoclaim_min_idle_ms`),
-    /// so the next sweep elsewhere takes them at once.
-    handoff_idle: Duration,
-    tracker: TaskTracker,
-    /// Stop reading and stop waiting; finish what can be sent now.
+    pub room: Arc<Semaphore>,
+    /// Most items with a body one lane keeps while it flows.
+    pub lane_cap: usize,
+    lanes: Mutex<HashMap<String, LaneHandle>>,
+    /// Channels a live peer owns (lane key → peer instance).
+    peers: Mutex<HashMap<String, String>>,
+    /// Ids held in memory (queued, parked, being sent).
+    held: Mutex<HashSet<StreamId>>,
+    /// Parked items (ids only); the reader pauses at `park_cap`.
+    pub parked: AtomicUsize,
+    pub park_cap: usize,
+    pub commits: mpsc::UnboundedSender<Done>,
+    pub lease: Lease,
+    /// This instance is no longer registered: drop everything, start over.
+    pub lost: CancellationToken,
+    /// Stop reading and taking new work; finish what is being sent.
     pub stopping: CancellationToken,
-    /// The drain deadline passed: abandon sends in progress.
+    /// The drain deadline passed (or the instance was lost): abandon sends.
     pub abort: CancellationToken,
+    tracker: TaskTracker,
+    /// Lanes and RPCs have all finished: the commit task writes what is
+    /// queued and ends.
+    drained: CancellationToken,
+    rpc: Arc<crate::rpc::RpcServer>,
+    /// One gap proof at a time (they scan the pending list and the unread tail).
+    gap_proof: tokio::sync::Mutex<()>,
 }
 
 /// Routes entries to lanes; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Dispatcher {
     pub(crate) shared: Arc<Shared>,
+    committer: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>>,
 }
 
 /// What a dispatcher needs to be built.
@@ -110,187 +181,230 @@ pub struct DispatcherParts {
     pub bus: Bus,
     pub adapter: SharedAdapter,
     pub who: Identity,
-    pub timing: Timing,
-    pub retry: RetryPolicy,
-    pub unknown_outcome: UnknownOutcome,
+    pub settings: Settings,
     pub stats: Arc<Stats>,
     pub room: Arc<Semaphore>,
-    pub max_in_flight: usize,
     pub rules: ParseRules,
-    pub handoff_idle: Duration,
     pub rpc: Arc<crate::rpc::RpcServer>,
 }
 
 impl Dispatcher {
     pub fn new(p: DispatcherParts) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let max = p.settings.max_in_flight;
+        let shared = Arc::new(Shared {
+            bus: p.bus,
+            adapter: p.adapter,
+            who: p.who,
+            set: p.settings,
+            stats: p.stats,
+            rules: p.rules,
+            room: p.room,
+            lane_cap: (max / 4).max(1),
+            lanes: Mutex::new(HashMap::new()),
+            peers: Mutex::new(HashMap::new()),
+            held: Mutex::new(HashSet::new()),
+            parked: AtomicUsize::new(0),
+            park_cap: max.saturating_mul(64).max(1024),
+            commits: tx,
+            lease: Lease::new(),
+            lost: CancellationToken::new(),
+            stopping: CancellationToken::new(),
+            abort: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            drained: CancellationToken::new(),
+            rpc: p.rpc,
+            gap_proof: tokio::sync::Mutex::new(()),
+        });
+        let committer = tokio::spawn(commit::Committer::new(shared.clone(), rx).run());
         Dispatcher {
-            shared: Arc::new(Shared {
-                bus: p.bus,
-                adapter: p.adapter,
-                who: p.who,
-                timing: p.timing,
-                retry: p.retry,
-                unknown_outcome: p.unknown_outcome,
-                stats: p.stats,
-                lanes: Mutex::new(HashMap::new()),
-                lane_cap: (p.max_in_flight / 4).max(1),
-                room: p.room,
-                park_room: Arc::new(Semaphore::new(p.max_in_flight.saturating_mul(64))),
-                rules: p.rules,
-                held: Mutex::new(HashMap::new()),
-                handed_off: Mutex::new(Vec::new()),
-                wakers: Mutex::new(HashMap::new()),
-                handoff_idle: p.handoff_idle,
-                rpc: p.rpc,
-                tracker: TaskTracker::new(),
-                stopping: CancellationToken::new(),
-                abort: CancellationToken::new(),
-            }),
+            shared,
+            committer: Arc::new(Mutex::new(Some(committer))),
         }
     }
 
-    /// Take an entry in. One already held (say, claimed back by our own sweep)
-    /// is ignored: the copy in memory stays in charge.
-    pub fn submit(&self, entry: Entry) {
+    /// Take entries in: de-duplicate, then route each to its lane, its
+    /// owner, the RPC server or the dead-letter stream.
+    pub async fn admit(&self, arrivals: Vec<Arrival>) {
         let s = &self.shared;
-        {
-            let mut held = s.held.lock().expect("held map poisoned");
-            if held.contains_key(&entry.id) {
-                return;
-            }
-            held.insert(entry.id.clone(), Instant::now());
+        let fresh: Vec<Arrival> = {
+            let mut held = s.held.lock().expect("held poisoned");
+            arrivals
+                .into_iter()
+                .filter(|a| held.insert(a.id.clone()))
+                .collect()
+        };
+        if fresh.is_empty() {
+            return;
         }
-        if let Ok(env) = &entry.parsed.result
+        let mut items = Vec::with_capacity(fresh.len());
+        for a in fresh {
+            if let Some(item) = self.classify(a) {
+                items.push(item);
+            }
+        }
+        self.dedup(&mut items).await;
+        let mut handoffs: HashMap<String, Vec<(String, Item)>> = HashMap::new();
+        for (key, item) in items {
+            let peer = s.peers.lock().expect("peers poisoned").get(&key).cloned();
+            match peer {
+                Some(p) if !s.has_lane(&key) => handoffs.entry(p).or_default().push((key, item)),
+                _ => s.to_lane(key, item),
+            }
+        }
+        for (peer, group) in handoffs {
+            let ids: Vec<StreamId> = group.iter().map(|(_, i)| i.id.clone()).collect();
+            let moved = s
+                .persist("handoff", || s.bus.handoff(&peer, &ids))
+                .await
+                .unwrap_or(false);
+            if moved {
+                Stats::add(&s.stats.handed_off, ids.len() as u64);
+                for id in &ids {
+                    s.forget(id);
+                }
+            } else {
+                // The peer died: take the channels ourselves.
+                for (key, item) in group {
+                    s.peers.lock().expect("peers poisoned").remove(&key);
+                    s.to_lane(key, item);
+                }
+            }
+        }
+    }
+
+    /// RPC and channel-less entries are settled here; the rest become items
+    /// with the lane key they belong to.
+    fn classify(&self, a: Arrival) -> Option<(String, Item)> {
+        let s = &self.shared;
+        if let Ok(env) = &a.parsed.result
             && let Action::Rpc { .. } = env.action
         {
             let shared = s.clone();
-            s.tracker.spawn(rpc(shared, entry));
-            return;
+            s.tracker.spawn(rpc(shared, a));
+            return None;
         }
-        let routing = &entry.parsed.routing;
-        let lane = if routing.presence {
-            Some(("\u{0}presence".to_owned(), s.bus.keys().presence()))
+        let routing = &a.parsed.routing;
+        let key = if routing.presence {
+            PRESENCE_LANE.to_owned()
+        } else if let Some(c) = &routing.channel_id {
+            c.0.clone()
         } else {
-            routing
-                .channel_id
-                .as_ref()
-                .map(|c| (c.0.clone(), s.bus.keys().channel(&c.0)))
+            let shared = s.clone();
+            s.tracker.spawn(dead_letter_unrouted(shared, a));
+            return None;
         };
-        match lane {
-            Some((key, state)) => self.to_lane(key, state, entry),
-            None => {
-                let shared = s.clone();
-                s.tracker.spawn(dead_letter_unrouted(shared, entry));
-            }
-        }
-    }
-
-    fn to_lane(&self, key: String, state: String, entry: Entry) {
-        let s = &self.shared;
-        let mut lanes = s.lanes.lock().expect("lane map poisoned");
-        let entry = match lanes.get(&key) {
-            Some(lane) => {
-                let msg = if lane.load.load(AtomicOrdering::Relaxed) >= s.lane_cap
-                    || lane.parked.load(AtomicOrdering::Relaxed) > 0
-                {
-                    // Dropping the entry gives its room back to the reader.
-                    lane.parked.fetch_add(1, AtomicOrdering::Relaxed);
-                    LaneMsg::Parked(Parked {
-                        id: entry.id,
-                        _slot: s.park_room.clone().try_acquire_owned().ok(),
-                    })
-                } else {
-                    lane.load.fetch_add(1, AtomicOrdering::Relaxed);
-                    LaneMsg::Entry(Box::new(entry))
+        let (class, idem, given) = match &a.parsed.result {
+            Ok(env) => {
+                let class = match &env.action {
+                    Action::StartTyping | Action::StopTyping => Class::Typing,
+                    Action::Presence { .. } => Class::Presence,
+                    Action::Edit { target, .. } | Action::Delete { target } => {
+                        Class::Edit(match target {
+                            Target::MessageId(m) => format!("id:{m}"),
+                            Target::Key(k) => format!("key:{k}"),
+                        })
+                    }
+                    _ => Class::Strict,
                 };
-                match lane.tx.send(msg) {
-                    Ok(()) => return,
-                    Err(mpsc::error::SendError(LaneMsg::Entry(e))) => {
-                        lane.load.fetch_sub(1, AtomicOrdering::Relaxed);
-                        *e
-                    }
-                    Err(mpsc::error::SendError(LaneMsg::Parked(p))) => {
-                        lane.parked.fetch_sub(1, AtomicOrdering::Relaxed);
-                        // The lane is gone: nothing holds this id any more.
-                        // It stays pending for us and comes back with a sweep.
-                        drop(lanes);
-                        self.shared.forget(&p.id);
-                        return;
-                    }
+                match env
+                    .idempotency_key
+                    .clone()
+                    .or_else(|| env.message_key.clone())
+                {
+                    Some(k) => (class, k, true),
+                    None => (class, self.derived_idem(&a.id), false),
                 }
             }
-            None => entry,
+            Err(_) => (Class::Strict, self.derived_idem(&a.id), false),
         };
-        let (tx, rx) = mpsc::unbounded_channel();
-        let load = Arc::new(AtomicUsize::new(1));
-        let parked = Arc::new(AtomicUsize::new(0));
-        tx.send(LaneMsg::Entry(Box::new(entry)))
-            .expect("receiver is alive");
-        lanes.insert(
-            key.clone(),
-            LaneHandle {
-                tx,
-                load: load.clone(),
-                parked: parked.clone(),
+        Some((
+            key,
+            Item {
+                id: a.id,
+                seq: routing.seq,
+                class,
+                idem,
+                idem_given: given,
+                body: Some(Box::new(a.parsed)),
+                permit: a.permit,
+                maybe_sent: a.maybe_sent,
+                dup: None,
             },
-        );
-        let shared = s.clone();
-        s.tracker
-            .spawn(lane::Lane::new(shared, key, state, rx, load, parked).run());
+        ))
     }
 
-    /// Ids held in memory that were last refreshed longer than `older` ago;
-    /// marks them fresh now.
-    pub fn take_stale_held(&self, older: Duration) -> Vec<StreamId> {
-        let now = Instant::now();
-        let mut held = self.shared.held.lock().expect("held map poisoned");
-        held.iter_mut()
-            .filter(|(_, t)| now.duration_since(**t) >= older)
-            .map(|(id, t)| {
-                *t = now;
-                id.clone()
-            })
-            .collect()
+    fn derived_idem(&self, id: &StreamId) -> String {
+        format!("{}:{}", self.shared.bus.keys().platform(), id)
     }
 
-    /// A commit on channel state `chan` was published: wake its waiting lane.
-    pub fn wake(&self, chan: &str) {
-        if let Some(n) = self
-            .shared
-            .wakers
-            .lock()
-            .expect("wakers poisoned")
-            .get(chan)
-        {
-            n.notify_one();
+    /// Mark items whose idempotency key was already sent (one lookup per batch).
+    async fn dedup(&self, items: &mut [(String, Item)]) {
+        let s = &self.shared;
+        let idx: Vec<usize> = (0..items.len())
+            .filter(|i| items[*i].1.idem_given)
+            .collect();
+        if idx.is_empty() {
+            return;
+        }
+        let keys: Vec<&str> = idx.iter().map(|i| items[*i].1.idem.as_str()).collect();
+        let buckets = commit::lookup_buckets(s.set.dedup_window);
+        let found = s
+            .persist("dedup lookup", || s.bus.sent_lookup(&buckets, &keys))
+            .await
+            .unwrap_or_default();
+        for (i, f) in idx.into_iter().zip(found) {
+            items[i].1.dup = f;
         }
     }
 
-    /// Channels with a lane right now.
-    pub fn lane_count(&self) -> usize {
-        self.shared.lanes.lock().expect("lane map poisoned").len()
+    /// Dead-letter a pending entry that is gone from the stream (G7).
+    pub async fn dead_letter_lost(&self, id: &StreamId) {
+        let s = &self.shared;
+        Stats::inc(&s.stats.lost_in_stream);
+        let record = lost_record(s, id, None);
+        let (done, rx) = Done::dead(
+            None,
+            id.clone(),
+            record,
+            DeadLetterKind::LostInStream,
+            "unknown",
+        );
+        if s.commits.send(done).is_ok() {
+            let _ = rx.await;
+        }
     }
 
-    /// Whether parking has room left; the reader pauses while it has none.
-    pub fn can_park(&self) -> bool {
-        self.shared.park_room.available_permits() > 0
-    }
-
+    /// Entries held in memory right now.
     pub fn held_count(&self) -> usize {
-        self.shared.held.lock().expect("held map poisoned").len()
+        self.shared.held.lock().expect("held poisoned").len()
     }
 
     /// Channel lanes running now.
     pub fn lanes_count(&self) -> usize {
-        self.shared.lanes.lock().expect("lane map poisoned").len()
+        self.shared.lanes.lock().expect("lanes poisoned").len()
+    }
+
+    /// Whether the reader may read more (parked ids below their cap).
+    pub fn can_park(&self) -> bool {
+        self.shared.parked.load(AtomicOrdering::Relaxed) < self.shared.park_cap
     }
 
     pub fn stopping(&self) -> &CancellationToken {
         &self.shared.stopping
     }
 
-    /// Stop taking work, let lanes finish until `drain`, then abandon the rest
-    /// (it stays pending in Redis) and release every lock.
+    pub fn lost(&self) -> &CancellationToken {
+        &self.shared.lost
+    }
+
+    pub(crate) fn lease(&self) -> &Lease {
+        &self.shared.lease
+    }
+
+    /// Stop taking work, let lanes finish until `drain`, then abandon the
+    /// rest (it stays pending in Redis), commit what finished, release every
+    /// channel.
     pub async fn shutdown(&self, drain: Duration) {
         let s = &self.shared;
         s.stopping.cancel();
@@ -303,56 +417,149 @@ impl Dispatcher {
             s.abort.cancel();
             s.tracker.wait().await;
         }
-        let ids = std::mem::take(&mut *s.handed_off.lock().expect("handoff poisoned"));
-        if !ids.is_empty() {
-            for chunk in ids.chunks(500) {
-                if let Err(e) = s.bus.hand_off(&s.who.consumer, chunk, s.handoff_idle).await {
-                    warn!(error = %e, "could not mark unfinished entries for takeover; they are claimed once idle");
-                }
-            }
-            tracing::info!(
-                entries = ids.len(),
-                "unfinished entries handed off to the other gateways"
-            );
+        self.finish_commits().await;
+    }
+
+    async fn finish_commits(&self) {
+        self.shared.drained.cancel();
+        let handle = self.committer.lock().expect("committer poisoned").take();
+        if let Some(h) = handle {
+            let _ = h.await;
         }
+    }
+
+    /// Drop everything at once (the instance was lost): nothing more is
+    /// sent or committed; what was held stays pending for the new owners.
+    pub async fn abandon(&self) {
+        let s = &self.shared;
+        s.lost.cancel();
+        s.stopping.cancel();
+        s.abort.cancel();
+        s.tracker.close();
+        s.tracker.wait().await;
+        self.finish_commits().await;
     }
 }
 
+/// The lane key of the platform-wide presence (presence has no channel).
+pub(crate) const PRESENCE_LANE: &str = "\u{0}presence";
+
 impl Shared {
-    /// The wake-up a lane on channel state `chan` waits on.
-    pub(crate) fn waker(&self, chan: &str) -> Arc<tokio::sync::Notify> {
-        self.wakers
-            .lock()
-            .expect("wakers poisoned")
-            .entry(chan.to_owned())
-            .or_default()
-            .clone()
+    pub(crate) async fn tracker_idle(&self) {
+        self.drained.cancelled().await
     }
 
-    pub(crate) fn drop_waker(&self, chan: &str) {
-        self.wakers.lock().expect("wakers poisoned").remove(chan);
+    fn has_lane(&self, key: &str) -> bool {
+        self.lanes.lock().expect("lanes poisoned").contains_key(key)
     }
 
-    pub(crate) fn hand_off(&self, ids: Vec<StreamId>) {
-        if !ids.is_empty() {
-            self.handed_off
-                .lock()
-                .expect("handoff poisoned")
-                .extend(ids);
+    /// The channel state key of a lane.
+    pub(crate) fn state_key(&self, key: &str) -> String {
+        if key == PRESENCE_LANE {
+            self.bus.keys().presence()
+        } else {
+            self.bus.keys().channel(key)
         }
     }
 
-    pub(crate) fn forget(&self, id: &StreamId) {
-        self.held.lock().expect("held map poisoned").remove(id);
+    /// Hand an item to its lane (started if needed). A lane that waits, or
+    /// holds its share of room already, gets the item parked.
+    fn to_lane(self: &Arc<Self>, key: String, mut item: Item) {
+        let mut lanes = self.lanes.lock().expect("lanes poisoned");
+        if let Some(lane) = lanes.get(&key) {
+            if item.body.is_some()
+                && (lane.stuck.load(AtomicOrdering::Relaxed)
+                    || lane.full.load(AtomicOrdering::Relaxed) >= self.lane_cap)
+            {
+                self.park(&mut item);
+            }
+            if item.body.is_some() {
+                lane.full.fetch_add(1, AtomicOrdering::Relaxed);
+            }
+            match lane.tx.send(item) {
+                Ok(()) => return,
+                Err(mpsc::error::SendError(back)) => {
+                    // The lane is leaving; start a new one below.
+                    if back.body.is_some() {
+                        lane.full.fetch_sub(1, AtomicOrdering::Relaxed);
+                    }
+                    item = back;
+                }
+            }
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let full = Arc::new(AtomicUsize::new(usize::from(item.body.is_some())));
+        let stuck = Arc::new(AtomicBool::new(false));
+        tx.send(item).expect("receiver alive");
+        lanes.insert(
+            key.clone(),
+            LaneHandle {
+                tx,
+                full: full.clone(),
+                stuck: stuck.clone(),
+            },
+        );
+        drop(lanes);
+        let shared = self.clone();
+        self.tracker
+            .spawn(lane::Lane::new(shared, key, rx, full, stuck).run());
     }
 
-    /// Retry a Redis step until it succeeds or the drain deadline passes.
+    /// Drop an item's body and room: it stays pending for us, fetched again
+    /// when its turn comes.
+    pub(crate) fn park(&self, item: &mut Item) {
+        if item.body.take().is_some() {
+            item.permit = None;
+            self.parked.fetch_add(1, AtomicOrdering::Relaxed);
+        }
+    }
+
+    /// An item fetched back from Redis.
+    pub(crate) fn unpark(&self) {
+        self.parked.fetch_sub(1, AtomicOrdering::Relaxed);
+    }
+
+    pub(crate) fn forget(&self, id: &StreamId) {
+        self.held.lock().expect("held poisoned").remove(id);
+    }
+
+    pub(crate) fn holds(&self, id: &StreamId) -> bool {
+        self.held.lock().expect("held poisoned").contains(id)
+    }
+
+    pub(crate) fn set_peer(&self, key: &str, peer: Option<String>) {
+        let mut peers = self.peers.lock().expect("peers poisoned");
+        match peer {
+            Some(p) => peers.insert(key.to_owned(), p),
+            None => peers.remove(key),
+        };
+    }
+
+    /// Remove a lane from the map, unless items reached it meanwhile (then
+    /// they are returned and the lane carries on).
+    pub(crate) fn leave_lane(
+        &self,
+        key: &str,
+        rx: &mut mpsc::UnboundedReceiver<Item>,
+    ) -> Vec<Item> {
+        let mut lanes = self.lanes.lock().expect("lanes poisoned");
+        let mut late = Vec::new();
+        while let Ok(i) = rx.try_recv() {
+            late.push(i);
+        }
+        if late.is_empty() {
+            lanes.remove(key);
+        }
+        late
+    }
+
+    /// Retry a Redis step until it succeeds or the work is abandoned.
     pub(crate) async fn persist<T, F, Fut>(&self, what: &str, mut f: F) -> Option<T>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
-        let mut delay = Duration::from_millis(50);
+        let mut delay = Duration::from_millis(20);
         loop {
             match f().await {
                 Ok(v) => return Some(v),
@@ -362,61 +569,119 @@ impl Shared {
                         _ = tokio::time::sleep(delay) => {}
                         _ = self.abort.cancelled() => return None,
                     }
-                    delay = (delay * 2).min(Duration::from_secs(2));
+                    delay = (delay * 2).min(Duration::from_secs(1));
                 }
             }
         }
     }
+
+    /// Wait until this instance's lease is valid (false: the work is abandoned).
+    pub(crate) async fn wait_lease(&self) -> bool {
+        loop {
+            if self.lease.valid() {
+                return true;
+            }
+            let renewed = self.lease.renewed.notified();
+            tokio::select! {
+                _ = renewed => {}
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                _ = self.abort.cancelled() => return false,
+            }
+        }
+    }
+
+    /// G3: whether an entry of lane `key` numbered `from..=to` exists
+    /// anywhere — unread in the stream, or pending on any consumer (dead or
+    /// alive) and not held here. Only when none does may the gap be
+    /// skipped. Entries move from the unread tail to the pending list and
+    /// never back, so the tail is scanned first. Answers true (wait longer)
+    /// when the proof cannot be made (an unread tail too long to scan).
+    pub(crate) async fn predecessor_exists(&self, key: &str, from: u64, to: u64) -> Option<bool> {
+        let _one = self.gap_proof.lock().await;
+        let matches = |p: &Parsed| {
+            let r = &p.routing;
+            let same = if key == PRESENCE_LANE {
+                r.presence
+            } else {
+                r.channel_id.as_ref().is_some_and(|c| c.0 == key)
+            };
+            same && r.seq.is_some_and(|s| (from..=to).contains(&s))
+        };
+        let last = self
+            .persist("gap proof", || self.bus.last_delivered())
+            .await?;
+        let last = last.unwrap_or_else(|| "0-0".into());
+        const TAIL: usize = 10_000;
+        let tail = self
+            .persist("gap proof", || self.bus.range_after(&last, TAIL + 1))
+            .await?;
+        if tail.len() > TAIL {
+            return Some(true);
+        }
+        if tail
+            .iter()
+            .any(|e| matches(&parse_entry(&e.fields, &self.rules)))
+        {
+            return Some(true);
+        }
+        let mut start = "-".to_owned();
+        loop {
+            let page = self
+                .persist("gap proof", || self.bus.pending_page(&start, 1000))
+                .await?;
+            let Some((last_id, _)) = page.last() else {
+                break;
+            };
+            start = format!("({}", last_id.0);
+            let others: Vec<StreamId> = page
+                .iter()
+                .map(|(id, _)| id.clone())
+                .filter(|id| !self.holds(id))
+                .collect();
+            let fetched = self
+                .persist("gap proof", || self.bus.fetch(&others))
+                .await?;
+            let found = fetched.iter().any(|(_, e)| {
+                e.as_ref()
+                    .is_some_and(|e| matches(&parse_entry(&e.fields, &self.rules)))
+            });
+            if found {
+                return Some(true);
+            }
+            if page.len() < 1000 {
+                break;
+            }
+        }
+        Some(false)
+    }
 }
 
-/// An entry with no channel that is bad input: dead-letter it, no lock needed.
-async fn dead_letter_unrouted(s: Arc<Shared>, entry: Entry) {
-    let bad = match &entry.parsed.result {
-        Err(b) => (b.kind.as_str(), b.detail.clone()),
+/// An entry with no channel that is bad input: dead-letter it, no lane needed.
+async fn dead_letter_unrouted(s: Arc<Shared>, a: Arrival) {
+    let (kind, error) = match &a.parsed.result {
+        Err(b) => (DeadLetterKind::BadInput(b.kind), b.detail.clone()),
         Ok(env) => (
-            "missing_field",
+            DeadLetterKind::BadInput(crate::envelope::BadInputKind::MissingField),
             format!(
                 "a `{}` envelope needs the field `channel_id`",
                 env.action.type_name()
             ),
         ),
     };
-    warn!(stream_id = %entry.id, kind = bad.0, error = %bad.1, "bad input dead-lettered");
-    let done = s
-        .persist("dead_letter", || {
-            s.bus.dead_letter(
-                &s.who,
-                s.timing,
-                None,
-                &entry.id,
-                None,
-                false,
-                DeadLetter {
-                    payload: &entry.parsed.payload,
-                    error: &bad.1,
-                    error_kind: bad.0,
-                    attempts: 0,
-                    consumer: &s.who.consumer,
-                    channel_id: None,
-                },
-            )
-        })
-        .await;
-    if done.is_some() {
-        Stats::inc(&s.stats.dead_lettered);
-        crate::metrics::finished(
-            s.bus.keys().platform(),
-            &entry.parsed,
-            "dead_lettered",
-            Some(bad.0),
-        );
+    warn!(stream_id = %a.id, kind = %kind, error = %error, "bad input dead-lettered");
+    let record = commit::dead_record(&s, &a.id, &a.parsed, kind, &error, 0);
+    let ty = crate::metrics::type_of(&a.parsed);
+    let (done, rx) = Done::dead(None, a.id.clone(), record, kind, ty);
+    if s.commits.send(done).is_ok() {
+        let _ = rx.await;
     }
-    s.forget(&entry.id);
+    s.forget(&a.id);
 }
 
-/// Answer one RPC request (G9). RPCs never wait behind a channel's sends.
-async fn rpc(s: Arc<Shared>, entry: Entry) {
-    let Ok(env) = &entry.parsed.result else {
+/// Answer one RPC request (G9). Acknowledged only once its reply is
+/// written; a reply that cannot be written is dead-lettered with the reason.
+async fn rpc(s: Arc<Shared>, a: Arrival) {
+    let Ok(env) = &a.parsed.result else {
         return;
     };
     let Action::Rpc {
@@ -428,15 +693,16 @@ async fn rpc(s: Arc<Shared>, entry: Entry) {
     else {
         return;
     };
-    let span = info_span!("rpc", platform = s.bus.keys().platform(), method = %method, stream_id = %entry.id);
+    let platform = s.bus.keys().platform().to_owned();
+    let span = info_span!("rpc", platform = %platform, method = %method, stream_id = %a.id);
     async {
         if let Some(deadline) = deadline_ms
             && crate::now_ms() > *deadline
         {
             warn!("rpc request past its deadline dropped");
-            if s.persist("ack", || s.bus.ack(&entry.id)).await.is_some() {
+            if s.persist("ack", || s.bus.ack(&a.id)).await.is_some() {
                 Stats::inc(&s.stats.rpc_expired);
-                crate::metrics::finished(s.bus.keys().platform(), &entry.parsed, "skipped", None);
+                crate::metrics::finished(&platform, &a.parsed, "skipped", None);
             }
             return;
         }
@@ -449,17 +715,73 @@ async fn rpc(s: Arc<Shared>, entry: Entry) {
             }
         };
         let reply = reply.to_string();
-        if s.persist("rpc_reply", || {
-            s.bus.rpc_reply(&entry.id, reply_key, &reply)
-        })
-        .await
-        .is_some()
-        {
-            Stats::inc(&s.stats.rpc_answered);
-            crate::metrics::finished(s.bus.keys().platform(), &entry.parsed, "delivered", None);
+        let mut delay = Duration::from_millis(20);
+        loop {
+            match s.bus.rpc_reply(&a.id, reply_key, &reply).await {
+                Ok(()) => {
+                    Stats::inc(&s.stats.rpc_answered);
+                    crate::metrics::finished(&platform, &a.parsed, "delivered", None);
+                    return;
+                }
+                Err(e) if is_permanent(&e) => {
+                    let error = format!("the reply could not be written to `{reply_key}`: {e}");
+                    warn!(%error, "rpc reply failed; dead-lettered");
+                    let kind = DeadLetterKind::ReplyFailed;
+                    let record = commit::dead_record(&s, &a.id, &a.parsed, kind, &error, 1);
+                    let (done, rx) = Done::dead(None, a.id.clone(), record, kind, "rpc_request");
+                    if s.commits.send(done).is_ok() {
+                        let _ = rx.await;
+                    }
+                    return;
+                }
+                Err(e) => {
+                    warn!(error = %e, "rpc reply failed; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = s.abort.cancelled() => return,
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(1));
+                }
+            }
         }
     }
     .instrument(span)
     .await;
-    s.forget(&entry.id);
+    s.forget(&a.id);
+}
+
+/// A Redis error that retrying cannot mend (a key of the wrong type, a
+/// refused command), as opposed to a connection that failed.
+pub(crate) fn is_permanent(e: &redis::RedisError) -> bool {
+    !(e.is_io_error()
+        || e.is_timeout()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || matches!(
+            e.code(),
+            Some("LOADING" | "BUSY" | "TRYAGAIN" | "CLUSTERDOWN" | "MASTERDOWN" | "NOSCRIPT")
+        ))
+}
+
+/// The dead letter for an entry whose id is pending but gone from the stream.
+pub(crate) fn lost_record(s: &Shared, id: &StreamId, channel: Option<&str>) -> DeadRecord {
+    let mut fields: Vec<(&'static str, Vec<u8>)> = vec![
+        ("payload", Vec::new()),
+        (
+            "error",
+            b"the entry was pending but had been deleted from the stream (trimmed or XDEL'd) before it was delivered".to_vec(),
+        ),
+        ("error_kind", DeadLetterKind::LostInStream.as_str().as_bytes().to_vec()),
+        ("attempts", b"0".to_vec()),
+        ("original_id", id.0.as_bytes().to_vec()),
+        ("consumer", s.who.consumer.as_bytes().to_vec()),
+        ("failed_ms", crate::now_ms().to_string().into_bytes()),
+    ];
+    if let Some(c) = channel {
+        fields.push(("channel_id", c.as_bytes().to_vec()));
+    }
+    DeadRecord {
+        id: id.clone(),
+        fields,
+    }
 }

@@ -12,20 +12,20 @@ use tracing::{info, warn};
 
 use crate::bus::Bus;
 use crate::bus::admin::id_key;
-use crate::dispatch::Dispatcher;
+use crate::consumer::Load;
 
 /// Refreshes one platform's gauges.
 #[derive(Debug)]
 pub struct Gauges {
     pub bus: Bus,
-    pub dispatcher: Dispatcher,
+    pub dispatcher: Load,
     /// `dlq_maxlen` (0 = no cap).
     pub dlq_maxlen: u64,
     at_cap: bool,
 }
 
 impl Gauges {
-    pub fn new(bus: Bus, dispatcher: Dispatcher, dlq_maxlen: u64) -> Gauges {
+    pub fn new(bus: Bus, dispatcher: Load, dlq_maxlen: u64) -> Gauges {
         Gauges {
             bus,
             dispatcher,

@@ -1,10 +1,7 @@
--- Give the channel lock up if it is still ours. The in-flight record stays:
--- an interrupted send is recognised as such by the next holder.
--- KEYS: chan   ARGV: me, token
-if not holds(KEYS[1], ARGV[1], ARGV[2]) then return 0 end
-redis.call('HDEL', KEYS[1], 'owner', 'lease')
-if redis.call('HGET', KEYS[1], 'wake') == '1' then
-  redis.call('HDEL', KEYS[1], 'wake')
-  redis.call('PUBLISH', KEYS[1], 'w')
-end
+-- Give a channel up if it is still ours (its token stays, and grows on the
+-- next take).
+-- KEYS: chan   ARGV: instance
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
+redis.call('HDEL', KEYS[1], 'owner')
+redis.call('PEXPIRE', KEYS[1], IDLE_EXPIRY_MS)
 return 1
