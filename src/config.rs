@@ -218,12 +218,6 @@ impl ConsumerConfig {
                 2 * recovery
             )));
         }
-        if self.read_batch > self.max_in_flight {
-            return Err(err(format!(
-                "{at}.read_batch ({}) exceeds {at}.max_in_flight ({}): a read could never be held",
-                self.read_batch, self.max_in_flight
-            )));
-        }
         if self.dedup_window_ms < 60_000 {
             return Err(err(format!(
                 "{at}.dedup_window_ms must be at least 60000 (a minute)"

@@ -571,6 +571,7 @@ fn envelope(v: Value) -> Envelope {
         max_payload_bytes: 1 << 20,
         signing_secret: None,
         cache_prefix: "sg:".into(),
+        own_prefixes: vec!["sg:{".into(), "sg:gateway:".into()],
         reply_prefix: "sg:{dc}:rpc:reply:".into(),
     };
     let mut fields = HashMap::new();
@@ -587,6 +588,7 @@ async fn deliver(a: &DiscordAdapter, env: &Envelope, key: &str) -> Result<Delive
         idempotency_key: key,
         attempt: 1,
         resend: false,
+        target: None,
     })
     .await
 }
@@ -607,6 +609,7 @@ async fn redeliver(
         idempotency_key: key,
         attempt: 2,
         resend: true,
+        target: None,
     })
     .await
 }

@@ -526,6 +526,7 @@ fn envelope(v: Value) -> Envelope {
         max_payload_bytes: 1 << 20,
         signing_secret: None,
         cache_prefix: "sg:".into(),
+        own_prefixes: vec!["sg:{".into(), "sg:gateway:".into()],
         reply_prefix: "sg:{mx}:rpc:reply:".into(),
     };
     let mut fields = std::collections::HashMap::new();
@@ -547,6 +548,7 @@ async fn deliver_direct(
         idempotency_key: key,
         attempt,
         resend: attempt > 1,
+        target: None,
     })
     .await
 }

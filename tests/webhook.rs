@@ -161,6 +161,7 @@ fn envelope(payload: &Value) -> Envelope {
         max_payload_bytes: 1 << 20,
         signing_secret: None,
         cache_prefix: "sg:".into(),
+        own_prefixes: vec!["sg:{".into(), "sg:gateway:".into()],
         reply_prefix: "sg:{hook}:rpc:reply:".into(),
     };
     let mut fields = HashMap::new();
@@ -191,6 +192,7 @@ async fn send_as(
             idempotency_key: key,
             attempt,
             resend,
+            target: None,
         })
         .await
 }

@@ -75,6 +75,7 @@ mod tests {
             max_payload_bytes: 1 << 16,
             signing_secret: None,
             cache_prefix: "sg:".into(),
+            own_prefixes: vec!["sg:{".into(), "sg:gateway:".into()],
             reply_prefix: "sg:{p}:rpc:reply:".into(),
         };
         let mut fields = HashMap::new();
@@ -92,6 +93,7 @@ mod tests {
                 idempotency_key: "k",
                 attempt: 1,
                 resend: false,
+                target: None,
             })
             .await
             .expect("null never fails")

@@ -592,6 +592,7 @@ mod tests {
             max_payload_bytes: 1 << 16,
             signing_secret: None,
             cache_prefix: "sg:".into(),
+            own_prefixes: vec!["sg:{".into(), "sg:gateway:".into()],
             reply_prefix: "sg:{p}:rpc:reply:".into(),
         };
         let mut fields = HashMap::new();
@@ -619,6 +620,7 @@ mod tests {
             idempotency_key: "idem",
             attempt: 2,
             resend: true,
+            target: None,
         })
     }
 

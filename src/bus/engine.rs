@@ -60,6 +60,9 @@ pub enum Acquire {
 #[derive(Debug, Clone)]
 pub struct DeadRecord {
     pub id: StreamId,
+    /// Write it even when the entry is no longer pending (lost from the
+    /// stream, its pending record went with the claim that found it).
+    pub force: bool,
     pub fields: Vec<(&'static str, Vec<u8>)>,
 }
 
@@ -337,7 +340,9 @@ impl Bus {
         }
         inv.arg(batch.dead.len());
         for d in &batch.dead {
-            inv.arg(&d.id.0).arg(d.fields.len() * 2);
+            inv.arg(&d.id.0)
+                .arg(if d.force { "1" } else { "0" })
+                .arg(d.fields.len() * 2);
             for (k, v) in &d.fields {
                 inv.arg(*k).arg(v.as_slice());
             }

@@ -112,6 +112,7 @@ pub(crate) fn dead_record(
     }
     DeadRecord {
         id: id.clone(),
+        force: false,
         fields,
     }
 }
@@ -143,12 +144,7 @@ impl Committer {
                 d = self.rx.recv() => d,
                 // Lanes and RPCs finish first (they are tracked too); once
                 // only this task is left, what is queued is written and it ends.
-                _ = self.s.tracker_idle() => {
-                    match self.rx.try_recv() {
-                        Ok(d) => Some(d),
-                        Err(_) => None,
-                    }
-                }
+                _ = self.s.tracker_idle() => self.rx.try_recv().ok(),
             };
             let Some(first) = first else { return };
             let mut batch = vec![first];

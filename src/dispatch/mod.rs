@@ -782,6 +782,7 @@ pub(crate) fn lost_record(s: &Shared, id: &StreamId, channel: Option<&str>) -> D
     }
     DeadRecord {
         id: id.clone(),
+        force: true,
         fields,
     }
 }

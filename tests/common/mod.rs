@@ -29,7 +29,7 @@ pub struct Rig {
 pub fn fast() -> ConsumerConfig {
     ConsumerConfig {
         autoclaim_interval_ms: 100,
-        autoclaim_min_idle_ms: 400,
+        autoclaim_min_idle_ms: 1000,
         lock_ttl_ms: 600,
         backoff_base_ms: 5,
         backoff_max_ms: 50,

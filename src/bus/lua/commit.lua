@@ -9,7 +9,7 @@
 --       nack, ack ids…,
 --       nsent, (idempotency key, message id)…,
 --       nsending, ids…,
---       ndead, (id, nfields, fields…)…
+--       ndead, (id, force, nfields, fields…)…
 -- Returns {'ok', dead letters written}.
 local stream, nodes, dlq, sent, sending = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local group = ARGV[1]
@@ -39,10 +39,12 @@ end
 local ndead = tonumber(ARGV[i]); i = i + 1
 local written = 0
 for d = 1, ndead do
-  local id, nf = ARGV[i], tonumber(ARGV[i + 1])
+  local id, force, nf = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+  i = i + 1
   -- Acked here first: a commit retried after a lost reply writes no second
-  -- dead letter for an entry the first try already moved.
-  if redis.call('XACK', stream, group, id) == 1 then
+  -- dead letter for an entry the first try already moved. An entry lost
+  -- from the stream may be gone from the pending list too (`force`).
+  if redis.call('XACK', stream, group, id) == 1 or force == '1' then
     if tonumber(ARGV[4]) > 0 then
       redis.call('XADD', dlq, 'MAXLEN', '~', ARGV[4], '*', unpack(ARGV, i + 2, i + 1 + nf))
     else
