@@ -23,6 +23,9 @@ use crate::stats::Stats;
 /// Most entries in one commit call.
 const BATCH_MAX: usize = 512;
 
+/// Times the commit task yields to the lanes before a batch goes out.
+const LINGER_YIELDS: usize = 3;
+
 /// How an entry ended.
 #[derive(Debug)]
 pub(crate) enum End {
@@ -148,11 +151,19 @@ impl Committer {
             };
             let Some(first) = first else { return };
             let mut batch = vec![first];
-            while batch.len() < BATCH_MAX {
-                match self.rx.try_recv() {
-                    Ok(d) => batch.push(d),
-                    Err(_) => break,
+            // Let the lanes that are ready finish theirs too: a larger batch
+            // writes each busy channel's mark once for more of its entries.
+            for _ in 0..LINGER_YIELDS {
+                while batch.len() < BATCH_MAX {
+                    match self.rx.try_recv() {
+                        Ok(d) => batch.push(d),
+                        Err(_) => break,
+                    }
                 }
+                if batch.len() >= BATCH_MAX {
+                    break;
+                }
+                tokio::task::yield_now().await;
             }
             self.write(batch).await;
         }
