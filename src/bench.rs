@@ -1574,7 +1574,7 @@ pub fn targets_table(outcomes: &[Outcome], peer: Option<&Peer>) -> String {
     );
     if let Some(p) = peer {
         t.push_str(&format!(
-            "| {} | {} | 1.00 | – | – | – | {} | {}{} | – / {} / {} (unordered) |\n",
+            "| {} | {} | 1.00 | – | – | – | {} | {}{} | – / {} / {} |\n",
             p.label,
             thousands(p.jobs_per_s),
             p.cmds_per_job.map_or("?".into(), |c| format!("{c:.2}")),
@@ -1720,9 +1720,14 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         println!("  {}", breakdown(o));
     }
     println!(
-        "\n## Targets{}\n",
+        "\n## Targets{}{}\n",
         if peer.is_some() {
             " (Stargazer vs BullMQ, one run, this machine)"
+        } else {
+            ""
+        },
+        if args.smoke || args.n.is_some() || args.channels.is_some() {
+            "\n\nNot the SPEC's sizes (--smoke, --n or --channels): the ratios are not the targets' own."
         } else {
             ""
         }
