@@ -1496,13 +1496,24 @@ fn thousands(x: f64) -> String {
     out
 }
 
+/// `x` to two decimals, rounded towards the `≥` target's side: a shown
+/// ratio meets a two-decimal target exactly when the measured one does.
+fn floor2(x: f64) -> f64 {
+    (x * 100.0 + 1e-9).floor() / 100.0
+}
+
+/// `x` to two decimals, rounded up (for `≤` targets).
+fn ceil2(x: f64) -> f64 {
+    (x * 100.0 - 1e-9).ceil() / 100.0
+}
+
 /// The targets, one row per run: (figure, target, met).
 fn target_of(o: &Outcome, w1: Option<f64>, peer: Option<&Peer>) -> (String, String, Option<bool>) {
     let ratio_w1 = |min: f64| match w1 {
         Some(w1) => {
             let r = o.msgs_per_s / w1;
             (
-                format!("{r:.2}× W1"),
+                format!("{:.2}× W1", floor2(r)),
                 format!("≥ {min}× W1"),
                 Some(r >= min),
             )
@@ -1514,7 +1525,7 @@ fn target_of(o: &Outcome, w1: Option<f64>, peer: Option<&Peer>) -> (String, Stri
             Some(p) => {
                 let r = o.msgs_per_s / p.jobs_per_s;
                 (
-                    format!("{r:.2}× BullMQ"),
+                    format!("{:.2}× BullMQ", floor2(r)),
                     format!("≥ 3× BullMQ ({} msgs/s)", thousands(3.0 * p.jobs_per_s)),
                     Some(r >= 3.0),
                 )
@@ -1526,7 +1537,11 @@ fn target_of(o: &Outcome, w1: Option<f64>, peer: Option<&Peer>) -> (String, Stri
             let ideal = w.n.div_ceil(w.channels) as f64 * w.delay_ms as f64 / 1000.0;
             let r = o.wall_s / ideal;
             (
-                format!("wall {:.3} s = {r:.2}× ideal ({ideal:.2} s)", o.wall_s),
+                format!(
+                    "wall {:.3} s = {:.2}× ideal ({ideal:.2} s)",
+                    o.wall_s,
+                    ceil2(r)
+                ),
                 "≤ 1.25× ideal".into(),
                 Some(r <= 1.25),
             )
@@ -2006,6 +2021,9 @@ mod tests {
             "{t}"
         );
         assert!(t.contains("0.80× W1 | ≥ 0.9× W1 | **no** |"), "{t}");
+        let t = targets_table(&[mk("W1", 70_000.0), mk("W3x4", 55_990.0)], None);
+        assert!(t.contains("0.79× W1 | ≥ 0.8× W1 | **no** |"), "{t}");
+        assert_eq!((floor2(0.8), ceil2(1.25), ceil2(1.2501)), (0.8, 1.25, 1.26));
         assert_eq!(thousands(1234567.4), "1,234,567");
         assert_eq!(thousands(999.0), "999");
     }
