@@ -55,7 +55,7 @@ enum Command {
     Dlq(ops_cli::DlqArgs),
     /// Switch a feature (the Discord toggle button) on or off per channel or guild.
     Toggle(ops_cli::ToggleArgs),
-    /// Run the SPEC §6 benchmark workloads (W1–W5) against a private redis-server.
+    /// Run the SPEC §6 benchmark workloads (W1–W6, W3x4; Q: a queued backlog) against a private redis-server.
     Bench(stargazer::bench::BenchArgs),
     /// One gateway node of `bench` (spawned by it).
     #[command(hide = true)]
