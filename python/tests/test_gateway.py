@@ -11,6 +11,7 @@ import os
 import signal
 import stat
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -22,7 +23,7 @@ from typing import Any
 import pytest
 import redis.asyncio
 
-from conftest import free_port
+from conftest import REPO, free_port
 from stargazer_client import Envelope, InboundEvent, RpcError, ToolContext, Worker
 
 
@@ -304,3 +305,34 @@ async def test_inbound_events_from_the_gateway(worker: Worker, gateway: GatewayF
     assert (got.type, got.platform, got.channel_id, got.user_name, got.text, got.message_id) == (
         "message", worker.platform, "c1", "ada", "hi bot", "m-1")
     assert got.ts_ms > 0
+
+
+async def test_the_example_echo_bot(redis_url: str, platform: str, gateway: GatewayFactory,
+                                    receiver: Receiver) -> None:
+    """examples/echo_bot.py, run as its doc says, answers a user through the gateway."""
+    port = free_port()
+    gateway(http_port=port)
+    bot = await asyncio.create_subprocess_exec(
+        sys.executable, str(REPO / "examples" / "echo_bot.py"), redis_url, platform,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}/inbound/{platform}"
+        event = {"type": "message", "channel_id": "c1", "user_name": "ada", "text": "ping",
+                 "message_id": "m-9"}
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                await asyncio.to_thread(_post, url, event)
+                break
+            except (OSError, urllib.error.URLError):
+                assert time.monotonic() < deadline, "the gateway's HTTP listener never came up"
+                await asyncio.sleep(0.1)
+        got = await receiver.wait(3)
+        # (typing is latest-wins, outside the channel's strict order)
+        assert sorted(b["action"] for b in got) == ["add_reaction", "send_message", "start_typing"]
+        message = next(b for b in got if b["action"] == "send_message")
+        assert message["text"] == "ada said: ping"
+        assert next(b for b in got if b["action"] == "add_reaction")["message_id"] == "m-9"
+    finally:
+        bot.terminate()
+        await bot.wait()

@@ -68,6 +68,20 @@ def clients(
     return commands, blocking, owned
 
 
+# redis-py's annotations of these two differ between 5.x and 8.x; call them untyped.
+
+
+async def hget(client: Redis, key: str, field: str) -> Any:
+    c: Any = client
+    return await c.hget(key, field)
+
+
+async def blpop(client: Redis, key: str, timeout: float) -> Any:
+    """``[key, value]``, or None when ``timeout`` seconds passed first."""
+    c: Any = client
+    return await c.blpop([key], timeout=timeout)
+
+
 def _fields(flat: Any) -> dict[str, bytes] | None:
     if flat is None:
         return None

@@ -428,7 +428,7 @@ class Worker:
         self._check_cache_key("message_key", message_key)
         deadline = time.monotonic() + wait
         while True:
-            v = await self._redis.hget(message_key, "message_id")
+            v = await _redis.hget(self._redis, message_key, "message_id")
             if v:
                 return _redis.text(v)
             if time.monotonic() >= deadline:
@@ -466,7 +466,7 @@ class Worker:
         await self._shielded(self._publish_one(self._prepare(envelope)))
         try:
             reply = await asyncio.wait_for(
-                self._blocking.blpop([reply_key], timeout=timeout),
+                _redis.blpop(self._blocking, reply_key, timeout),
                 timeout + 2.0,
             )
         except asyncio.TimeoutError:
