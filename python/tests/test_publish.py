@@ -115,6 +115,8 @@ BAD_AT_PUBLISH: list[tuple[str, Any]] = [
     ("lone surrogate", Envelope.message("c", "bad \ud800 text")),
     ("too large", Envelope.file("c", b"x" * 7_000_000)),
     ("not an envelope", {"type": "message", "channel_id": "c", "text": "x"}),
+    ("hand-made unknown type", Envelope("fax", "c", {"type": "fax", "channel_id": "c"})),
+    ("hand-made seq", Envelope("message", "c", {"type": "message", "channel_id": "c", "text": "x", "seq": 1})),
 ]
 
 

@@ -26,6 +26,9 @@ an edit or delete must follow the send it names)."""
 KEYED = frozenset({"message", "file", "buttons"})
 """Types that get a generated ``message_key`` when they have none."""
 
+TYPES = SEQUENCED | {"start_typing", "stop_typing", "presence", "rpc_request"}
+"""Every type this package publishes (SPEC §1)."""
+
 
 @dataclass(frozen=True, slots=True)
 class Button:

@@ -27,7 +27,7 @@ from redis.asyncio import Redis
 
 from . import _redis
 from ._keys import CHANNEL_IDLE_EXPIRY_MS, DEFAULT_CACHE_PREFIX, Keys
-from .envelopes import KEYED, ButtonLike, Envelope, _channel, _ttl
+from .envelopes import KEYED, TYPES, ButtonLike, Envelope, _channel, _ttl
 from .errors import RpcError, RpcTimeout
 from .rpc import HistoryMessage, ToolContext, parse_reply
 
@@ -176,6 +176,10 @@ class Worker:
         if not isinstance(envelope, Envelope):
             raise TypeError(f"expected an Envelope, not {type(envelope).__name__}")
         obj = dict(envelope.fields)
+        if envelope.type not in TYPES or obj.get("type") != envelope.type:
+            raise ValueError(f"unknown envelope type {envelope.type!r}: build envelopes with Envelope.message(…) etc.")
+        if "seq" in obj:
+            raise ValueError("an envelope may not carry its own seq: publishing takes the channel's next one")
         key = obj.get("message_key")
         if key is None and envelope.type in KEYED:
             key = f"{self._cache_prefix}{self.keys.platform}:{secrets.token_hex(8)}"
