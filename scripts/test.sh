@@ -11,3 +11,4 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --no-fail-fast "$@"
 fi
+scripts/test-python.sh
