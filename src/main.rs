@@ -398,7 +398,7 @@ adapter = "console"
     let config = Config::from_toml(&text, [])?;
     let keys = Keys::new("sg", "demo");
     let bus = Bus::connect(&server.url(), keys.clone()).await?;
-    let worker = stargazer::sdk::Worker::from_bus(bus.clone(), "sg:", None);
+    let worker = stargazer::sdk::Worker::from_bus(bus.clone(), "sg:msg:", None);
     let out = worker.proxy();
 
     println!(

@@ -52,12 +52,12 @@ impl Resolved {
         })
     }
 
-    /// Where `message_key`s may point (the config's, else `sg:`).
+    /// Where `message_key`s may point (the config's, else `<prefix>:msg:`).
     pub fn cache_prefix(&self) -> String {
         self.config
             .as_ref()
             .map(|c| c.redis.cache_prefix.clone())
-            .unwrap_or_else(|| "sg:".into())
+            .unwrap_or_else(|| format!("{}:msg:", self.prefix))
     }
 }
 

@@ -39,7 +39,10 @@ const IDLE_EXPIRY_MS: i64 = 30 * 24 * 3600 * 1000;
 
 /// Types that take a place in their channel's sequence (G3 strict kinds).
 fn is_sequenced(ty: &str) -> bool {
-    matches!(ty, "message" | "file" | "buttons" | "reaction")
+    matches!(
+        ty,
+        "message" | "file" | "buttons" | "reaction" | "edit" | "delete"
+    )
 }
 
 impl Publisher {
@@ -103,7 +106,7 @@ impl Publisher {
         if !env.contains_key("message_key") && matches!(ty.as_str(), "message" | "file" | "buttons")
         {
             let key = format!(
-                "{}msg:{}:{:016x}",
+                "{}{}:{:016x}",
                 self.cache_prefix,
                 self.keys.platform(),
                 rand::random::<u64>()

@@ -68,7 +68,8 @@ impl Worker {
     /// Connect to `url` for `platform` under key prefix `prefix` (`sg`).
     pub async fn connect(url: &str, prefix: &str, platform: &str) -> redis::RedisResult<Worker> {
         let bus = Bus::connect(url, Keys::new(prefix, platform)).await?;
-        Ok(Self::from_bus(bus, "sg:", None))
+        let cache = format!("{prefix}:msg:");
+        Ok(Self::from_bus(bus, &cache, None))
     }
 
     /// A worker on an existing connection; `secret` signs every envelope.
