@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use redis::RedisResult;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
@@ -292,31 +292,16 @@ async fn supervise(ctx: Arc<Ctx>, stop: CancellationToken, first: Option<Instanc
     }
 }
 
-/// Permits for up to `want` entries: waits for the first, takes what else is free.
-async fn room_for(room: &Arc<Semaphore>, want: usize) -> Option<OwnedSemaphorePermit> {
-    let mut permit = room.clone().acquire_owned().await.ok()?;
-    let extra = room.available_permits().min(want.saturating_sub(1));
-    if extra > 0
-        && let Ok(more) = room.clone().try_acquire_many_owned(extra as u32)
-    {
-        permit.merge(more);
-    }
-    Some(permit)
-}
-
 fn arrivals(
     ctx: &Ctx,
     raw: Vec<RawEntry>,
     room: &Arc<Semaphore>,
-    mut permit: Option<OwnedSemaphorePermit>,
     maybe_sent: &dyn Fn(&StreamId) -> bool,
 ) -> Vec<Arrival> {
+    // Room for each while there is some; the rest are parked at once.
     raw.into_iter()
         .map(|r| {
-            let p = match permit.as_mut() {
-                Some(p) => p.split(1),
-                None => room.clone().try_acquire_owned().ok(),
-            };
+            let p = room.clone().try_acquire_owned().ok();
             Arrival {
                 maybe_sent: maybe_sent(&r.id),
                 parsed: parse_entry(&r.fields, &ctx.rules),
@@ -349,11 +334,15 @@ async fn read_loop(
             }
             continue;
         }
-        let permit = tokio::select! {
-            p = room_for(&room, ctx.settings.read_batch) => p,
+        // Wait for room, but hold none while the read blocks: a lane
+        // fetching its parked entries back must not wait for an idle read.
+        let first = tokio::select! {
+            p = room.clone().acquire_owned() => p.ok(),
             _ = stop.cancelled() => None,
         };
-        let Some(permit) = permit else { break };
+        let Some(first) = first else { break };
+        let want = (room.available_permits() + 1).min(ctx.settings.read_batch);
+        drop(first);
         let c = match conn.as_mut() {
             Some(c) => c,
             None => match ctx.bus.blocking_connection().await {
@@ -366,9 +355,7 @@ async fn read_loop(
                 }
             },
         };
-        let call = ctx
-            .bus
-            .read(c, &who.consumer, ">", permit.num_permits(), Some(block));
+        let call = ctx.bus.read(c, &who.consumer, ">", want, Some(block));
         let result = tokio::select! {
             r = tokio::time::timeout(block + Duration::from_secs(5), call) => match r {
                 Ok(r) => r,
@@ -380,7 +367,8 @@ async fn read_loop(
             Ok(entries) => {
                 failures = 0;
                 Stats::add(&ctx.stats.read, entries.len() as u64);
-                let batch = arrivals(&ctx, entries, &room, Some(permit), &|_| false);
+                // Room for what came; anything beyond it is parked at once.
+                let batch = arrivals(&ctx, entries, &room, &|_| false);
                 d.admit(batch).await;
             }
             Err(e) => {
@@ -469,7 +457,7 @@ async fn recover_own(
                 }
                 let ids: Vec<_> = present.iter().map(|e| e.id.clone()).collect();
                 let maybe = maybe_sent_of(ctx, &ids).await;
-                let batch = arrivals(ctx, present, room, None, &|id| maybe.contains(id));
+                let batch = arrivals(ctx, present, room, &|id| maybe.contains(id));
                 d.admit(batch).await;
             }
             Err(e) => {
@@ -588,7 +576,7 @@ async fn take_over(
     } else {
         HashSet::new()
     };
-    let batch = arrivals(ctx, present, room, None, &|id| maybe.contains(id));
+    let batch = arrivals(ctx, present, room, &|id| maybe.contains(id));
     d.admit(batch).await;
 }
 

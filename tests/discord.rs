@@ -570,7 +570,7 @@ fn envelope(v: Value) -> Envelope {
     let rules = ParseRules {
         max_payload_bytes: 1 << 20,
         signing_secret: None,
-        cache_prefix: "sg:".into(),
+        cache_prefix: "sg:msg:".into(),
         own_prefixes: vec!["sg:{".into(), "sg:gateway:".into()],
         reply_prefix: "sg:{dc}:rpc:reply:".into(),
     };
@@ -1027,7 +1027,7 @@ async fn shared_limits(n: usize, channels: usize, limits: Limits) -> (f64, u64) 
             adapter: Arc::new(adapter),
             settings: settings.clone(),
             consumer_name: format!("gw-{i}"),
-            cache_prefix: "sg:".into(),
+            cache_prefix: "sg:msg:".into(),
             tools: Vec::new(),
         })
         .await

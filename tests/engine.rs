@@ -216,13 +216,13 @@ async fn unsigned_or_forged_entries_are_dead_lettered_when_signing_is_required()
     let signer = stargazer::publish::Publisher::new(
         rig.bus.conn(),
         rig.keys.clone(),
-        "sg:",
+        "sg:msg:",
         Some(b"k1".to_vec()),
     );
     let forger = stargazer::publish::Publisher::new(
         rig.bus.conn(),
         rig.keys.clone(),
-        "sg:",
+        "sg:msg:",
         Some(b"k2".to_vec()),
     );
     let env = |t: &str| {

@@ -525,7 +525,7 @@ fn envelope(v: Value) -> Envelope {
     let rules = ParseRules {
         max_payload_bytes: 1 << 20,
         signing_secret: None,
-        cache_prefix: "sg:".into(),
+        cache_prefix: "sg:msg:".into(),
         own_prefixes: vec!["sg:{".into(), "sg:gateway:".into()],
         reply_prefix: "sg:{mx}:rpc:reply:".into(),
     };
@@ -630,7 +630,7 @@ async fn every_action_lands_as_the_right_event() {
     let p = pair(&shared()).await;
     let rig = Rig::new().await;
     let _gw = rig.start("gw", adapter(&p), fast()).await;
-    let out = Worker::from_bus(rig.bus.clone(), "sg:", None).proxy();
+    let out = Worker::from_bus(rig.bus.clone(), "sg:msg:", None).proxy();
     let question = p.alice.say(&p.room, "question?").await;
 
     out.send(&p.room, "hello <b>world</b> & co").await.unwrap();
@@ -841,7 +841,7 @@ async fn a_rate_limit_is_honoured() {
     // Through a gateway consumer: every message arrives once, in order.
     let rig = Rig::new().await;
     let _gw = rig.start("gw", a.clone(), fast()).await;
-    let out = Worker::from_bus(rig.bus.clone(), "sg:", None).proxy();
+    let out = Worker::from_bus(rig.bus.clone(), "sg:msg:", None).proxy();
     let started = Instant::now();
     for i in 0..6 {
         out.send(&p.room, &format!("m{i}")).await.unwrap();
@@ -867,7 +867,7 @@ async fn history_rpc_through_a_gateway() {
     let p = pair(&shared()).await;
     let rig = Rig::new().await;
     let _gw = rig.start("gw", adapter(&p), fast()).await;
-    let worker = Worker::from_bus(rig.bus.clone(), "sg:", None);
+    let worker = Worker::from_bus(rig.bus.clone(), "sg:msg:", None);
     p.alice.say(&p.room, "one").await;
     worker.proxy().send(&p.room, "two").await.unwrap();
     rig.drained(T).await;
@@ -963,7 +963,7 @@ async fn inbound_events_reach_the_stream() {
     assert_eq!(msg.platform, rig.keys.platform());
 
     // The bot answers with buttons (its own messages are not inbound).
-    let out = Worker::from_bus(rig.bus.clone(), "sg:", None).proxy();
+    let out = Worker::from_bus(rig.bus.clone(), "sg:msg:", None).proxy();
     out.send_buttons(&room, "Pick", &[("Red", "red"), ("Blue", "blue")])
         .await
         .unwrap();

@@ -68,7 +68,7 @@ async fn bridge() -> Bridge {
     let mut s = fast();
     s.tools_dir = Some(tools.path().to_string_lossy().into_owned());
     let gw = rig.start("gw", console.clone(), s).await;
-    let worker = Worker::from_bus(rig.bus.clone(), "sg:", None);
+    let worker = Worker::from_bus(rig.bus.clone(), "sg:msg:", None);
     Bridge {
         rig,
         worker,
@@ -234,7 +234,7 @@ async fn a_tool_outside_the_directory_is_refused_at_load() {
 #[tokio::test]
 async fn a_worker_times_out_clearly_when_no_gateway_runs() {
     let rig = Rig::new().await;
-    let worker = Worker::from_bus(rig.bus.clone(), "sg:", None);
+    let worker = Worker::from_bus(rig.bus.clone(), "sg:msg:", None);
     let started = Instant::now();
     let e = worker
         .rpc(
@@ -294,7 +294,7 @@ async fn what_the_proxy_adapter_publishes_is_what_the_gateway_delivers() {
     let rig = Rig::new().await;
     let rec = Recorder::ok();
     let gw = rig.start("gw", rec.clone(), fast()).await;
-    let worker = Worker::from_bus(rig.bus.clone(), "sg:", None);
+    let worker = Worker::from_bus(rig.bus.clone(), "sg:msg:", None);
     let out = worker.proxy();
     out.send("c", "hello").await.unwrap();
     out.send_file(
@@ -361,7 +361,7 @@ async fn the_inbound_consumer_redelivers_after_a_handler_failure() {
     let _: String = rig
         .cmd(&["XADD", &rig.keys.inbound(), "*", "payload", "{broken"])
         .await;
-    let worker = Worker::from_bus(rig.bus.clone(), "sg:", None);
+    let worker = Worker::from_bus(rig.bus.clone(), "sg:msg:", None);
     let consumer = worker
         .inbound("w1")
         .with_retry_after(Duration::from_millis(20));

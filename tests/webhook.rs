@@ -160,7 +160,7 @@ fn envelope(payload: &Value) -> Envelope {
     let rules = ParseRules {
         max_payload_bytes: 1 << 20,
         signing_secret: None,
-        cache_prefix: "sg:".into(),
+        cache_prefix: "sg:msg:".into(),
         own_prefixes: vec!["sg:{".into(), "sg:gateway:".into()],
         reply_prefix: "sg:{hook}:rpc:reply:".into(),
     };

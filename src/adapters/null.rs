@@ -74,7 +74,7 @@ mod tests {
         let rules = ParseRules {
             max_payload_bytes: 1 << 16,
             signing_secret: None,
-            cache_prefix: "sg:".into(),
+            cache_prefix: "sg:msg:".into(),
             own_prefixes: vec!["sg:{".into(), "sg:gateway:".into()],
             reply_prefix: "sg:{p}:rpc:reply:".into(),
         };

@@ -120,15 +120,16 @@ pub(crate) fn dead_record(
     }
 }
 
+/// A de-duplication bucket spans one window: a key sent within the last
+/// window is in the current bucket or the one before.
 fn bucket_len(window: Duration) -> u64 {
-    (window.as_millis() as u64 / 4).max(1)
+    (window.as_millis() as u64).max(1)
 }
 
-/// The de-duplication buckets a lookup reads: the current one and those
-/// that can still hold a key sent within the window.
+/// The de-duplication buckets a lookup reads: the current one and the one before.
 pub(crate) fn lookup_buckets(window: Duration) -> Vec<u64> {
     let now = crate::now_ms() / bucket_len(window);
-    (0..5).map(|i| now.saturating_sub(i)).collect()
+    vec![now, now.saturating_sub(1)]
 }
 
 pub(crate) struct Committer {

@@ -468,7 +468,8 @@ impl Shared {
         let mut lanes = self.lanes.lock().expect("lanes poisoned");
         if let Some(lane) = lanes.get(&key) {
             if item.body.is_some()
-                && (lane.stuck.load(AtomicOrdering::Relaxed)
+                && (item.permit.is_none()
+                    || lane.stuck.load(AtomicOrdering::Relaxed)
                     || lane.full.load(AtomicOrdering::Relaxed) >= self.lane_cap)
             {
                 self.park(&mut item);
@@ -486,6 +487,9 @@ impl Shared {
                     item = back;
                 }
             }
+        }
+        if item.body.is_some() && item.permit.is_none() {
+            self.park(&mut item);
         }
         let (tx, rx) = mpsc::unbounded_channel();
         let full = Arc::new(AtomicUsize::new(usize::from(item.body.is_some())));

@@ -49,7 +49,7 @@ impl Rig {
         let bus = Bus::connect(&server.url(), keys.clone())
             .await
             .expect("connect");
-        let publisher = Publisher::new(bus.conn(), keys.clone(), "sg:", None);
+        let publisher = Publisher::new(bus.conn(), keys.clone(), "sg:msg:", None);
         Rig {
             server,
             keys,
@@ -69,7 +69,7 @@ impl Rig {
             adapter,
             settings,
             consumer_name: name.to_owned(),
-            cache_prefix: "sg:".into(),
+            cache_prefix: "sg:msg:".into(),
             tools: Vec::new(),
         })
         .await
