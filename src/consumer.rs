@@ -651,6 +651,8 @@ async fn liveness_loop(
                 }
                 if sweep {
                     last_sweep = Instant::now();
+                    let d = d.clone();
+                    tokio::spawn(async move { d.sweep_own().await });
                 }
             }
             Ok(Err(e)) => {
@@ -697,7 +699,7 @@ fn spawn_claim(
             if d.lost().is_cancelled() || d.stopping().is_cancelled() {
                 break;
             }
-            match ctx.bus.pending_of(&dead, 500).await {
+            match ctx.bus.pending_of(&dead, "-", 500).await {
                 Ok(ids) if ids.is_empty() => break,
                 Ok(ids) => {
                     total += ids.len();

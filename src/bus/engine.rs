@@ -483,13 +483,19 @@ impl Bus {
         Ok(out)
     }
 
-    /// Up to `count` ids pending for `consumer`, oldest first.
-    pub async fn pending_of(&self, consumer: &str, count: usize) -> RedisResult<Vec<StreamId>> {
+    /// Up to `count` ids pending for `consumer` from `start` (`-`, or
+    /// `(<id>` for after an id), oldest first.
+    pub async fn pending_of(
+        &self,
+        consumer: &str,
+        start: &str,
+        count: usize,
+    ) -> RedisResult<Vec<StreamId>> {
         let mut conn = self.conn.clone();
         let v: Value = redis::cmd("XPENDING")
             .arg(self.keys.outbound())
             .arg(self.keys.group())
-            .arg("-")
+            .arg(start)
             .arg("+")
             .arg(count)
             .arg(consumer)

@@ -177,19 +177,20 @@ impl Bus {
         Ok(matches!(v, Value::Array(a) if !a.is_empty()))
     }
 
-    /// Answer an RPC: push the reply (60 s expiry) and acknowledge, atomically.
+    /// Answer an RPC: push the reply (60 s expiry), then acknowledge — in
+    /// one script, and the acknowledgement only if the reply was written.
     pub async fn rpc_reply(&self, id: &StreamId, reply_key: &str, reply: &str) -> RedisResult<()> {
         let mut conn = self.conn.clone();
-        redis::pipe()
-            .atomic()
-            .rpush(reply_key, reply)
-            .ignore()
-            .expire(reply_key, 60)
-            .ignore()
-            .xack(self.keys.outbound(), self.keys.group(), &[&id.0])
-            .ignore()
-            .query_async::<()>(&mut conn)
-            .await
+        let _: i64 = Scripts::get()
+            .rpc_reply
+            .key(reply_key)
+            .key(self.keys.outbound())
+            .arg(reply)
+            .arg(self.keys.group())
+            .arg(&id.0)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(())
     }
 
     /// Acknowledge without any other effect (an RPC past its deadline).

@@ -18,6 +18,7 @@ pub struct Scripts {
     pub commit: Script,
     pub fetch: Script,
     pub reap: Script,
+    pub rpc_reply: Script,
     /// Dead letter back to the outbound stream (`stargazer dlq replay`).
     pub replay: Script,
 }
@@ -47,6 +48,7 @@ impl Scripts {
             commit: script!("commit.lua"),
             fetch: script!("fetch.lua"),
             reap: script!("reap.lua"),
+            rpc_reply: script!("rpc_reply.lua"),
             replay: script!("replay.lua"),
         })
     }

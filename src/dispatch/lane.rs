@@ -311,6 +311,11 @@ impl Lane {
             return self.wait_gap(done, seq).await;
         }
         self.gap = None;
+        if self.s.take_lost(&self.queue[0].id) {
+            let item = self.queue.pop_front().expect("front");
+            self.lost_in_place(item, true).await;
+            return Step::Go;
+        }
         if self.queue[0].body.is_none() && !self.refetch().await {
             return Step::Leave;
         }
@@ -320,6 +325,12 @@ impl Lane {
         }
         self.stuck.store(false, AtomicOrdering::Relaxed);
         let mut front = self.queue.pop_front().expect("front");
+        self.s.sending(&front.id, true);
+        if self.s.take_lost(&front.id) {
+            self.s.sending(&front.id, false);
+            self.lost_in_place(front, true).await;
+            return Step::Go;
+        }
         let span = info_span!(
             "delivery",
             platform = self.s.bus.keys().platform(),
@@ -328,6 +339,7 @@ impl Lane {
             attempt = 1u32,
         );
         let outcome = self.decide_and_send(&mut front).instrument(span).await;
+        self.s.sending(&front.id, false);
         let Some(outcome) = outcome else {
             self.queue.push_front(front);
             return Step::Leave;
@@ -457,27 +469,46 @@ impl Lane {
                 s.forget(&id);
                 continue;
             }
-            warn!(stream_id = %id, "pending entry deleted from the stream; dead-lettered as lost_in_stream");
-            Stats::inc(&s.stats.lost_in_stream);
-            self.lost_in_place(item).await;
+            let recorded = s.take_lost(&id);
+            if !recorded {
+                warn!(stream_id = %id, "pending entry deleted from the stream; dead-lettered as lost_in_stream");
+                Stats::inc(&s.stats.lost_in_stream);
+            }
+            self.lost_in_place(item, recorded).await;
         }
         true
     }
 
     /// Dead-letter an item deleted from the stream, in its place (its seq
     /// is known: its successors are released).
-    async fn lost_in_place(&mut self, item: Item) {
+    /// `recorded`: the sweep wrote its dead letter already; only the mark moves.
+    async fn lost_in_place(&mut self, item: Item, recorded: bool) {
         let mark = self.mark_for(item.seq);
-        let record = lost_record(&self.s, &item.id, Some(&self.key));
-        let (done, rx) = Done::dead(
-            Some((self.chan.clone(), mark)),
-            item.id.clone(),
-            record,
-            DeadLetterKind::LostInStream,
-            "unknown",
-        );
+        let chan = Some((self.chan.clone(), mark));
+        let (done, rx) = if recorded {
+            Done::new(
+                chan,
+                item.id.clone(),
+                End::Ack { delivered: false },
+                "unknown",
+            )
+        } else {
+            let record = lost_record(&self.s, &item.id, Some(&self.key));
+            Done::dead(
+                chan,
+                item.id.clone(),
+                record,
+                DeadLetterKind::LostInStream,
+                "unknown",
+            )
+        };
         self.push_commit(done, rx);
         self.s.forget(&item.id);
+        if item.body.is_some() {
+            self.full.fetch_sub(1, AtomicOrdering::Relaxed);
+        } else {
+            self.s.unpark();
+        }
     }
 
     /// Move the delivered mark for a finished entry numbered `seq`; the new

@@ -148,6 +148,12 @@ pub(crate) struct Shared {
     peers: Mutex<HashMap<String, String>>,
     /// Ids held in memory (queued, parked, being sent).
     held: Mutex<HashSet<StreamId>>,
+    /// Held entries found deleted from the stream and already dead-lettered
+    /// by the sweep: their lane drops them in their place.
+    vanished: Mutex<HashSet<StreamId>>,
+    /// Entries whose send is on its way now (the sweep leaves them alone).
+    in_send: Mutex<HashSet<StreamId>>,
+    sweeping: AtomicBool,
     /// Parked items (ids only); the reader pauses at `park_cap`.
     pub parked: AtomicUsize,
     pub park_cap: usize,
@@ -204,6 +210,9 @@ impl Dispatcher {
             lanes: Mutex::new(HashMap::new()),
             peers: Mutex::new(HashMap::new()),
             held: Mutex::new(HashSet::new()),
+            vanished: Mutex::new(HashSet::new()),
+            in_send: Mutex::new(HashSet::new()),
+            sweeping: AtomicBool::new(false),
             parked: AtomicUsize::new(0),
             park_cap: max.saturating_mul(64).max(1024),
             commits: tx,
@@ -375,6 +384,72 @@ impl Dispatcher {
         }
     }
 
+    /// G7: find this consumer's pending entries that were deleted from the
+    /// stream (held parked, or queued behind a slow send) and dead-letter
+    /// them as `lost_in_stream`; their lanes drop them in their place.
+    pub async fn sweep_own(&self) {
+        let s = &self.shared;
+        if s.sweeping.swap(true, AtomicOrdering::AcqRel) {
+            return;
+        }
+        let mut start = "-".to_owned();
+        let mut found = 0usize;
+        while !s.stopping.is_cancelled() {
+            let Ok(page) = s.bus.pending_of(&s.who.consumer, &start, 1000).await else {
+                break;
+            };
+            let Some(last) = page.last() else { break };
+            start = format!("({}", last.0);
+            let ids: Vec<StreamId> = {
+                let busy = s.in_send.lock().expect("in_send poisoned");
+                page.iter()
+                    .filter(|i| !busy.contains(*i))
+                    .cloned()
+                    .collect()
+            };
+            let Ok(fetched) = s.bus.fetch(&ids).await else {
+                break;
+            };
+            for (id, entry) in fetched {
+                if entry.is_some() || s.in_send.lock().expect("in_send poisoned").contains(&id) {
+                    continue;
+                }
+                found += 1;
+                s.vanished
+                    .lock()
+                    .expect("vanished poisoned")
+                    .insert(id.clone());
+                let mut record = lost_record(s, &id, None);
+                record.force = false;
+                Stats::inc(&s.stats.lost_in_stream);
+                warn!(stream_id = %id, "pending entry deleted from the stream; dead-lettered as lost_in_stream");
+                let (done, rx) = Done::dead(
+                    None,
+                    id.clone(),
+                    record,
+                    DeadLetterKind::LostInStream,
+                    "unknown",
+                );
+                if s.commits.send(done).is_ok() {
+                    let _ = rx.await;
+                }
+                if !s.holds(&id) {
+                    s.vanished.lock().expect("vanished poisoned").remove(&id);
+                }
+            }
+            if page.len() < 1000 {
+                break;
+            }
+        }
+        if found > 0 {
+            tracing::info!(
+                lost = found,
+                "sweep found pending entries deleted from the stream"
+            );
+        }
+        s.sweeping.store(false, AtomicOrdering::Release);
+    }
+
     /// Entries held in memory right now.
     pub fn held_count(&self) -> usize {
         self.shared.held.lock().expect("held poisoned").len()
@@ -525,6 +600,20 @@ impl Shared {
 
     pub(crate) fn forget(&self, id: &StreamId) {
         self.held.lock().expect("held poisoned").remove(id);
+    }
+
+    /// Whether the sweep already dead-lettered this held entry (and forget that).
+    pub(crate) fn take_lost(&self, id: &StreamId) -> bool {
+        self.vanished.lock().expect("vanished poisoned").remove(id)
+    }
+
+    pub(crate) fn sending(&self, id: &StreamId, on: bool) {
+        let mut busy = self.in_send.lock().expect("in_send poisoned");
+        if on {
+            busy.insert(id.clone());
+        } else {
+            busy.remove(id);
+        }
     }
 
     pub(crate) fn holds(&self, id: &StreamId) -> bool {
