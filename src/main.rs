@@ -130,9 +130,17 @@ struct SendArgs {
     /// message: platform id of the message this replies to.
     #[arg(long)]
     reply_to: Option<String>,
-    /// reaction: the message to react to.
+    /// reaction, edit, delete: the platform id of the message it acts on.
     #[arg(long)]
     message_id: Option<String>,
+    /// edit, delete: the `message_key` of an earlier message of the channel
+    /// (its platform id is looked up by the gateway).
+    #[arg(long)]
+    target_key: Option<String>,
+    /// The envelope's `message_key` (default: a fresh one under the cache
+    /// prefix for messages, files and buttons), so later edits can name it.
+    #[arg(long)]
+    message_key: Option<String>,
     /// reaction / presence: the emoji.
     #[arg(long)]
     emoji: Option<String>,
@@ -153,6 +161,8 @@ enum Kind {
     StopTyping,
     Reaction,
     Presence,
+    Edit,
+    Delete,
 }
 
 fn init_logs(format: LogFormat, default: &str) {
@@ -240,6 +250,8 @@ fn envelope_of(a: &SendArgs, text: Option<String>) -> Result<Map<String, Value>>
         Kind::StopTyping => "stop_typing",
         Kind::Reaction => "reaction",
         Kind::Presence => "presence",
+        Kind::Edit => "edit",
+        Kind::Delete => "delete",
     };
     env.insert("type".into(), ty.into());
     if a.kind != Kind::Presence {
@@ -249,7 +261,7 @@ fn envelope_of(a: &SendArgs, text: Option<String>) -> Result<Map<String, Value>>
             .context("--channel is needed for every type but presence")?;
         env.insert("channel_id".into(), c.into());
     }
-    let needs_text = matches!(a.kind, Kind::Message | Kind::Buttons);
+    let needs_text = matches!(a.kind, Kind::Message | Kind::Buttons | Kind::Edit);
     match text {
         Some(t) => {
             env.insert("text".into(), t.into());
@@ -300,6 +312,15 @@ fn envelope_of(a: &SendArgs, text: Option<String>) -> Result<Map<String, Value>>
             env.insert("buttons".into(), Value::Array(buttons?));
         }
         Kind::Buttons => bail!("a buttons envelope needs at least one --button"),
+        Kind::Edit | Kind::Delete => match (&a.message_id, &a.target_key) {
+            (Some(m), None) => {
+                env.insert("message_id".into(), m.clone().into());
+            }
+            (None, Some(k)) => {
+                env.insert("target_key".into(), k.clone().into());
+            }
+            _ => bail!("an {ty} needs exactly one of --target-key and --message-id"),
+        },
         Kind::Reaction => {
             let m = a
                 .message_id
@@ -321,6 +342,9 @@ fn envelope_of(a: &SendArgs, text: Option<String>) -> Result<Map<String, Value>>
     }
     if let Some(ttl) = a.ttl_ms {
         env.insert("expires_ms".into(), (stargazer::now_ms() + ttl).into());
+    }
+    if let Some(k) = &a.message_key {
+        env.insert("message_key".into(), k.clone().into());
     }
     Ok(env)
 }

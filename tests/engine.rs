@@ -833,3 +833,69 @@ async fn a_replaced_instance_cannot_commit() {
     assert!(matches!(r, Committed::Ok { .. }));
     assert_eq!(rig.pending().await, 0);
 }
+
+#[tokio::test]
+async fn edits_resolve_their_target_and_queued_ones_coalesce() {
+    let rig = Rig::new().await;
+    let placeholder = rig
+        .publish(json!({"channel_id": "c", "text": "thinking", "message_key": "sg:msg:reply"}))
+        .await;
+    for i in 1..=20 {
+        rig.publish(json!({"type": "edit", "channel_id": "c", "target_key": "sg:msg:reply", "text": format!("part {i}")}))
+            .await;
+    }
+    rig.publish(json!({"type": "delete", "channel_id": "c", "target_key": "sg:msg:other"}))
+        .await;
+    // The placeholder's send is slow: the edits queue up behind it.
+    let rec = Recorder::build(
+        Box::new(|_, _| Ok(())),
+        Duration::from_millis(300),
+        Capabilities::ALL,
+    );
+    let gw = rig.start("gw", rec.clone(), fast()).await;
+    rig.drained(T).await;
+    let sent = rec.sent();
+    assert_eq!(sent[0].kind, "message");
+    let edits: Vec<_> = sent.iter().filter(|s| s.kind == "edit").collect();
+    assert!(
+        !edits.is_empty() && edits.len() < 20,
+        "{} edits sent",
+        edits.len()
+    );
+    assert_eq!(
+        edits.last().unwrap().text.as_deref(),
+        Some("part 20"),
+        "newest wins"
+    );
+    let want = format!("pm-{}", placeholder.id);
+    assert!(
+        edits
+            .iter()
+            .all(|e| e.target.as_deref() == Some(want.as_str()))
+    );
+    let st = gw.stats().snapshot();
+    assert_eq!(st.coalesced as usize + edits.len(), 20);
+    let dlq = rig.dlq().await;
+    assert_eq!(dlq.len(), 1);
+    assert_eq!(dlq[0]["error_kind"], "unknown_target");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_repeated_key_is_not_sent_twice_even_when_the_platform_returns_no_id() {
+    let rig = Rig::new().await;
+    rig.publish(json!({"channel_id": "c", "text": "once", "message_key": "sg:msg:k"}))
+        .await;
+    let rec = Recorder::ok();
+    let gw = rig.start("gw", rec.clone(), fast()).await;
+    rig.drained(T).await;
+    // The key's cache is gone (another system cleared it), yet the repeat is
+    // known from the de-duplication record.
+    let _: i64 = rig.cmd(&["DEL", "sg:msg:k"]).await;
+    rig.publish(json!({"channel_id": "c", "text": "once", "message_key": "sg:msg:k"}))
+        .await;
+    rig.drained(T).await;
+    assert_eq!(rec.sent().len(), 1);
+    assert_eq!(gw.stats().snapshot().duplicates_skipped, 1);
+    gw.shutdown().await;
+}

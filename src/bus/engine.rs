@@ -236,6 +236,32 @@ impl Bus {
         Ok(n == 1)
     }
 
+    /// Note in the channel hash that its owner waits for `seq` since `since_ms`
+    /// (read by `stargazer status`), or clear that note (`None`).
+    pub async fn note_gap(&self, chan: &str, gap: Option<(u64, u64)>) -> RedisResult<()> {
+        let mut conn = self.conn.clone();
+        match gap {
+            Some((seq, since)) => {
+                redis::cmd("HSET")
+                    .arg(chan)
+                    .arg("gap_seq")
+                    .arg(seq)
+                    .arg("gap_since")
+                    .arg(since)
+                    .query_async::<()>(&mut conn)
+                    .await
+            }
+            None => {
+                redis::cmd("HDEL")
+                    .arg(chan)
+                    .arg("gap_seq")
+                    .arg("gap_since")
+                    .query_async::<()>(&mut conn)
+                    .await
+            }
+        }
+    }
+
     /// Hand entries to the live peer `instance` (`<consumer>/<random>`) that
     /// owns their channel. False when that peer is no longer live.
     pub async fn handoff(&self, instance: &str, ids: &[StreamId]) -> RedisResult<bool> {

@@ -66,6 +66,8 @@ pub(super) struct Lane {
     skip_to: Option<u64>,
     /// The seq waited for, and when to check on it next.
     gap: Option<(u64, Instant)>,
+    /// When the wait began (Unix ms), and whether it was noted for `status`.
+    gap_began: Option<(u64, Instant, bool)>,
     commits: VecDeque<oneshot::Receiver<bool>>,
     /// Platform ids of messages this lane sent (message_key → id), for edits.
     sent_ids: HashMap<String, String>,
@@ -99,6 +101,7 @@ impl Lane {
             done: None,
             skip_to: None,
             gap: None,
+            gap_began: None,
             commits: VecDeque::new(),
             sent_ids: HashMap::new(),
             sent_idems: HashSet::new(),
@@ -311,6 +314,7 @@ impl Lane {
             return self.wait_gap(done, seq).await;
         }
         self.gap = None;
+        self.gap_over().await;
         if self.s.take_lost(&self.queue[0].id) {
             let item = self.queue.pop_front().expect("front");
             self.lost_in_place(item, true).await;
@@ -351,11 +355,39 @@ impl Lane {
         }
     }
 
+    /// A gap noted for `status` is over.
+    async fn gap_over(&mut self) {
+        if let Some((_, _, true)) = self.gap_began.take() {
+            let _ = self.s.bus.note_gap(&self.chan, None).await;
+        }
+    }
+
     /// The front waits for predecessor `done + 1`.
     async fn wait_gap(&mut self, done: u64, seq: u64) -> Step {
         self.park_all();
         self.stuck.store(true, AtomicOrdering::Relaxed);
         let want = done + 1;
+        match self.gap_began {
+            Some((w, _, _)) if w == want => {}
+            _ => {
+                self.gap_over().await;
+                self.gap_began = Some((want, Instant::now(), false));
+            }
+        }
+        if let Some((w, began, false)) = self.gap_began
+            && began.elapsed() >= Duration::from_secs(1)
+        {
+            let since = crate::now_ms().saturating_sub(began.elapsed().as_millis() as u64);
+            if self
+                .s
+                .bus
+                .note_gap(&self.chan, Some((w, since)))
+                .await
+                .is_ok()
+            {
+                self.gap_began = Some((w, began, true));
+            }
+        }
         let timeout = self.s.set.gap_timeout;
         let check_at = match self.gap {
             Some((w, at)) if w == want => at,
@@ -398,7 +430,12 @@ impl Lane {
             self.gap = None;
             return Step::Go;
         }
-        let wait = check_at.saturating_duration_since(Instant::now());
+        let mut wait = check_at.saturating_duration_since(Instant::now());
+        if let Some((_, began, false)) = self.gap_began {
+            wait = wait.min(
+                Duration::from_secs(1).saturating_sub(began.elapsed()) + Duration::from_millis(1),
+            );
+        }
         tokio::select! {
             m = self.rx.recv() => if let Some(i) = m { self.insert(i) },
             _ = tokio::time::sleep(wait) => {}

@@ -192,6 +192,8 @@ pub struct Sent {
     pub at: Instant,
     /// Whether the adapter answered success.
     pub ok: bool,
+    /// edit / delete: the target's platform id as the engine resolved it.
+    pub target: Option<String>,
 }
 
 type Script = dyn Fn(&Sent, usize) -> Result<(), AdapterError> + Send + Sync;
@@ -269,7 +271,9 @@ impl Adapter for Recorder {
             }
             let env = d.envelope;
             let text = match &env.action {
-                Action::Message { text, .. } | Action::Buttons { text, .. } => Some(text.clone()),
+                Action::Message { text, .. }
+                | Action::Buttons { text, .. }
+                | Action::Edit { text, .. } => Some(text.clone()),
                 _ => None,
             };
             let mut sent = Sent {
@@ -283,6 +287,7 @@ impl Adapter for Recorder {
                 stream_id: d.stream_id.0.clone(),
                 at: Instant::now(),
                 ok: false,
+                target: d.target.map(str::to_owned),
             };
             let nth = self
                 .calls

@@ -14,6 +14,8 @@
 --   done    highest seq finished (delivered, skipped or dead-lettered)
 --   owner   instance owning the channel (the only one that sends and commits it)
 --   token   fencing token: grows by one every time the channel changes owner
+--   gap_seq, gap_since  the seq the owner has waited for (more than a second)
+--           and since when (ms), for `stargazer status`; gone once it arrives
 
 local IDLE_EXPIRY_MS = '2592000000' -- channel state lives 30 idle days
 
