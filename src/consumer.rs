@@ -374,6 +374,7 @@ async fn read_loop(
             Err(e) => {
                 failures += 1;
                 conn = None;
+                d.suspect();
                 if e.code() == Some("NOGROUP") {
                     warn!("consumer group missing (stream deleted?); creating it again");
                     let _ = ctx.bus.ensure_group().await;
@@ -512,12 +513,14 @@ async fn inbox_loop(
             Ok(Err(e)) => {
                 failures += 1;
                 conn = None;
+                d.suspect();
                 debug!(error = %e, "reading the inbox failed; retrying");
                 backoff(failures, &stop).await;
                 continue;
             }
             Err(_) => {
                 conn = None;
+                d.suspect();
                 continue;
             }
         };
@@ -649,7 +652,10 @@ async fn liveness_loop(
                         let _ = ctx.bus.reap(consumer).await;
                     }
                 }
-                if sweep {
+                // Reconcile the own pending list on the interval, and at the
+                // first heartbeat after a read or hand-over failed (its reply
+                // may have been lost with entries in it).
+                if sweep || d.take_suspect() {
                     last_sweep = Instant::now();
                     let d = d.clone();
                     tokio::spawn(async move { d.sweep_own().await });

@@ -73,6 +73,9 @@ counters! {
     nodes_found_dead,
     /// Batched commits written.
     commits,
+    /// Entries pending for this gateway that it did not hold (a lost read
+    /// or hand-over reply), taken in again by the reconciliation.
+    reclaimed,
 }
 
 impl Stats {

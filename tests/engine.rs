@@ -899,3 +899,34 @@ async fn a_repeated_key_is_not_sent_twice_even_when_the_platform_returns_no_id()
     assert_eq!(gw.stats().snapshot().duplicates_skipped, 1);
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_registered_gateway_that_stops_beating_is_found_dead_and_its_entries_move() {
+    let rig = Rig::new().await;
+    for i in 0..5 {
+        rig.publish(json!({"channel_id": "c", "text": format!("m{i}")}))
+            .await;
+    }
+    // A gateway registered, read everything, then froze (its beat stands still).
+    let ghost = Identity::new("ghost");
+    rig.bus.register(&ghost).await.unwrap();
+    assert_eq!(rig.read_as("ghost", 5).await.len(), 5);
+    let rec = Recorder::ok();
+    let gw = rig.start("live", rec.clone(), fast()).await;
+    rec.wait_sent(5, T).await;
+    rig.drained(T).await;
+    assert_eq!(
+        order_by_channel(&rec.sent())["c"],
+        (1..=5).collect::<Vec<_>>()
+    );
+    let still: Option<String> = rig
+        .cmd(&[
+            "HGET",
+            &format!("sg:{{{}}}:nodes", rig.keys.platform()),
+            "ghost",
+        ])
+        .await;
+    assert_eq!(still, None, "declared dead");
+    assert_eq!(gw.stats().snapshot().nodes_found_dead, 1);
+    gw.shutdown().await;
+}

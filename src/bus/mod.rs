@@ -143,12 +143,23 @@ impl Bus {
         ids: &[StreamId],
         options: &[String],
     ) -> RedisResult<Value> {
+        self.xclaim_idle(consumer, Duration::ZERO, ids, options)
+            .await
+    }
+
+    async fn xclaim_idle(
+        &self,
+        consumer: &str,
+        min_idle: Duration,
+        ids: &[StreamId],
+        options: &[String],
+    ) -> RedisResult<Value> {
         let mut conn = self.conn.clone();
         let mut cmd = redis::cmd("XCLAIM");
         cmd.arg(self.keys.outbound())
             .arg(self.keys.group())
             .arg(consumer)
-            .arg(0);
+            .arg(ms(min_idle));
         for id in ids {
             cmd.arg(&id.0);
         }
@@ -163,6 +174,22 @@ impl Bus {
             return Ok(Vec::new());
         }
         Ok(parse_entries(self.xclaim(consumer, ids, &[]).await?))
+    }
+
+    /// Claim (with their fields) those of `ids` that are still pending and
+    /// idle at least `min_idle`.
+    pub async fn claim_idle(
+        &self,
+        consumer: &str,
+        min_idle: Duration,
+        ids: &[StreamId],
+    ) -> RedisResult<Vec<RawEntry>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(parse_entries(
+            self.xclaim_idle(consumer, min_idle, ids, &[]).await?,
+        ))
     }
 
     /// Whether the stream still holds entry `id`.

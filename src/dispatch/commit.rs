@@ -269,6 +269,8 @@ impl Committer {
                     }
                 }
             }
+            s.forget(&d.id);
+            s.sending(&d.id, false);
             let _ = d.reply.send(landed);
         }
     }

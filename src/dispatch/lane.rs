@@ -323,7 +323,7 @@ impl Lane {
         if self.queue[0].body.is_none() && !self.refetch().await {
             return Step::Leave;
         }
-        if self.queue[0].body.is_none() {
+        if self.queue.front().is_none_or(|i| i.body.is_none()) {
             // it was finished elsewhere, or is lost: handled in refetch
             return Step::Go;
         }
@@ -342,9 +342,11 @@ impl Lane {
             stream_id = %front.id,
             attempt = 1u32,
         );
+        // Marked as being sent until its commit lands (the commit task
+        // clears it), so the sweep never dead-letters an entry that went out.
         let outcome = self.decide_and_send(&mut front).instrument(span).await;
-        self.s.sending(&front.id, false);
         let Some(outcome) = outcome else {
+            self.s.sending(&front.id, false);
             self.queue.push_front(front);
             return Step::Leave;
         };
@@ -539,8 +541,8 @@ impl Lane {
                 "unknown",
             )
         };
+        // Held until its commit lands (the commit task forgets it).
         self.push_commit(done, rx);
-        self.s.forget(&item.id);
         if item.body.is_some() {
             self.full.fetch_sub(1, AtomicOrdering::Relaxed);
         } else {
@@ -571,8 +573,11 @@ impl Lane {
     }
 
     fn push_commit(&mut self, done: Done, rx: oneshot::Receiver<bool>) {
+        let id = done.id.clone();
         if self.s.commits.send(done).is_ok() {
             self.commits.push_back(rx);
+        } else {
+            self.s.forget(&id);
         }
     }
 
@@ -830,8 +835,9 @@ impl Lane {
             }
         }
         done.sending = s.set.unknown_outcome == UnknownOutcome::DeadLetter;
+        // Held until its commit lands (the commit task forgets it): a
+        // reconciliation of the pending list must not take it for stranded.
         self.push_commit(done, rx);
-        s.forget(&item.id);
         self.full.fetch_sub(1, AtomicOrdering::Relaxed);
         drop(item);
         while self.commits.len() > UNCOMMITTED {

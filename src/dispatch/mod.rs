@@ -154,6 +154,8 @@ pub(crate) struct Shared {
     /// Entries whose send is on its way now (the sweep leaves them alone).
     in_send: Mutex<HashSet<StreamId>>,
     sweeping: AtomicBool,
+    /// A read or hand-over reply may have been lost: reconcile soon.
+    suspect: AtomicBool,
     /// Parked items (ids only); the reader pauses at `park_cap`.
     pub parked: AtomicUsize,
     pub park_cap: usize,
@@ -213,6 +215,7 @@ impl Dispatcher {
             vanished: Mutex::new(HashSet::new()),
             in_send: Mutex::new(HashSet::new()),
             sweeping: AtomicBool::new(false),
+            suspect: AtomicBool::new(false),
             parked: AtomicUsize::new(0),
             park_cap: max.saturating_mul(64).max(1024),
             commits: tx,
@@ -384,9 +387,12 @@ impl Dispatcher {
         }
     }
 
-    /// G7: find this consumer's pending entries that were deleted from the
-    /// stream (held parked, or queued behind a slow send) and dead-letter
-    /// them as `lost_in_stream`; their lanes drop them in their place.
+    /// Reconcile this consumer's pending list with what it holds. G7: an
+    /// entry deleted from the stream (held parked, or queued behind a slow
+    /// send) is dead-lettered as `lost_in_stream` and its lane drops it in
+    /// its place. An entry pending for us that we do not hold — its read or
+    /// hand-over answer was lost to a timeout — is taken in again (flagged as
+    /// possibly sent, as its fate is unknown).
     pub async fn sweep_own(&self) {
         let s = &self.shared;
         if s.sweeping.swap(true, AtomicOrdering::AcqRel) {
@@ -410,8 +416,17 @@ impl Dispatcher {
             let Ok(fetched) = s.bus.fetch(&ids).await else {
                 break;
             };
+            let mut stranded = Vec::new();
             for (id, entry) in fetched {
-                if entry.is_some() || s.in_send.lock().expect("in_send poisoned").contains(&id) {
+                if s.in_send.lock().expect("in_send poisoned").contains(&id) {
+                    continue;
+                }
+                if entry.is_some() {
+                    // Pending for us, yet held nowhere: a read or hand-over
+                    // whose answer was lost (a timeout, a broken connection).
+                    if !s.holds(&id) {
+                        stranded.push(id);
+                    }
                     continue;
                 }
                 found += 1;
@@ -437,6 +452,41 @@ impl Dispatcher {
                     s.vanished.lock().expect("vanished poisoned").remove(&id);
                 }
             }
+            // Only entries idle that long can be stranded: one just read or
+            // handed over is held within moments, and one held is held until
+            // its commit has acknowledged it. The claim re-checks both at once.
+            let stranded = if stranded.is_empty() {
+                stranded_none()
+            } else {
+                match s
+                    .bus
+                    .claim_idle(&s.who.consumer, STRANDED_IDLE, &stranded)
+                    .await
+                {
+                    Ok(raw) => raw
+                        .into_iter()
+                        .filter(|r| !r.fields.is_empty() && !s.holds(&r.id))
+                        .collect(),
+                    Err(_) => stranded_none(),
+                }
+            };
+            if !stranded.is_empty() {
+                warn!(
+                    entries = stranded.len(),
+                    "found entries pending for this gateway that it did not hold (a lost reply); taking them in again"
+                );
+                Stats::add(&s.stats.reclaimed, stranded.len() as u64);
+                let arrivals = stranded
+                    .into_iter()
+                    .map(|r| Arrival {
+                        parsed: parse_entry(&r.fields, &s.rules),
+                        permit: s.room.clone().try_acquire_owned().ok(),
+                        maybe_sent: true,
+                        id: r.id,
+                    })
+                    .collect();
+                self.admit(arrivals).await;
+            }
             if page.len() < 1000 {
                 break;
             }
@@ -448,6 +498,15 @@ impl Dispatcher {
             );
         }
         s.sweeping.store(false, AtomicOrdering::Release);
+    }
+
+    /// A read or hand-over failed: its reply (with entries) may be lost.
+    pub fn suspect(&self) {
+        self.shared.suspect.store(true, AtomicOrdering::Release);
+    }
+
+    pub fn take_suspect(&self) -> bool {
+        self.shared.suspect.swap(false, AtomicOrdering::AcqRel)
     }
 
     /// Entries held in memory right now.
@@ -514,6 +573,14 @@ impl Dispatcher {
         s.tracker.wait().await;
         self.finish_commits().await;
     }
+}
+
+/// How long an entry pending for this gateway but held nowhere must have
+/// been idle before the reconciliation takes it in again.
+const STRANDED_IDLE: Duration = Duration::from_secs(5);
+
+fn stranded_none() -> Vec<crate::bus::RawEntry> {
+    Vec::new()
 }
 
 /// The lane key of the platform-wide presence (presence has no channel).
