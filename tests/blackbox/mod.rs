@@ -633,11 +633,14 @@ impl Drop for Gateway {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        if std::thread::panicking() {
+        // A failing test shows what the gateway said; STARGAZER_TEST_SHOW_LOG
+        // shows it for passing ones too.
+        let show = std::env::var_os("STARGAZER_TEST_SHOW_LOG").is_some();
+        if std::thread::panicking() || show {
             eprintln!(
                 "----- gateway {} log (tail) -----\n{}\n-----",
                 self.name,
-                self.log_tail(40)
+                self.log_tail(if show { 400 } else { 40 })
             );
         }
     }
