@@ -224,7 +224,11 @@ pub async fn xadd(conn: &mut MultiplexedConnection, payload: &Value, sig: Option
     xadd_raw(conn, &payload.to_string(), sig).await
 }
 
-pub async fn xadd_raw(conn: &mut MultiplexedConnection, payload: &str, sig: Option<&str>) -> String {
+pub async fn xadd_raw(
+    conn: &mut MultiplexedConnection,
+    payload: &str,
+    sig: Option<&str>,
+) -> String {
     let mut c = redis::cmd("XADD");
     c.arg(OUTBOUND).arg("*").arg("payload").arg(payload);
     if let Some(s) = sig {
@@ -329,7 +333,10 @@ pub async fn dlq(conn: &mut MultiplexedConnection) -> Vec<HashMap<String, String
 
 /// The millisecond part of a stream id.
 pub fn id_ms(id: &str) -> u64 {
-    id.split('-').next().and_then(|m| m.parse().ok()).unwrap_or(0)
+    id.split('-')
+        .next()
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(0)
 }
 
 // ----------------------------------------------------------------- sink ----
@@ -570,7 +577,10 @@ impl GatewayConfig {
         let mut cmd = Command::new(bin());
         cmd.args(["gateway", "--config"])
             .arg(&config)
-            .env("RUST_LOG", std::env::var("STARGAZER_TEST_LOG").unwrap_or("warn".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("STARGAZER_TEST_LOG").unwrap_or("warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log file"))
             .stderr(log);
@@ -651,10 +661,14 @@ impl Drop for Gateway {
 /// Wait until every entry has been read and acknowledged.
 pub async fn until_drained(conn: &MultiplexedConnection, limit: Duration) {
     let c = conn.clone();
-    until("every entry read and acknowledged (lag 0, pending 0)", limit, || {
-        let mut c = c.clone();
-        async move { drained(&mut c).await }
-    })
+    until(
+        "every entry read and acknowledged (lag 0, pending 0)",
+        limit,
+        || {
+            let mut c = c.clone();
+            async move { drained(&mut c).await }
+        },
+    )
     .await;
 }
 
@@ -673,10 +687,14 @@ pub async fn until_dead_lettered(
     limit: Duration,
 ) -> HashMap<String, String> {
     let c = conn.clone();
-    until(&format!("entry {id} in the dead-letter stream"), limit, || {
-        let mut c = c.clone();
-        async move { dlq_of(&mut c, id).await.is_some() }
-    })
+    until(
+        &format!("entry {id} in the dead-letter stream"),
+        limit,
+        || {
+            let mut c = c.clone();
+            async move { dlq_of(&mut c, id).await.is_some() }
+        },
+    )
     .await;
     dlq_of(&mut conn.clone(), id).await.expect("just seen")
 }
