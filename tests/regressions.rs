@@ -570,12 +570,17 @@ async fn defect_07_pending_entry_deleted_from_stream_is_dead_lettered() {
         Box::pin(async move { if hang { Reply::Hang } else { Reply::Id(id) } })
     })
     .await;
-    // Shortened recovery timers (default sweep every 30 s, refresh every
-    // 20 s): a deletion is found on that cycle, so it would take half a
-    // minute. gap_timeout_ms stays above min idle + interval.
+    // Recovery timers shortened (defaults: sweep every 30 s, refresh every
+    // 20 s), so the deletion is found within seconds, and set so that a
+    // refresh of the held entry (every third of min idle, 0.5 s) comes well
+    // before the next sweep (5 s): the first engine's refresh is where the
+    // entry silently vanished. Coherent: min idle (1.5 s) covers finding a
+    // dead gateway (lease 1 s and a third); the gap timeout (30 s) exceeds
+    // all of them.
     let _gw = GatewayConfig::new(&redis.url(), "gw-1", &sink.url)
-        .consumer("autoclaim_interval_ms = 1000")
-        .consumer("autoclaim_min_idle_ms = 3000")
+        .consumer("autoclaim_interval_ms = 5000")
+        .consumer("autoclaim_min_idle_ms = 1500")
+        .consumer("lock_ttl_ms = 1000")
         .start();
 
     let s1 = take_seq(&mut c, "x").await;
@@ -612,7 +617,7 @@ async fn defect_07_pending_entry_deleted_from_stream_is_dead_lettered() {
     let found = {
         let cc = c.clone();
         let id2 = id2.clone();
-        within(secs(15), || {
+        within(secs(12), || {
             let mut c = cc.clone();
             let id2 = id2.clone();
             async move { dlq_of(&mut c, &id2).await.is_some() }
@@ -622,7 +627,7 @@ async fn defect_07_pending_entry_deleted_from_stream_is_dead_lettered() {
     let pend = pending_ids(&mut c).await;
     assert!(
         found,
-        "the deleted entry {id2} is not in the dead-letter stream after 15 s; \
+        "the deleted entry {id2} is not in the dead-letter stream after 12 s; \
          still pending: {}; pending now: {pend:?}",
         pend.iter().any(|(i, _)| *i == id2)
     );
@@ -666,12 +671,33 @@ async fn defect_08_rpc_reply_that_cannot_be_written_is_dead_lettered() {
             "type": "rpc_request",
             "rpc_method": "should_skip_channel_heartbeat",
             "rpc_args": {},
+            "channel_id": "c1",
             "reply_key": reply_key,
         }),
         None,
     )
     .await;
-    let d = until_dead_lettered(&c, &id, secs(20)).await;
+    let found = {
+        let cc = c.clone();
+        let id = id.clone();
+        within(secs(20), || {
+            let mut c = cc.clone();
+            let id = id.clone();
+            async move { dlq_of(&mut c, &id).await.is_some() }
+        })
+        .await
+    };
+    let still_pending = pending_ids(&mut c).await.iter().any(|(i, _)| *i == id);
+    assert!(
+        found,
+        "the request is not in the dead-letter stream after 20 s; {}",
+        if still_pending {
+            "it is still pending"
+        } else {
+            "it was acknowledged without a reply"
+        }
+    );
+    let d = dlq_of(&mut c, &id).await.expect("just seen");
     assert!(
         d.get("error_kind").is_some_and(|v| !v.is_empty())
             && d.get("error").is_some_and(|v| !v.is_empty()),
@@ -878,13 +904,14 @@ async fn defect_12_redis_stall_at_begin_is_not_an_unknown_outcome() {
     // gap_timeout_ms shortened (default 30 s) so the message begins within
     // seconds; the recovery timers are shortened with it so that the gap
     // still exceeds what recovery of a dead gateway's entries can take
-    // (min idle 5 s + sweep 2 s, lease 5 s < 15 s).
+    // (lease 3 s and a third = 4 s <= min idle 5 s; 2 x 4 s and min idle +
+    // sweep 7 s are both below the 15 s gap).
     let _gw = GatewayConfig::new(&redis.url(), "gw-1", &sink.url)
         .consumer("unknown_outcome = \"dead_letter\"")
         .consumer("gap_timeout_ms = 15000")
         .consumer("autoclaim_min_idle_ms = 5000")
         .consumer("autoclaim_interval_ms = 2000")
-        .consumer("lock_ttl_ms = 5000")
+        .consumer("lock_ttl_ms = 3000")
         .start();
     xadd(
         &mut c,
