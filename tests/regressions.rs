@@ -6,7 +6,15 @@
 //! them fails.
 //!
 //! Shipped defaults are used except where a test must shorten a timer to run
-//! in reasonable time; each such key is set next to a comment saying why.
+//! in reasonable time; each such key is set next to a comment saying why,
+//! and shortened timers stay coherent (autoclaim_min_idle_ms covers
+//! lock_ttl_ms and a third; gap_timeout_ms is at least twice that).
+//!
+//! ```sh
+//! cargo nextest run --test regressions                      # the binary cargo built
+//! STARGAZER_BIN=/path/to/stargazer cargo nextest run --test regressions -E 'test(defect_03)'
+//! STARGAZER_TEST_LOG=info STARGAZER_TEST_SHOW_LOG=1 …       # gateway logs (RUST_LOG), also when passing
+//! ```
 
 mod blackbox;
 
@@ -198,7 +206,7 @@ async fn defect_02_an_outcome_is_committed_to_its_own_entry() {
     // lock_ttl_ms shortened (default 10 s): A must be cut off for longer than
     // its lease; 2 s keeps the test short.
     let url_a = format!("redis://gwa:pw@127.0.0.1:{}", redis.port);
-    let mut a = GatewayConfig::new(&url_a, "gw-a", &sink.url)
+    let _a = GatewayConfig::new(&url_a, "gw-a", &sink.url)
         .consumer("lock_ttl_ms = 2000")
         .start();
 
@@ -269,7 +277,6 @@ async fn defect_02_an_outcome_is_committed_to_its_own_entry() {
     // No event shows that A has tried to record its send again once Redis
     // let it (its retries back off up to 2 s): give it that long.
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    a.assert_running();
     hold_ku.add_permits(1);
     until_drained(&c, secs(30)).await;
 
