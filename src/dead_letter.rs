@@ -24,6 +24,26 @@ pub enum DeadLetterKind {
 }
 
 impl DeadLetterKind {
+    /// Every `error_kind` a dead letter can carry.
+    pub const NAMES: &'static [&'static str] = &[
+        "missing_payload",
+        "not_json",
+        "not_object",
+        "missing_field",
+        "bad_field",
+        "unknown_type",
+        "bad_base64",
+        "too_large",
+        "bad_signature",
+        "forbidden_key",
+        "rejected",
+        "retries_exhausted",
+        "unknown_outcome",
+        "unknown_target",
+        "lost_in_stream",
+        "reply_failed",
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             DeadLetterKind::BadInput(k) => k.as_str(),
@@ -40,5 +60,35 @@ impl DeadLetterKind {
 impl std::fmt::Display for DeadLetterKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_is_named() {
+        use BadInputKind::*;
+        let all = [
+            DeadLetterKind::BadInput(MissingPayload),
+            DeadLetterKind::BadInput(NotJson),
+            DeadLetterKind::BadInput(NotObject),
+            DeadLetterKind::BadInput(MissingField),
+            DeadLetterKind::BadInput(BadField),
+            DeadLetterKind::BadInput(UnknownType),
+            DeadLetterKind::BadInput(BadBase64),
+            DeadLetterKind::BadInput(TooLarge),
+            DeadLetterKind::BadInput(BadSignature),
+            DeadLetterKind::BadInput(ForbiddenKey),
+            DeadLetterKind::Rejected,
+            DeadLetterKind::RetriesExhausted,
+            DeadLetterKind::UnknownOutcome,
+            DeadLetterKind::UnknownTarget,
+            DeadLetterKind::LostInStream,
+            DeadLetterKind::ReplyFailed,
+        ];
+        let names: Vec<_> = all.iter().map(|k| k.as_str()).collect();
+        assert_eq!(names, DeadLetterKind::NAMES);
     }
 }

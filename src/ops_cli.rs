@@ -160,6 +160,7 @@ struct DlqCommon {
 #[derive(clap::Args, Debug, Default)]
 struct FilterArgs {
     /// Only this error_kind (rejected, retries_exhausted, not_json, …).
+    #[arg(value_parser = clap::builder::PossibleValuesParser::new(stargazer::dead_letter::DeadLetterKind::NAMES))]
     #[arg(long)]
     kind: Option<String>,
     /// Only this channel.
