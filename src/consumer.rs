@@ -336,8 +336,15 @@ async fn read_loop(
         }
         // Wait for room, but hold none while the read blocks: a lane
         // fetching its parked entries back must not wait for an idle read.
+        // A quarter of the room is left to entries peers hand over (their
+        // channels are ours), so they arrive with their body.
+        let reserve = if d.has_peers() {
+            ctx.settings.max_in_flight / 4
+        } else {
+            0
+        };
         let first = tokio::select! {
-            p = room.clone().acquire_owned() => p.ok(),
+            p = room.clone().acquire_many_owned(reserve as u32 + 1) => p.ok(),
             _ = stop.cancelled() => None,
         };
         let Some(first) = first else { break };

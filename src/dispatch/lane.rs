@@ -13,7 +13,7 @@
 //! retry, a slow send) its queued entries give their room back and are
 //! fetched again when their turn comes.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering as AtomicOrdering};
 use std::time::{Duration, Instant};
@@ -33,6 +33,45 @@ use crate::stats::Stats;
 /// Most finished entries of one channel whose commit has not landed yet:
 /// the bound on what a crash can leave "possibly sent".
 const UNCOMMITTED: usize = 32;
+
+/// Keys a lane remembers having sent (more than a lane queues with bodies
+/// plus what may be uncommitted).
+const RECENT: usize = 512;
+
+/// A bounded map that forgets its oldest keys.
+struct Recent {
+    map: HashMap<String, String>,
+    order: VecDeque<String>,
+    cap: usize,
+}
+
+impl Recent {
+    fn new(cap: usize) -> Recent {
+        Recent {
+            map: HashMap::new(),
+            order: VecDeque::new(),
+            cap,
+        }
+    }
+
+    fn get(&self, k: &str) -> Option<&String> {
+        self.map.get(k)
+    }
+
+    fn insert(&mut self, k: String, v: String) {
+        if self.map.insert(k.clone(), v).is_none() {
+            self.order.push_back(k);
+            while self.order.len() > self.cap {
+                if let Some(old) = self.order.pop_front() {
+                    self.map.remove(&old);
+                }
+            }
+        }
+    }
+}
+
+/// A gap shorter than this keeps the queue's room (see `wait_gap`).
+const SHORT_GAP: Duration = Duration::from_millis(250);
 
 /// A send running longer than this makes the lane give its queue's room back.
 const SLOW_SEND: Duration = Duration::from_millis(250);
@@ -69,10 +108,13 @@ pub(super) struct Lane {
     /// When the wait began (Unix ms), and whether it was noted for `status`.
     gap_began: Option<(u64, Instant, bool)>,
     commits: VecDeque<oneshot::Receiver<bool>>,
-    /// Platform ids of messages this lane sent (message_key → id), for edits.
-    sent_ids: HashMap<String, String>,
-    /// Idempotency keys this lane sent (commits may not have landed yet).
-    sent_idems: HashSet<String>,
+    /// Platform ids of messages this lane sent lately (message_key → id), for edits.
+    sent_ids: Recent,
+    /// Idempotency keys this lane sent lately: entries queued with their body
+    /// were checked against the de-duplication records when they were read,
+    /// so the keys sent since must be known here (parked ones are checked
+    /// again when fetched back).
+    sent_idems: Recent,
 }
 
 enum Step {
@@ -103,8 +145,8 @@ impl Lane {
             gap: None,
             gap_began: None,
             commits: VecDeque::new(),
-            sent_ids: HashMap::new(),
-            sent_idems: HashSet::new(),
+            sent_ids: Recent::new(RECENT),
+            sent_idems: Recent::new(RECENT),
         }
     }
 
@@ -366,8 +408,6 @@ impl Lane {
 
     /// The front waits for predecessor `done + 1`.
     async fn wait_gap(&mut self, done: u64, seq: u64) -> Step {
-        self.park_all();
-        self.stuck.store(true, AtomicOrdering::Relaxed);
         let want = done + 1;
         match self.gap_began {
             Some((w, _, _)) if w == want => {}
@@ -376,6 +416,21 @@ impl Lane {
                 self.gap_began = Some((want, Instant::now(), false));
             }
         }
+        // Most gaps close within moments (the predecessor is being handed
+        // over by a peer): only a wait that lasts gives the queue's room back.
+        let began = self.gap_began.map(|g| g.1).unwrap_or_else(Instant::now);
+        if began.elapsed() < SHORT_GAP {
+            let wait = SHORT_GAP.saturating_sub(began.elapsed());
+            tokio::select! {
+                m = self.rx.recv() => if let Some(i) = m { self.insert(i) },
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.s.stopping.cancelled() => {}
+                _ = self.s.abort.cancelled() => {}
+            }
+            return Step::Go;
+        }
+        self.park_all();
+        self.stuck.store(true, AtomicOrdering::Relaxed);
         if let Some((w, began, false)) = self.gap_began
             && began.elapsed() >= Duration::from_secs(1)
         {
@@ -495,6 +550,28 @@ impl Lane {
             }
             i += 1;
         }
+        // Checked against the de-duplication records again: a repeat of a
+        // key sent while these were parked is skipped.
+        let fresh: Vec<usize> = (0..self.queue.len().min(n))
+            .filter(|&i| {
+                self.queue[i].body.is_some()
+                    && self.queue[i].idem_given
+                    && self.queue[i].dup.is_none()
+            })
+            .collect();
+        if !fresh.is_empty() {
+            let keys: Vec<&str> = fresh.iter().map(|&i| self.queue[i].idem.as_str()).collect();
+            let buckets = lookup_buckets(s.set.dedup_window);
+            let Some(found) = s
+                .persist("dedup lookup", || s.bus.sent_lookup(&buckets, &keys))
+                .await
+            else {
+                return false;
+            };
+            for (i, f) in fresh.into_iter().zip(found) {
+                self.queue[i].dup = f;
+            }
+        }
         // Not returned: deleted from the stream (G7), or no longer ours.
         for &idx in gone.iter().rev() {
             let id = self.queue[idx].id.clone();
@@ -595,7 +672,7 @@ impl Lane {
             }
             Ok(env) => env,
         };
-        if item.dup.is_some() || (item.idem_given && self.sent_idems.contains(&item.idem)) {
+        if item.dup.is_some() || (item.idem_given && self.sent_idems.get(&item.idem).is_some()) {
             debug!("idempotency key already sent; skipped as a duplicate");
             Stats::inc(&s.stats.duplicates_skipped);
             if let (Some(k), Some(m)) = (&env.message_key, &item.dup)
@@ -821,12 +898,8 @@ impl Lane {
             }
         };
         if let Outcome::Delivered(mid) = &outcome {
-            if self.sent_idems.len() > 10_000 {
-                self.sent_idems.clear();
-                self.sent_ids.clear();
-            }
             if item.idem_given {
-                self.sent_idems.insert(item.idem.clone());
+                self.sent_idems.insert(item.idem.clone(), String::new());
                 done.sent = Some((item.idem.clone(), mid.clone().unwrap_or_else(|| "-".into())));
             }
             if let (Some(k), Some(m)) = (&message_key, mid) {

@@ -255,14 +255,20 @@ impl Dispatcher {
                 items.push(item);
             }
         }
-        self.dedup(&mut items).await;
+        // Entries of a channel a live peer owns go to it unchecked (the
+        // owner checks them); the rest are checked for duplicates here.
         let mut handoffs: HashMap<String, Vec<(String, Item)>> = HashMap::new();
+        let mut local = Vec::with_capacity(items.len());
         for (key, item) in items {
             let peer = s.peers.lock().expect("peers poisoned").get(&key).cloned();
             match peer {
                 Some(p) if !s.has_lane(&key) => handoffs.entry(p).or_default().push((key, item)),
-                _ => s.to_lane(key, item),
+                _ => local.push((key, item)),
             }
+        }
+        self.dedup(&mut local).await;
+        for (key, item) in local {
+            s.to_lane(key, item);
         }
         for (peer, group) in handoffs {
             let ids: Vec<StreamId> = group.iter().map(|(_, i)| i.id.clone()).collect();
@@ -277,6 +283,8 @@ impl Dispatcher {
                 }
             } else {
                 // The peer died: take the channels ourselves.
+                let mut group = group;
+                self.dedup(&mut group).await;
                 for (key, item) in group {
                     s.peers.lock().expect("peers poisoned").remove(&key);
                     s.to_lane(key, item);
@@ -507,6 +515,11 @@ impl Dispatcher {
 
     pub fn take_suspect(&self) -> bool {
         self.shared.suspect.swap(false, AtomicOrdering::AcqRel)
+    }
+
+    /// Whether another live gateway owns some channel this one has seen.
+    pub fn has_peers(&self) -> bool {
+        !self.shared.peers.lock().expect("peers poisoned").is_empty()
     }
 
     /// Entries held in memory right now.
