@@ -11,8 +11,10 @@
 //!   de-duplicating platform drops. Every other one is a violation, named by
 //!   what preceded it.
 //! - **Order** (G3): per channel, first deliveries must follow `seq`. An
-//!   entry counts as out of order when a higher `seq` of its channel was
-//!   delivered first *while it was already in the stream*; one published
+//!   entry counts as out of order when the request that delivered a higher
+//!   `seq` of its channel arrived before this one's 2xx was answered (it
+//!   was overtaken, or sent concurrently) *while it was already in the
+//!   stream*; one published
 //!   only after its successor went (a producer slower than the gap timeout)
 //!   is counted apart as a late predecessor. A successor sent before its
 //!   predecessor was dead-lettered counts as out of order too.
@@ -73,6 +75,11 @@ pub struct History {
     pub requests: Vec<Request>,
     pub dead_letters: Vec<DeadLetter>,
     pub pending: u64,
+    /// The ids in the group's pending list at the end.
+    pub pending_ids: HashSet<String>,
+    /// The group's `last-delivered-id` at the end (entries after it were
+    /// never read).
+    pub last_delivered_id: Option<String>,
     pub keys: Vec<String>,
     pub gw_events: Vec<GwEvent>,
     pub redis_outages: Vec<Outage>,
@@ -148,7 +155,12 @@ pub struct Findings {
     pub out_of_order: usize,
     pub ooo_examples: Vec<String>,
     pub late_predecessors: usize,
+    /// Entries resent (after their 2xx) once a successor had been sent.
+    pub resent_after_successor: usize,
     pub lost: usize,
+    /// Why the lost ones are not concluded: still pending in the group,
+    /// never read by it, or acknowledged without an outcome.
+    pub lost_by_state: BTreeMap<&'static str, usize>,
     pub lost_examples: Vec<String>,
     pub pending: u64,
     pub foreign: Vec<String>,
@@ -174,6 +186,7 @@ impl Findings {
         };
         add(self.lost, "lost");
         add(self.out_of_order, "out-of-order");
+        add(self.resent_after_successor, "resent after a successor");
         add(self.pending as usize, "pending");
         add(self.foreign.len(), "foreign keys");
         add(self.unexplained_dups(), "unexplained duplicates");
@@ -290,8 +303,7 @@ pub fn check(h: &History) -> Findings {
                     );
                 }
                 if !delivered && dls.is_none() {
-                    f.lost += 1;
-                    push_example(&mut f.lost_examples, describe(p));
+                    lose(h, p, &mut f);
                 }
             }
             Some(kind) => {
@@ -321,8 +333,7 @@ pub fn check(h: &History) -> Findings {
                         ),
                     );
                 } else {
-                    f.lost += 1;
-                    push_example(&mut f.lost_examples, describe(p));
+                    lose(h, p, &mut f);
                 }
             }
         }
@@ -352,6 +363,30 @@ pub fn check(h: &History) -> Findings {
     }
     f.foreign.sort();
     f
+}
+
+/// Stream ids in order: `(ms, seq)`.
+fn id_key(id: &str) -> (u64, u64) {
+    let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
+    (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
+}
+
+/// Counts `p` as lost, with the state it was left in.
+fn lose(h: &History, p: &Published, f: &mut Findings) {
+    f.lost += 1;
+    let state = if h.pending_ids.contains(&p.id) {
+        "still pending in the group (stuck)"
+    } else if h
+        .last_delivered_id
+        .as_deref()
+        .is_none_or(|last| id_key(&p.id) > id_key(last))
+    {
+        "never read by the group"
+    } else {
+        "acknowledged without an outcome"
+    };
+    *f.lost_by_state.entry(state).or_default() += 1;
+    push_example(&mut f.lost_examples, format!("{} — {state}", describe(p)));
 }
 
 /// G2: the same key answered 2xx twice, explained or not.
@@ -436,11 +471,15 @@ fn cause_of(h: &History, r1: &Request, r2: &Request) -> &'static str {
 /// One first delivery in a channel's history.
 struct Sent {
     arrival_ms: u64,
+    /// When the sink answered it 2xx: the predecessor is complete only then.
+    answered_ms: u64,
     seq: u64,
     id: String,
 }
 
-/// G3: per channel, first deliveries in `seq` order.
+/// G3: per channel, a first delivery must not be dispatched before every
+/// lower `seq` that was in the stream is complete (its 2xx answered, or it
+/// was dead-lettered).
 fn order(
     h: &History,
     by_id: &HashMap<&str, &Published>,
@@ -456,6 +495,7 @@ fn order(
                 r.n,
                 Sent {
                     arrival_ms: r.arrival_ms,
+                    answered_ms: r.answered_ms.unwrap_or(r.arrival_ms),
                     seq,
                     id: p.id.clone(),
                 },
@@ -464,31 +504,77 @@ fn order(
     }
     let mut sent_of: HashMap<&str, Vec<Sent>> = HashMap::new();
     for (c, mut list) in channels {
+        // Arrival order (the sink numbers requests as they arrive).
         list.sort_by_key(|(n, _)| *n);
         let list: Vec<Sent> = list.into_iter().map(|(_, s)| s).collect();
-        let mut max_before = 0u64;
-        for (i, m) in list.iter().enumerate() {
-            if max_before > m.seq {
-                let added = by_id[m.id.as_str()].added_ms();
-                // Was a higher seq sent while this one was in the stream?
-                let start = list[..i].partition_point(|k| k.arrival_ms < added);
-                match list[start..i].iter().find(|k| k.seq > m.seq) {
-                    Some(k) => {
-                        f.out_of_order += 1;
-                        push_example(
-                            &mut f.ooo_examples,
-                            format!(
-                                "{c}: seq {} ({}) sent after seq {} ({})",
-                                m.seq, m.id, k.seq, k.id
-                            ),
-                        );
-                    }
-                    None => f.late_predecessors += 1,
-                }
+        // max_upto[j]: the highest seq among the first j arrivals.
+        let mut max_upto = vec![0u64; list.len() + 1];
+        for (j, k) in list.iter().enumerate() {
+            max_upto[j + 1] = max_upto[j].max(k.seq);
+        }
+        for m in &list {
+            // Arrivals before m was complete: overtaking it is out of order…
+            let done = list.partition_point(|k| k.arrival_ms < m.answered_ms);
+            if max_upto[done] <= m.seq {
+                continue;
             }
-            max_before = max_before.max(m.seq);
+            // …when m was already in the stream then.
+            let added = by_id[m.id.as_str()].added_ms();
+            let from = list.partition_point(|k| k.arrival_ms < added);
+            match list[from.min(done)..done].iter().find(|k| k.seq > m.seq) {
+                Some(k) => {
+                    f.out_of_order += 1;
+                    push_example(
+                        &mut f.ooo_examples,
+                        format!(
+                            "{c}: seq {} ({}) overtaken by seq {} ({}) {} ms before it completed",
+                            m.seq,
+                            m.id,
+                            k.seq,
+                            k.id,
+                            m.answered_ms.saturating_sub(k.arrival_ms)
+                        ),
+                    );
+                }
+                None => f.late_predecessors += 1,
+            }
         }
         sent_of.insert(c, list);
+    }
+    // A resend of an entry that already had its 2xx, after a successor went:
+    // the engine skipped a predecessor that existed (pending on a dead
+    // consumer); only the platform's de-duplication kept the order.
+    let mut resends: HashMap<&str, Vec<&Request>> = HashMap::new();
+    for r in &h.requests {
+        if let Some(id) = r.stream_id.as_deref()
+            && first_success.get(id).is_some_and(|first| r.n > first.n)
+        {
+            resends.entry(id).or_default().push(r);
+        }
+    }
+    let mut ids: Vec<&&str> = resends.keys().collect();
+    ids.sort();
+    for id in ids {
+        let p = by_id[*id];
+        let (Some(c), Some(seq)) = (p.channel.as_deref(), p.seq) else {
+            continue;
+        };
+        let Some(list) = sent_of.get(c) else { continue };
+        let after = resends[*id].iter().find_map(|rr| {
+            list.iter()
+                .find(|k| k.seq > seq && k.arrival_ms < rr.arrival_ms)
+                .map(|k| (rr, k))
+        });
+        if let Some((rr, k)) = after {
+            f.resent_after_successor += 1;
+            push_example(
+                &mut f.ooo_examples,
+                format!(
+                    "{c}: seq {seq} ({}) resent by {} after seq {} ({}) was sent",
+                    p.id, rr.incarnation, k.seq, k.id
+                ),
+            );
+        }
     }
     // A successor sent before its (existing) predecessor was dead-lettered.
     for p in &h.published {
@@ -565,6 +651,8 @@ mod tests {
             requests,
             dead_letters: Vec::new(),
             pending: 0,
+            pending_ids: HashSet::new(),
+            last_delivered_id: None,
             keys: Vec::new(),
             gw_events: Vec::new(),
             redis_outages: Vec::new(),
@@ -606,6 +694,19 @@ mod tests {
     }
 
     #[test]
+    fn a_successor_sent_while_its_predecessor_is_in_flight_is_out_of_order() {
+        let a = valid("1000-0", "c0", 1);
+        let b = valid("1001-0", "c0", 2);
+        let mut slow = ok(0, &a, "g0.1", 2000);
+        slow.answered_ms = Some(6000);
+        let h = history(
+            vec![a.clone(), b.clone()],
+            vec![slow, ok(1, &b, "g1.1", 3000)],
+        );
+        assert_eq!(check(&h).out_of_order, 1);
+    }
+
+    #[test]
     fn a_resend_after_a_kill_is_explained_other_resends_are_not() {
         let a = valid("1000-0", "c0", 1);
         let b = valid("1001-0", "c0", 2);
@@ -628,6 +729,8 @@ mod tests {
         assert_eq!(f.dup_explained, 1);
         assert_eq!(f.unexplained_dups(), 1);
         assert_eq!(f.out_of_order, 0);
+        // seq 1 came again after seq 2 had gone: an existing entry skipped.
+        assert_eq!(f.resent_after_successor, 1);
     }
 
     #[test]

@@ -104,6 +104,11 @@ pub fn render(s: &Settings, o: &Observed, f: &Findings) -> (String, bool) {
     );
     row(
         w,
+        "resent after a successor was sent (order kept only by de-dup)",
+        f.resent_after_successor.to_string(),
+    );
+    row(
+        w,
         "  (not counted) predecessor published after its successor went",
         f.late_predecessors.to_string(),
     );
@@ -112,6 +117,9 @@ pub fn render(s: &Settings, o: &Observed, f: &Findings) -> (String, bool) {
         "lost (neither delivered nor dead-lettered)",
         f.lost.to_string(),
     );
+    for (state, n) in &f.lost_by_state {
+        row(w, &format!("  {state}"), n.to_string());
+    }
     row(w, "pending in the group at the end", f.pending.to_string());
     row(w, "foreign keys", f.foreign.len().to_string());
     row(

@@ -380,6 +380,58 @@ async fn pending(conn: &mut ConnectionManager, stream: &str, group: &str) -> Res
     }
 }
 
+/// The ids in the group's pending list.
+async fn pending_ids(
+    conn: &mut ConnectionManager,
+    stream: &str,
+    group: &str,
+) -> Result<std::collections::HashSet<String>> {
+    let mut ids = std::collections::HashSet::new();
+    let mut from = "-".to_owned();
+    loop {
+        let rows: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
+            .arg(stream)
+            .arg(group)
+            .arg(&from)
+            .arg("+")
+            .arg(1000)
+            .query_async(conn)
+            .await
+            .with_context(|| format!("XPENDING {stream} {group} - +"))?;
+        let full = rows.len() == 1000;
+        if let Some(last) = rows.last() {
+            from = format!("({}", last.0);
+        }
+        ids.extend(rows.into_iter().map(|r| r.0));
+        if !full {
+            return Ok(ids);
+        }
+    }
+}
+
+/// The group's `last-delivered-id`, from `XINFO GROUPS`.
+async fn last_delivered_id(
+    conn: &mut ConnectionManager,
+    stream: &str,
+    group: &str,
+) -> Result<Option<String>> {
+    let groups: Vec<std::collections::HashMap<String, redis::Value>> = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(stream)
+        .query_async(conn)
+        .await
+        .context("XINFO GROUPS")?;
+    let text = |v: Option<&redis::Value>| match v {
+        Some(redis::Value::BulkString(b)) => Some(String::from_utf8_lossy(b).into_owned()),
+        Some(redis::Value::SimpleString(s)) => Some(s.clone()),
+        _ => None,
+    };
+    Ok(groups
+        .iter()
+        .find(|g| text(g.get("name")).as_deref() == Some(group))
+        .and_then(|g| text(g.get("last-delivered-id"))))
+}
+
 /// Every key in the database.
 async fn all_keys(conn: &mut ConnectionManager) -> Result<Vec<String>> {
     let mut keys = Vec::new();
@@ -611,6 +663,8 @@ pub async fn run(s: &Settings) -> Result<Observed> {
     world.log("gateways stopped; reading the final state");
     dlq.pull(&mut conn).await?;
     let pend = pending(&mut conn, &stream, &group).await?;
+    let pending_ids = pending_ids(&mut conn, &stream, &group).await?;
+    let last_delivered_id = last_delivered_id(&mut conn, &stream, &group).await?;
     let keys = all_keys(&mut conn).await?;
     world.redis.shutdown();
 
@@ -620,6 +674,8 @@ pub async fn run(s: &Settings) -> Result<Observed> {
         requests: sink.requests(),
         dead_letters: dlq.entries,
         pending: pend,
+        pending_ids,
+        last_delivered_id,
         keys,
         gw_events: std::mem::take(&mut world.gw_events),
         redis_outages: std::mem::take(&mut world.outages),
