@@ -292,6 +292,7 @@ impl GatewayConf {
         cmd.args(["gateway", "--config"])
             .arg(&config)
             .env("RUST_LOG", &self.log_level)
+            .env("NO_COLOR", "1")
             .stdout(Stdio::from(out.try_clone()?))
             .stderr(Stdio::from(out));
         // The shipped defaults, whatever this shell exports.
@@ -327,10 +328,15 @@ impl Gateway {
         matches!(client.get(url).send().await, Ok(r) if r.status().is_success())
     }
 
-    /// The last lines of its log, for error messages.
+    /// What its log says about how it ended: from the last `Error:` or
+    /// `panicked` line (up to `lines` lines), else its last `lines` lines.
     pub fn log_tail(&self, lines: usize) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
+        let start = all
+            .iter()
+            .rposition(|l| l.starts_with("Error:") || l.contains("panicked"))
+            .unwrap_or(all.len().saturating_sub(lines));
+        all[start..(start + lines).min(all.len())].join("\n")
     }
 }

@@ -10,7 +10,7 @@ pub fn render(s: &Settings, o: &Observed, f: &Findings) -> (String, bool) {
     let mut out = String::new();
     let w = &mut out;
     let row = |w: &mut String, label: &str, n: String| {
-        let _ = writeln!(w, "  {label:<58} {n:>8}");
+        let _ = writeln!(w, "  {label:<66} {n:>8}");
     };
     let _ = writeln!(
         w,
