@@ -18,7 +18,7 @@ R=(redis-cli -s "$dir/r.sock")
 until "${R[@]}" ping >/dev/null 2>&1; do sleep 0.05; done
 # Preload: the SPEC §6 envelopes, seq per channel from 1.
 awk -v n="$n" 'BEGIN { for (i = 0; i < n; i++) { c = i % 200; s[c]++;
-  printf "XADD sg:{bench}:outbound * payload {\"type\":\"message\",\"channel_id\":\"c%d\",\"text\":\"hello %d\",\"message_key\":\"sg:msg:%d\",\"seq\":%d}\n", c, i, i, s[c] } }' \
+  printf "XADD sg:{bench}:outbound * payload '"'"'{\"type\":\"message\",\"channel_id\":\"c%d\",\"text\":\"hello %d\",\"message_key\":\"sg:msg:%d\",\"seq\":%d}'"'"'\n", c, i, i, s[c] } }' \
   | "${R[@]}" >/dev/null
 cat > "$dir/gw.toml" <<TOML
 [redis]
@@ -33,7 +33,7 @@ TOML
 start=$(date +%s.%N)
 RUST_LOG=warn "$bin" gateway --config "$dir/gw.toml" &
 gw=$!
-until [ "$("${R[@]}" xinfo groups 'sg:{bench}:outbound' 2>/dev/null | awk 'f{print;exit} /^lag$/{f=1}')" = "0" ] \
+until [ "$("${R[@]}" xinfo groups 'sg:{bench}:outbound' 2>/dev/null | awk 'f{print;exit} /^entries-read$/{f=1}')" = "$n" ] \
    && [ "$("${R[@]}" xpending 'sg:{bench}:outbound' 'sg:gateway:bench' | head -1)" = "0" ]; do sleep 0.01; done
 end=$(date +%s.%N)
 ticks=$(awk '{print $14 + $15}' "/proc/$gw/stat")
