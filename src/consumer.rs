@@ -240,27 +240,21 @@ async fn supervise(ctx: Arc<Ctx>, stop: CancellationToken, first: Option<Instanc
         let Some(inst) = next.take() else { return };
         let tasks_stop = CancellationToken::new();
         let live_stop = CancellationToken::new();
-        let reader = tokio::spawn(read_loop(
-            ctx.clone(),
-            inst.d.clone(),
-            inst.room.clone(),
-            inst.who.clone(),
-            tasks_stop.clone(),
-        ));
-        let inbox = tokio::spawn(inbox_loop(
-            ctx.clone(),
-            inst.d.clone(),
-            inst.room.clone(),
-            inst.who.clone(),
-            tasks_stop.clone(),
-        ));
-        let live = tokio::spawn(liveness_loop(
-            ctx.clone(),
-            inst.d.clone(),
-            inst.room.clone(),
-            inst.who.clone(),
-            live_stop.clone(),
-        ));
+        let part = |stop: &CancellationToken| {
+            (
+                ctx.clone(),
+                inst.d.clone(),
+                inst.room.clone(),
+                inst.who.clone(),
+                stop.clone(),
+            )
+        };
+        let (c, d, r, w, t) = part(&tasks_stop);
+        let reader = tokio::spawn(read_loop(c, d, r, w, t));
+        let (c, d, r, w, t) = part(&tasks_stop);
+        let inbox = tokio::spawn(inbox_loop(c, d, r, w, t));
+        let (c, d, r, w, t) = part(&live_stop);
+        let live = tokio::spawn(liveness_loop(c, d, r, w, t));
         let lost = inst.d.lost().clone();
         tokio::select! {
             _ = stop.cancelled() => {

@@ -380,19 +380,7 @@ impl Dispatcher {
 
     /// Dead-letter a pending entry that is gone from the stream (G7).
     pub async fn dead_letter_lost(&self, id: &StreamId) {
-        let s = &self.shared;
-        Stats::inc(&s.stats.lost_in_stream);
-        let record = lost_record(s, id, None);
-        let (done, rx) = Done::dead(
-            None,
-            id.clone(),
-            record,
-            DeadLetterKind::LostInStream,
-            "unknown",
-        );
-        if s.commits.send(done).is_ok() {
-            let _ = rx.await;
-        }
+        self.shared.record_lost(id, true).await;
     }
 
     /// Reconcile this consumer's pending list with what it holds. G7: an
@@ -442,20 +430,8 @@ impl Dispatcher {
                     .lock()
                     .expect("vanished poisoned")
                     .insert(id.clone());
-                let mut record = lost_record(s, &id, None);
-                record.force = false;
-                Stats::inc(&s.stats.lost_in_stream);
                 warn!(stream_id = %id, "pending entry deleted from the stream; dead-lettered as lost_in_stream");
-                let (done, rx) = Done::dead(
-                    None,
-                    id.clone(),
-                    record,
-                    DeadLetterKind::LostInStream,
-                    "unknown",
-                );
-                if s.commits.send(done).is_ok() {
-                    let _ = rx.await;
-                }
+                s.record_lost(&id, false).await;
                 if !s.holds(&id) {
                     s.vanished.lock().expect("vanished poisoned").remove(&id);
                 }
@@ -600,6 +576,24 @@ fn stranded_none() -> Vec<crate::bus::RawEntry> {
 pub(crate) const PRESENCE_LANE: &str = "\u{0}presence";
 
 impl Shared {
+    /// Dead-letter an entry gone from the stream, with no channel mark.
+    /// `force`: write it even if it is no longer pending (its claim removed it).
+    async fn record_lost(&self, id: &StreamId, force: bool) {
+        Stats::inc(&self.stats.lost_in_stream);
+        let mut record = lost_record(self, id, None);
+        record.force = force;
+        let (done, rx) = Done::dead(
+            None,
+            id.clone(),
+            record,
+            DeadLetterKind::LostInStream,
+            "unknown",
+        );
+        if self.commits.send(done).is_ok() {
+            let _ = rx.await;
+        }
+    }
+
     pub(crate) async fn tracker_idle(&self) {
         self.drained.cancelled().await
     }
