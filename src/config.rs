@@ -355,8 +355,32 @@ pub struct PlatformConfig {
     /// an older entry is reconciled first (see the README).
     #[serde(default = "default_nonce_window_ms")]
     pub nonce_window_ms: u64,
+    /// Read the reference system's layout (`sg:outbound:<name>`), so its
+    /// workers can keep publishing while the gateways are replaced; not on
+    /// Redis Cluster (the key has no hash tag).
+    #[serde(default)]
+    pub legacy_layout: bool,
+    /// legacy_layout: where the reference's workers put their RPC reply
+    /// lists (a `reply_key` must start with this).
+    #[serde(default)]
+    pub legacy_reply_prefix: Option<String>,
     #[serde(default)]
     pub consumer: ConsumerOverrides,
+}
+
+impl PlatformConfig {
+    /// The platform's key names under `prefix`.
+    pub fn keys(&self, prefix: &str) -> crate::keys::Keys {
+        if self.legacy_layout {
+            let reply = self
+                .legacy_reply_prefix
+                .clone()
+                .unwrap_or_else(|| format!("{prefix}:rpc:reply:"));
+            crate::keys::Keys::legacy(prefix, &self.name, &reply)
+        } else {
+            crate::keys::Keys::new(prefix, &self.name)
+        }
+    }
 }
 
 fn default_true() -> bool {
@@ -611,6 +635,25 @@ impl Config {
         let mut seen = std::collections::HashSet::new();
         for (i, p) in self.platforms.iter().enumerate() {
             let at = format!("platform[{i}]");
+            if p.legacy_reply_prefix.is_some() && !p.legacy_layout {
+                return Err(err(format!(
+                    "{at}.legacy_reply_prefix is set but {at}.legacy_layout is not"
+                )));
+            }
+            if p.legacy_layout {
+                let reply = p.keys(&self.redis.prefix).reply_prefix();
+                let own = crate::keys::Keys::own_prefixes(&self.redis.prefix);
+                if reply.is_empty()
+                    || own
+                        .iter()
+                        .any(|o| reply.starts_with(o.as_str()) || o.starts_with(reply.as_str()))
+                    || reply.starts_with(&self.redis.cache_prefix)
+                {
+                    return Err(err(format!(
+                        "{at}.legacy_reply_prefix `{reply}` overlaps Stargazer's own keys or the message cache"
+                    )));
+                }
+            }
             if p.name.is_empty()
                 || !p
                     .name

@@ -95,7 +95,7 @@ struct Ctx {
 impl Consumer {
     /// Create the group if needed and start reading.
     pub async fn start(p: ConsumerParts) -> RedisResult<Consumer> {
-        p.bus.ensure_group().await?;
+        crate::bus::until_up("create the consumer group", || p.bus.ensure_group()).await?;
         let platform = p.bus.keys().platform().to_owned();
         let st = &p.settings;
         let rules = ParseRules {

@@ -12,7 +12,6 @@ use crate::adapters;
 use crate::bus::Bus;
 use crate::config::{Config, ConsumerConfig};
 use crate::consumer::{Consumer, ConsumerParts};
-use crate::keys::Keys;
 use crate::ops::gauges::Gauges;
 
 /// How often the gauges (pending, lag, oldest pending age, load) are refreshed.
@@ -93,13 +92,15 @@ pub async fn run(
     let mut ready_adapters = Vec::new();
     let mut base: Option<Bus> = None;
     for p in &config.platforms {
-        let keys = Keys::new(&config.redis.prefix, &p.name);
+        let keys = p.keys(&config.redis.prefix);
         let bus = match &base {
             Some(b) => b.for_platform(keys),
             None => {
-                let b = Bus::connect(&config.redis.url, keys)
-                    .await
-                    .map_err(redis_err)?;
+                let b = crate::bus::until_up("connect", || {
+                    Bus::connect(&config.redis.url, keys.clone())
+                })
+                .await
+                .map_err(redis_err)?;
                 base = Some(b.clone());
                 b
             }
@@ -165,6 +166,14 @@ pub async fn run(
                 ConsumerConfig::ms(settings.retention_ms),
                 ops_stop.clone(),
             ));
+        }
+        if bus.keys().is_legacy() && bus.is_cluster().await.map_err(redis_err)? {
+            return Err(GatewayError::Config(crate::config::ConfigError(format!(
+                "platform `{}` has legacy_layout, whose stream `{}` carries no hash tag: \
+                 it cannot live on Redis Cluster; move its workers to the current layout first",
+                p.name,
+                bus.keys().outbound()
+            ))));
         }
         let consumer = Consumer::start(ConsumerParts {
             bus: bus.clone(),

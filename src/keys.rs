@@ -8,6 +8,8 @@
 pub struct Keys {
     prefix: String,
     platform: String,
+    /// The reference system's layout, for a migration (see [`Keys::legacy`]).
+    legacy: Option<String>,
 }
 
 impl Keys {
@@ -15,7 +17,24 @@ impl Keys {
         Self {
             prefix: prefix.to_owned(),
             platform: platform.to_owned(),
+            legacy: None,
         }
+    }
+
+    /// The layout the reference's workers write: the outbound stream is
+    /// `sg:outbound:<platform>` (no hash tag, so never on Redis Cluster) and
+    /// RPC replies go to keys under `reply_prefix`. Everything else keeps
+    /// the platform's `sg:{P}:` keys.
+    pub fn legacy(prefix: &str, platform: &str, reply_prefix: &str) -> Self {
+        Self {
+            legacy: Some(reply_prefix.to_owned()),
+            ..Self::new(prefix, platform)
+        }
+    }
+
+    /// Whether this platform reads the reference's layout.
+    pub fn is_legacy(&self) -> bool {
+        self.legacy.is_some()
     }
 
     pub fn platform(&self) -> &str {
@@ -29,6 +48,9 @@ impl Keys {
 
     /// `sg:{P}:outbound` — the stream workers publish to.
     pub fn outbound(&self) -> String {
+        if self.legacy.is_some() {
+            return format!("{}:outbound:{}", self.prefix, self.platform);
+        }
         format!("{}:{{{}}}:outbound", self.prefix, self.platform)
     }
 
@@ -119,6 +141,9 @@ impl Keys {
 
     /// `sg:{P}:rpc:reply:` — every RPC reply list starts with this.
     pub fn reply_prefix(&self) -> String {
+        if let Some(p) = &self.legacy {
+            return p.clone();
+        }
         format!("{}:{{{}}}:rpc:reply:", self.prefix, self.platform)
     }
 }
@@ -138,5 +163,15 @@ mod tests {
         assert_eq!(k.reply_prefix(), "sg:{discord}:rpc:reply:");
         assert_eq!(k.matrix_since(), "sg:{discord}:matrix:since");
         assert_eq!(k.discord(), "sg:{discord}:discord:");
+    }
+
+    #[test]
+    fn the_legacy_layout_moves_only_the_stream_and_the_replies() {
+        let k = Keys::legacy("sg", "discord", "sg:rpc:");
+        assert_eq!(k.outbound(), "sg:outbound:discord");
+        assert_eq!(k.group(), "sg:gateway:discord");
+        assert_eq!(k.reply_prefix(), "sg:rpc:");
+        assert_eq!(k.channel("42"), "sg:{discord}:chan:42");
+        assert_eq!(k.dlq(), "sg:{discord}:outbound:dlq");
     }
 }

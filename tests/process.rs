@@ -409,3 +409,80 @@ async fn toggle_switches_are_set_listed_and_read_back() {
     assert!(!ok);
     assert!(err.contains("cannot be used with"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_legacy_platform_reads_what_the_reference_workers_write() {
+    let rig = Rig::new().await;
+    let (rx, url) = Receiver::start(Duration::ZERO).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("stargazer.toml");
+    let platform = rig.keys.platform().to_owned();
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[redis]
+url = "{}"
+[gateway]
+consumer_name = "gw-legacy"
+[[platform]]
+name = "{platform}"
+adapter = "webhook"
+url = "{url}"
+legacy_layout = true
+"#,
+            rig.server.url()
+        ),
+    )
+    .unwrap();
+    // Written the way the reference's workers write: no seq, no hash tag,
+    // an RPC with `action`/`kwargs` and a reply list of their own.
+    let stream = format!("sg:outbound:{platform}");
+    for text in ["one", "two"] {
+        let p = json!({"type": "message", "channel_id": "c1", "text": text}).to_string();
+        let _: String = rig.cmd(&["XADD", &stream, "*", "payload", &p]).await;
+    }
+    let reply = "sg:rpc:reply:legacy-1";
+    let p = json!({"type": "rpc_request", "action": "should_skip_channel_heartbeat",
+                   "kwargs": {"channel_id": "c1"}, "reply_key": reply})
+    .to_string();
+    let _: String = rig.cmd(&["XADD", &stream, "*", "payload", &p]).await;
+    let child = Command::new(env!("CARGO_BIN_EXE_stargazer"))
+        .args(["gateway", "--config"])
+        .arg(&path)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut gw = Gw(child);
+    rx.wait(2, Duration::from_secs(30)).await;
+    let got = rx.got();
+    assert_eq!(got[0].body["text"], "one");
+    assert_eq!(got[1].body["text"], "two");
+    let answer: Option<(String, String)> = rig.cmd(&["BLPOP", reply, "10"]).await;
+    let (_, answer) = answer.expect("the RPC was answered on the reference's reply key");
+    assert!(
+        answer.contains("false") || answer.contains("true"),
+        "{answer}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let pending: redis::Value = rig
+            .cmd(&["XPENDING", &stream, &format!("sg:gateway:{platform}")])
+            .await;
+        let redis::Value::Array(p) = pending else {
+            panic!("{pending:?}")
+        };
+        if p.first() == Some(&redis::Value::Int(0)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still pending: {p:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    signal(&gw.0, "-TERM");
+    assert!(
+        wait_exit(&mut gw.0, Duration::from_secs(15))
+            .await
+            .success()
+    );
+}

@@ -93,6 +93,16 @@ impl Bus {
             .await
     }
 
+    /// Whether the server runs in cluster mode (`INFO cluster`).
+    pub async fn is_cluster(&self) -> RedisResult<bool> {
+        let mut conn = self.conn.clone();
+        let info: String = redis::cmd("INFO")
+            .arg("cluster")
+            .query_async(&mut conn)
+            .await?;
+        Ok(info.contains("cluster_enabled:1"))
+    }
+
     /// Create the consumer group at id 0 (with the stream) unless it exists,
     /// so a backlog published before the first gateway started is delivered.
     pub async fn ensure_group(&self) -> RedisResult<()> {
@@ -230,6 +240,41 @@ impl Bus {
             .query_async::<()>(&mut conn)
             .await
     }
+}
+
+/// Retry `f` while Redis is unreachable, loading its data set or otherwise
+/// briefly unable to answer (G10: a gateway started during a Redis restart
+/// waits for it); an error retrying cannot mend is returned at once.
+pub async fn until_up<T, F, Fut>(what: &str, mut f: F) -> RedisResult<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = RedisResult<T>>,
+{
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(e) if transient(&e) => {
+                tracing::warn!(error = %e, step = what, retry_in_ms = delay.as_millis() as u64, "Redis is not answering yet; waiting for it");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// An error of a Redis that is down, restarting or busy, as opposed to one
+/// that refuses us (bad password, wrong type, unknown command).
+pub fn transient(e: &redis::RedisError) -> bool {
+    e.is_io_error()
+        || e.is_timeout()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || matches!(
+            e.code(),
+            Some("LOADING" | "BUSY" | "TRYAGAIN" | "CLUSTERDOWN" | "MASTERDOWN")
+        )
 }
 
 fn unexpected(what: &str, v: &Value) -> redis::RedisError {

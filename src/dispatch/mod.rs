@@ -920,14 +920,7 @@ async fn rpc(s: Arc<Shared>, a: Arrival) {
 /// A Redis error that retrying cannot mend (a key of the wrong type, a
 /// refused command), as opposed to a connection that failed.
 pub(crate) fn is_permanent(e: &redis::RedisError) -> bool {
-    !(e.is_io_error()
-        || e.is_timeout()
-        || e.is_connection_dropped()
-        || e.is_connection_refusal()
-        || matches!(
-            e.code(),
-            Some("LOADING" | "BUSY" | "TRYAGAIN" | "CLUSTERDOWN" | "MASTERDOWN" | "NOSCRIPT")
-        ))
+    !(crate::bus::transient(e) || e.code() == Some("NOSCRIPT"))
 }
 
 /// The dead letter for an entry whose id is pending but gone from the stream.
