@@ -95,7 +95,7 @@ cache_prefix = "sg:msg:"
 consumer_name = "py-gw"
 [consumer]
 autoclaim_interval_ms = 200
-autoclaim_min_idle_ms = 800
+autoclaim_min_idle_ms = 1500
 lock_ttl_ms = 900
 block_ms = 100
 drain_timeout_ms = 3000

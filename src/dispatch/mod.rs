@@ -53,7 +53,7 @@ pub(crate) enum Class {
     Strict,
     Typing,
     Presence,
-    /// An edit or delete of this target: a queued one is superseded by a later one.
+    /// An edit of this target: a queued one is superseded by a later one.
     Edit(String),
 }
 
@@ -319,12 +319,11 @@ impl Dispatcher {
                 let class = match &env.action {
                     Action::StartTyping | Action::StopTyping => Class::Typing,
                     Action::Presence { .. } => Class::Presence,
-                    Action::Edit { target, .. } | Action::Delete { target } => {
-                        Class::Edit(match target {
-                            Target::MessageId(m) => format!("id:{m}"),
-                            Target::Key(k) => format!("key:{k}"),
-                        })
-                    }
+                    // Only edits coalesce (SPEC §1): a delete is sent as it is.
+                    Action::Edit { target, .. } => Class::Edit(match target {
+                        Target::MessageId(m) => format!("id:{m}"),
+                        Target::Key(k) => format!("key:{k}"),
+                    }),
                     _ => Class::Strict,
                 };
                 match env
