@@ -7,9 +7,11 @@
 //!   once. One is *explained* when the gateway that got the earlier 2xx was
 //!   SIGKILLed, or SIGSTOPped past its leases, after that request arrived
 //!   and before it could have recorded the outcome (within [`GRACE_MS`] of
-//!   the answer, stretched by a Redis outage in that window): the resend a
-//!   de-duplicating platform drops. Every other one is a violation, named by
-//!   what preceded it.
+//!   the answer, stretched by a Redis outage in that window), or when the
+//!   later copy came from a gateway resuming from a long SIGSTOP, within
+//!   [`GRACE_MS`] of its SIGCONT (a request it had begun before it froze):
+//!   the resends a de-duplicating platform drops. Every other one is a
+//!   violation, named by what preceded it.
 //! - **Order** (G3): per channel, first deliveries must follow `seq`. An
 //!   entry counts as out of order when the request that delivered a higher
 //!   `seq` of its channel arrived before this one's 2xx was answered (it
@@ -401,7 +403,7 @@ fn duplicates(h: &History, f: &mut Findings) {
         let rs = &by_key[*key];
         for (i, r2) in rs.iter().enumerate().skip(1) {
             let earlier = &rs[..i];
-            if earlier.iter().any(|r1| unhealthy_after(h, r1)) {
+            if earlier.iter().any(|r1| unhealthy_after(h, r1)) || stale_in_flight(h, r2) {
                 f.dup_explained += 1;
                 continue;
             }
@@ -443,6 +445,21 @@ fn unhealthy_after(h: &History, r: &Request) -> bool {
         e.incarnation == r.incarnation
             && matches!(e.kind, GwEventKind::Kill | GwEventKind::StopLong)
             && (from..=to).contains(&e.at_ms)
+    })
+}
+
+/// `r` was sent by a gateway that had been SIGSTOPped past its leases and
+/// arrived within [`GRACE_MS`] of its SIGCONT: a request the frozen process
+/// had already begun, completing on resume after its channel moved on (the
+/// send window of G2 — a stale holder is fenced at commit, not on the wire;
+/// a de-duplicating platform drops the repeat by its idempotency key).
+fn stale_in_flight(h: &History, r: &Request) -> bool {
+    h.gw_events.iter().any(|e| {
+        e.incarnation == r.incarnation
+            && e.kind == GwEventKind::StopLong
+            && e.at_ms <= r.arrival_ms
+            && e.until_ms
+                .is_some_and(|u| u <= r.arrival_ms && r.arrival_ms <= u + GRACE_MS)
     })
 }
 
@@ -560,11 +577,14 @@ fn order(
             continue;
         };
         let Some(list) = sent_of.get(c) else { continue };
-        let after = resends[*id].iter().find_map(|rr| {
-            list.iter()
-                .find(|k| k.seq > seq && k.arrival_ms < rr.arrival_ms)
-                .map(|k| (rr, k))
-        });
+        let after = resends[*id]
+            .iter()
+            .filter(|rr| !stale_in_flight(h, rr))
+            .find_map(|rr| {
+                list.iter()
+                    .find(|k| k.seq > seq && k.arrival_ms < rr.arrival_ms)
+                    .map(|k| (rr, k))
+            });
         if let Some((rr, k)) = after {
             f.resent_after_successor += 1;
             push_example(
@@ -731,6 +751,33 @@ mod tests {
         assert_eq!(f.out_of_order, 0);
         // seq 1 came again after seq 2 had gone: an existing entry skipped.
         assert_eq!(f.resent_after_successor, 1);
+    }
+
+    #[test]
+    fn a_frozen_gateways_request_completing_on_resume_is_explained_only_then() {
+        let a = valid("1000-0", "c0", 1);
+        let b = valid("1001-0", "c0", 2);
+        let mut h = history(
+            vec![a.clone(), b.clone()],
+            vec![
+                ok(0, &a, "g1.1", 2000),
+                ok(1, &b, "g1.1", 2100),
+                // g0.1 froze at 1000 with a's request begun, resumed at 20_000:
+                ok(2, &a, "g0.1", 20_050),
+                // …while this repeat comes long after its resume.
+                ok(3, &b, "g0.1", 40_000),
+            ],
+        );
+        h.gw_events.push(GwEvent {
+            incarnation: "g0.1".into(),
+            at_ms: 1000,
+            kind: GwEventKind::StopLong,
+            until_ms: Some(20_000),
+        });
+        let f = check(&h);
+        assert_eq!(f.dup_explained, 1);
+        assert_eq!(f.unexplained_dups(), 1);
+        assert_eq!(f.resent_after_successor, 0, "a's stale repeat is explained");
     }
 
     #[test]
