@@ -34,9 +34,9 @@ use crate::stats::Stats;
 /// the bound on what a crash can leave "possibly sent".
 const UNCOMMITTED: usize = 32;
 
-/// Keys a lane remembers having sent (more than a lane queues with bodies
-/// plus what may be uncommitted).
-const RECENT: usize = 512;
+/// Keys a lane remembers having sent beyond what it queues with bodies
+/// (`lane_cap`) and what may be uncommitted.
+const RECENT_SLACK: usize = 32;
 
 /// A bounded map that forgets its oldest keys.
 struct Recent {
@@ -132,6 +132,7 @@ impl Lane {
         stuck: Arc<AtomicBool>,
     ) -> Self {
         let chan = s.state_key(&key);
+        let recent = s.lane_cap + UNCOMMITTED + RECENT_SLACK;
         Lane {
             s,
             key,
@@ -145,8 +146,8 @@ impl Lane {
             gap: None,
             gap_began: None,
             commits: VecDeque::new(),
-            sent_ids: Recent::new(RECENT),
-            sent_idems: Recent::new(RECENT),
+            sent_ids: Recent::new(recent),
+            sent_idems: Recent::new(recent),
         }
     }
 
