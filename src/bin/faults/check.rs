@@ -504,15 +504,29 @@ fn order(
     dead: &HashMap<&str, Vec<&DeadLetter>>,
     f: &mut Findings,
 ) {
+    // An entry is complete at its earliest 2xx, whichever copy gave it: a
+    // copy still being answered for a gateway that died holding it is not
+    // something its successor's sender could wait for.
+    let mut earliest: HashMap<&str, u64> = HashMap::new();
+    for r in h.requests.iter().filter(|r| r.is_success()) {
+        if let Some(id) = r.stream_id.as_deref() {
+            let at = r.answered_ms.unwrap_or(r.arrival_ms);
+            earliest
+                .entry(id)
+                .and_modify(|e| *e = (*e).min(at))
+                .or_insert(at);
+        }
+    }
     let mut channels: BTreeMap<&str, Vec<(usize, Sent)>> = BTreeMap::new();
     for (id, r) in first_success {
         let p = by_id[id];
         if let (Some(c), Some(seq)) = (p.channel.as_deref(), p.seq) {
+            let answered = r.answered_ms.unwrap_or(r.arrival_ms);
             channels.entry(c).or_default().push((
                 r.n,
                 Sent {
                     arrival_ms: r.arrival_ms,
-                    answered_ms: r.answered_ms.unwrap_or(r.arrival_ms),
+                    answered_ms: earliest.get(id).copied().unwrap_or(answered).min(answered),
                     seq,
                     id: p.id.clone(),
                 },
@@ -778,6 +792,28 @@ mod tests {
         assert_eq!(f.dup_explained, 1);
         assert_eq!(f.unexplained_dups(), 1);
         assert_eq!(f.resent_after_successor, 0, "a's stale repeat is explained");
+    }
+
+    #[test]
+    fn a_dead_gateways_slow_copy_does_not_make_its_successor_out_of_order() {
+        let a = valid("1000-0", "c0", 1);
+        let b = valid("1001-0", "c0", 2);
+        let mut slow = ok(0, &a, "g0.1", 2000);
+        slow.answered_ms = Some(9000); // still being answered when g0.1 died
+        let h = history(
+            vec![a.clone(), b.clone()],
+            vec![slow, ok(1, &a, "g0.2", 5000), ok(2, &b, "g0.2", 5010)],
+        );
+        let f = check(&h);
+        assert_eq!(f.out_of_order, 0);
+        // Without the second copy the successor did overtake it.
+        let mut slow = ok(0, &a, "g0.1", 2000);
+        slow.answered_ms = Some(9000);
+        let h = history(
+            vec![a.clone(), b.clone()],
+            vec![slow, ok(2, &b, "g0.2", 5010)],
+        );
+        assert_eq!(check(&h).out_of_order, 1);
     }
 
     #[test]
