@@ -273,6 +273,7 @@ async fn supervise(ctx: Arc<Ctx>, stop: CancellationToken, first: Option<Instanc
                 return;
             }
             _ = lost.cancelled() => {
+                crate::metrics::lock_lost(ctx.bus.keys().platform());
                 error!(instance = %inst.who.instance, "this gateway was found dead by its peers (or replaced); dropping what it holds and starting over as a new instance");
                 tasks_stop.cancel();
                 live_stop.cancel();
@@ -663,9 +664,11 @@ async fn liveness_loop(
                 }
             }
             Ok(Err(e)) => {
+                crate::metrics::lock_renew_failed(ctx.bus.keys().platform());
                 warn!(error = %e, "heartbeat failed; sends pause once the lease runs out")
             }
             Err(_) => {
+                crate::metrics::lock_renew_failed(ctx.bus.keys().platform());
                 warn!("heartbeat did not answer in time; sends pause once the lease runs out")
             }
         }

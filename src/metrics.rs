@@ -84,9 +84,9 @@ defs! {
     UNKNOWN_OUTCOME_RESENDS = "stargazer_unknown_outcome_resends_total", Counter, [PLATFORM],
         "Entries re-sent although an earlier send may have reached the platform.";
     LOCK_RENEW_FAILURES = "stargazer_lock_renew_failures_total", Counter, [PLATFORM],
-        "Channel lock renewals that failed (Redis error) while a send was in progress.";
+        "Heartbeats of this gateway that failed or timed out (its node lease is renewed by them; sends pause once it runs out).";
     LOCKS_LOST = "stargazer_locks_lost_total", Counter, [PLATFORM],
-        "Channel locks lost while held (renewal or commit refused: another holder took over).";
+        "Times this gateway found itself no longer registered (declared dead by its peers, or replaced) and started over as a new instance.";
     TRIMMED = "stargazer_trimmed_entries_total", Counter, [PLATFORM],
         "Acknowledged entries removed from the outbound stream by the trimmer.";
     DISCORD_WAITS = "stargazer_discord_rate_limit_waits_total", Counter, [PLATFORM, REASON],
