@@ -5,6 +5,7 @@
 # (20,000 envelopes over 200 channels, null adapter) with the shipped defaults.
 #
 #   scripts/profile-w1.sh [N]        # N envelopes (default 20000)
+#   PERF=1 scripts/profile-w1.sh     # also sample the gateway with perf (cpu-clock)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 n="${1:-20000}"
@@ -33,11 +34,16 @@ TOML
 start=$(date +%s.%N)
 RUST_LOG=warn "$bin" gateway --config "$dir/gw.toml" &
 gw=$!
+if [ -n "${PERF:-}" ]; then
+  perf record -q -e cpu-clock -F 4999 -o "${PERF_OUT:-perf-w1.data}" -p "$gw" 2>/dev/null &
+  perfpid=$!
+fi
 until [ "$("${R[@]}" xinfo groups 'sg:{bench}:outbound' 2>/dev/null | awk 'f{print;exit} /^entries-read$/{f=1}')" = "$n" ] \
    && [ "$("${R[@]}" xpending 'sg:{bench}:outbound' 'sg:gateway:bench' | head -1)" = "0" ]; do sleep 0.01; done
 end=$(date +%s.%N)
 ticks=$(awk '{print $14 + $15}' "/proc/$gw/stat")
 hz=$(getconf CLK_TCK)
+if [ -n "${perfpid:-}" ]; then kill -INT "$perfpid"; wait "$perfpid" || true; fi
 kill -TERM "$gw"; wait "$gw" || true
 "${R[@]}" info commandstats | tr -d '\r' | awk -F'[:,=]' -v n="$n" -v t="$ticks" -v hz="$hz" -v s="$start" -v e="$end" '
   /^cmdstat_/ { name = substr($1, 9); calls = $3; usec = $5; tot += usec; c[name] = calls; u[name] = usec }
