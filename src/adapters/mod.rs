@@ -96,6 +96,14 @@ pub enum Retry {
     Backoff,
     /// The platform asked to wait this long (429, Retry-After); does not use an attempt.
     After(Duration),
+    /// The platform refused the credential itself (Discord 401, Matrix
+    /// `M_UNKNOWN_TOKEN`): the request was not taken, and no other request
+    /// can succeed until the credential works again. The dispatcher opens the
+    /// platform's circuit: every send of the platform stops, entries stay
+    /// pending (nothing is dead-lettered for it, no attempt is used), `/readyz`
+    /// names the cause, and [`Adapter::probe`] is called with backoff until it
+    /// succeeds.
+    Halt,
 }
 
 /// A failed delivery, classified.
@@ -123,6 +131,14 @@ impl AdapterError {
         }
     }
 
+    /// The credential was refused: see [`Retry::Halt`].
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self {
+            retry: Retry::Halt,
+            message: message.into(),
+        }
+    }
+
     pub fn rate_limited(after: Duration, message: impl Into<String>) -> Self {
         Self {
             retry: Retry::After(after),
@@ -142,6 +158,16 @@ pub trait Adapter: Send + Sync + fmt::Debug {
     /// an adapter with a session to establish says false until it is up.
     fn ready(&self) -> bool {
         true
+    }
+
+    /// While the platform's circuit is open (a send returned [`Retry::Halt`]),
+    /// the dispatcher calls this with backoff; `Ok` closes the circuit and
+    /// sends resume. It must be cheap and must not send anything a user sees
+    /// (Discord: `GET /users/@me`; Matrix: `/account/whoami`). An error with
+    /// `Retry::Halt` keeps the circuit open; any other error is logged and
+    /// also keeps it open.
+    fn probe(&self) -> BoxFuture<'_, Result<(), AdapterError>> {
+        Box::pin(async { Ok(()) })
     }
 
     /// Deliver one action.

@@ -75,6 +75,9 @@ const SHORT_GAP: Duration = Duration::from_millis(250);
 
 /// A send running longer than this makes the lane give its queue's room back.
 const SLOW_SEND: Duration = Duration::from_millis(250);
+/// How long a lane whose send met a refused credential waits before it looks
+/// again (the circuit of the platform decides when sends resume).
+const CIRCUIT_RECHECK: Duration = Duration::from_secs(5);
 
 /// How an entry ended.
 #[derive(Debug)]
@@ -832,7 +835,7 @@ impl Lane {
                 Err(e) => e,
             };
             // A rate limit means the request was not taken; anything else may have landed.
-            resend |= !matches!(err.retry, Retry::After(_));
+            resend |= !matches!(err.retry, Retry::After(_) | Retry::Halt);
             let wait = match err.retry {
                 Retry::Never => {
                     warn!(error = %err.message, "platform refused the action; dead-lettered");
@@ -858,6 +861,7 @@ impl Lane {
                     s.set.retry.backoff(attempts)
                 }
                 Retry::After(d) => d,
+                Retry::Halt => CIRCUIT_RECHECK,
             };
             Stats::inc(&s.stats.retries);
             crate::metrics::retry(&platform);
