@@ -42,6 +42,7 @@ pub struct Consumer {
     task: JoinHandle<()>,
     current: Arc<Mutex<Option<Dispatcher>>>,
     platform: String,
+    circuit: crate::circuit::Circuit,
 }
 
 /// Everything needed to start one platform's consumer.
@@ -82,6 +83,7 @@ impl Load {
 }
 
 struct Ctx {
+    circuit: crate::circuit::Circuit,
     bus: Bus,
     settings: ConsumerConfig,
     rules: ParseRules,
@@ -107,7 +109,9 @@ impl Consumer {
         };
         let stats = Arc::new(Stats::default());
         let current = Arc::new(Mutex::new(None));
+        let circuit = crate::circuit::Circuit::new(&platform);
         let ctx = Arc::new(Ctx {
+            circuit: circuit.clone(),
             rpc: Arc::new(crate::rpc::RpcServer::new(
                 &platform,
                 p.adapter.clone(),
@@ -135,6 +139,7 @@ impl Consumer {
             task,
             current,
             platform,
+            circuit,
         })
     }
 
@@ -149,6 +154,11 @@ impl Consumer {
     /// Entries held in memory right now.
     pub fn in_flight(&self) -> usize {
         self.load().held_count()
+    }
+
+    /// The platform's circuit (open while its credential is refused).
+    pub fn circuit(&self) -> crate::circuit::Circuit {
+        self.circuit.clone()
     }
 
     /// A handle on the running instance's load, for the gauges.
@@ -222,6 +232,7 @@ impl Instance {
                 max_in_flight: st.max_in_flight,
             },
             stats: ctx.stats.clone(),
+            circuit: ctx.circuit.clone(),
             room: room.clone(),
             rules: ctx.rules.clone(),
             rpc: ctx.rpc.clone(),

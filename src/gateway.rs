@@ -192,6 +192,7 @@ pub async fn run(
         consumers.push(consumer);
     }
     readiness.set_adapters(ready_adapters);
+    readiness.set_circuits(consumers.iter().map(|c| c.circuit()).collect());
     info!(consumer = %consumer_name, platforms = consumers.len(), "gateway running");
     shutdown.await;
     info!("shutting down: no more reads, draining in-flight work");

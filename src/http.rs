@@ -54,6 +54,7 @@ pub const READY_TIMEOUT: Duration = Duration::from_millis(500);
 pub struct Readiness {
     redis_url: String,
     adapters: Arc<RwLock<Option<Vec<Platform>>>>,
+    circuits: Arc<RwLock<Vec<crate::circuit::Circuit>>>,
 }
 
 /// A platform's name and its adapter.
@@ -64,12 +65,18 @@ impl Readiness {
         Readiness {
             redis_url: redis_url.to_owned(),
             adapters: Arc::new(RwLock::new(None)),
+            circuits: Arc::new(RwLock::new(Vec::new())),
         }
     }
 
     /// Every platform is running: its adapter is what readiness asks now.
     pub fn set_adapters(&self, adapters: Vec<Platform>) {
         *self.adapters.write().expect("readiness lock poisoned") = Some(adapters);
+    }
+
+    /// The platforms' circuits: an open one makes the gateway not ready.
+    pub fn set_circuits(&self, circuits: Vec<crate::circuit::Circuit>) {
+        *self.circuits.write().expect("readiness lock poisoned") = circuits;
     }
 
     /// `Ok` when ready, else the reason.
@@ -84,10 +91,23 @@ impl Readiness {
             .filter(|(_, a)| !a.ready())
             .map(|(p, _)| p.as_str())
             .collect();
-        if not_ready.is_empty() {
+        if !not_ready.is_empty() {
+            return Err(format!("adapter not ready: {}", not_ready.join(", ")));
+        }
+        let open: Vec<String> = self
+            .circuits
+            .read()
+            .expect("readiness lock poisoned")
+            .iter()
+            .filter_map(|c| {
+                c.open_reason()
+                    .map(|r| format!("{} (credential refused: {r})", c.platform()))
+            })
+            .collect();
+        if open.is_empty() {
             Ok(())
         } else {
-            Err(format!("adapter not ready: {}", not_ready.join(", ")))
+            Err(format!("circuit open, sends stopped: {}", open.join("; ")))
         }
     }
 }

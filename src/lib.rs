@@ -30,6 +30,7 @@
 pub mod adapters;
 pub mod bench;
 pub mod bus;
+pub mod circuit;
 pub mod config;
 pub mod consumer;
 pub mod dead_letter;

@@ -87,6 +87,10 @@ defs! {
         "Heartbeats of this gateway that failed or timed out (its node lease is renewed by them; sends pause once it runs out).";
     LOCKS_LOST = "stargazer_locks_lost_total", Counter, [PLATFORM],
         "Times this gateway found itself no longer registered (declared dead by its peers, or replaced) and started over as a new instance.";
+    CIRCUIT_OPEN = "stargazer_circuit_open", Gauge, [PLATFORM],
+        "1 while the platform refuses the credential and its sends are stopped (entries stay pending), else 0.";
+    CIRCUIT_TRIPS = "stargazer_circuit_trips_total", Counter, [PLATFORM],
+        "Times the platform's circuit opened because a send met a refused credential.";
     TRIMMED = "stargazer_trimmed_entries_total", Counter, [PLATFORM],
         "Acknowledged entries removed from the outbound stream by the trimmer.";
     DISCORD_WAITS = "stargazer_discord_rate_limit_waits_total", Counter, [PLATFORM, REASON],
@@ -191,6 +195,13 @@ pub fn unknown_outcome_resend(platform: &str) {
 
 pub fn lock_renew_failed(platform: &str) {
     counter!(LOCK_RENEW_FAILURES.name, &p(platform)).increment(1);
+}
+
+pub fn circuit(platform: &str, open: bool) {
+    gauge!(CIRCUIT_OPEN.name, &p(platform)).set(if open { 1.0 } else { 0.0 });
+    if open {
+        counter!(CIRCUIT_TRIPS.name, &p(platform)).increment(1);
+    }
 }
 
 pub fn lock_lost(platform: &str) {

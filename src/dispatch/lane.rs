@@ -5,8 +5,10 @@
 //! The lane takes the channel once (its fencing token grows on every change
 //! of owner) and keeps it across consecutive messages; the delivered mark
 //! lives in memory and moves with each finished entry, which goes to the
-//! commit task — the lane does not wait for the commit of one entry before
-//! sending the next, but never runs more than [`UNCOMMITTED`] ahead. A
+//! commit task. A send waits until every earlier commit of its channel has
+//! landed (so a crash leaves at most one entry of a channel possibly sent,
+//! and nothing later went out before it); outcomes that need no send run
+//! ahead by at most [`UNCOMMITTED`]. A
 //! channel a live peer owns is handed to it. Failures are retried here,
 //! with backoff; what cannot be delivered is dead-lettered in its place,
 //! which releases its successors at once. While the lane waits (a gap, a
@@ -30,8 +32,10 @@ use crate::dead_letter::DeadLetterKind;
 use crate::envelope::{Action, Envelope, Target, parse_entry};
 use crate::stats::Stats;
 
-/// Most finished entries of one channel whose commit has not landed yet:
-/// the bound on what a crash can leave "possibly sent".
+/// Most finished entries of one channel whose commit has not landed yet.
+/// Only outcomes that need no send (duplicates, expiries, dead letters)
+/// pile up here: a send waits until every earlier commit of its channel has
+/// landed, so a crash leaves at most one entry per channel possibly sent.
 const UNCOMMITTED: usize = 32;
 
 /// Keys a lane remembers having sent beyond what it queues with bodies
@@ -75,9 +79,6 @@ const SHORT_GAP: Duration = Duration::from_millis(250);
 
 /// A send running longer than this makes the lane give its queue's room back.
 const SLOW_SEND: Duration = Duration::from_millis(250);
-/// How long a lane whose send met a refused credential waits before it looks
-/// again (the circuit of the platform decides when sends resume).
-const CIRCUIT_RECHECK: Duration = Duration::from_secs(5);
 
 /// How an entry ended.
 #[derive(Debug)]
@@ -779,6 +780,16 @@ impl Lane {
             return None;
         };
         let platform = s.bus.keys().platform().to_owned();
+        // No send while an earlier outcome of this channel is uncommitted: a
+        // gateway that dies now leaves at most this one entry "possibly sent",
+        // and the new owner resends it before anything later (G3).
+        let settled = tokio::select! {
+            ok = self.settle() => ok,
+            _ = s.abort.cancelled() => return None,
+        };
+        if !settled {
+            return None;
+        }
         let mut resend = item.maybe_sent;
         let mut attempts = 0u32;
         if resend {
@@ -791,6 +802,17 @@ impl Lane {
         loop {
             if !s.wait_lease().await {
                 return None;
+            }
+            if s.circuit.is_open() {
+                s.circuit.ensure_probe(&s.adapter, &s.abort);
+                self.stuck.store(true, AtomicOrdering::Relaxed);
+                self.pull();
+                self.park_all();
+                tokio::select! {
+                    _ = s.circuit.closed() => {}
+                    _ = s.abort.cancelled() => return None,
+                }
+                continue;
             }
             if expired(env) {
                 debug!("expired while waiting to be retried; dropped");
@@ -861,7 +883,12 @@ impl Lane {
                     s.set.retry.backoff(attempts)
                 }
                 Retry::After(d) => d,
-                Retry::Halt => CIRCUIT_RECHECK,
+                Retry::Halt => {
+                    // Not this entry's fault: no attempt used, nothing
+                    // dead-lettered; the next turn waits for the circuit.
+                    s.circuit.trip(&err.message, &s.adapter, &s.abort);
+                    continue;
+                }
             };
             Stats::inc(&s.stats.retries);
             crate::metrics::retry(&platform);

@@ -161,6 +161,8 @@ pub(crate) struct Shared {
     pub park_cap: usize,
     pub commits: mpsc::UnboundedSender<Done>,
     pub lease: Lease,
+    /// Open while the platform refuses the credential: no lane sends.
+    pub circuit: crate::circuit::Circuit,
     /// This instance is no longer registered: drop everything, start over.
     pub lost: CancellationToken,
     /// Stop reading and taking new work; finish what is being sent.
@@ -194,6 +196,8 @@ pub struct DispatcherParts {
     pub room: Arc<Semaphore>,
     pub rules: ParseRules,
     pub rpc: Arc<crate::rpc::RpcServer>,
+    /// The platform's circuit; outlives instances.
+    pub circuit: crate::circuit::Circuit,
 }
 
 impl Dispatcher {
@@ -220,6 +224,7 @@ impl Dispatcher {
             park_cap: max.saturating_mul(64).max(1024),
             commits: tx,
             lease: Lease::new(),
+            circuit: p.circuit,
             lost: CancellationToken::new(),
             stopping: CancellationToken::new(),
             abort: CancellationToken::new(),
