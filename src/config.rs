@@ -302,6 +302,10 @@ pub struct PlatformConfig {
     /// matrix: how long one `/sync` long-poll waits on the server.
     #[serde(default = "default_sync_timeout_ms")]
     pub sync_timeout_ms: u64,
+    /// matrix: events of one room one `/sync` returns at most; more since
+    /// the last sync are backfilled with `/messages`.
+    #[serde(default = "default_sync_timeline_limit")]
+    pub sync_timeline_limit: u32,
     /// discord: the REST API base (default `https://discord.com/api/v10`).
     #[serde(default)]
     pub api_base: Option<String>,
@@ -413,6 +417,10 @@ fn default_toggle_custom_id() -> String {
 
 fn default_nonce_window_ms() -> u64 {
     120_000
+}
+
+fn default_sync_timeline_limit() -> u32 {
+    100
 }
 
 fn default_sync_timeout_ms() -> u64 {
@@ -538,6 +546,14 @@ impl PlatformConfig {
         if self.sync_timeout_ms == 0 || self.timeout_ms == 0 {
             return Err(err(format!(
                 "{at}.sync_timeout_ms and {at}.timeout_ms must be greater than 0"
+            )));
+        }
+        if self.sync_timeline_limit == 0 {
+            return Err(err(format!("{at}.sync_timeline_limit must be at least 1")));
+        }
+        if self.session_lease_ms < 3_000 {
+            return Err(err(format!(
+                "{at}.session_lease_ms must be at least 3000 (the matrix sync lease is renewed every third of it)"
             )));
         }
         Ok(())
