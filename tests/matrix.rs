@@ -85,7 +85,20 @@ fn answers(port: u16) -> bool {
 /// no key servers, open registration, rate limits), start Synapse under a
 /// watchdog shell (its own process group) that stops it when `watch_pid`
 /// exits, and wait until it answers. The watchdog's pid (= process group).
-fn launch(dir: &Path, port: u16, rc_message: (f64, u32), watch_pid: u32, remove_dir: bool) -> u32 {
+/// Limits of a homeserver: `rc_message` and `rc_joins.local`
+/// (per second, burst); everything else is unlimited.
+#[derive(Clone, Copy)]
+struct Limits {
+    message: (f64, u32),
+    joins: (f64, u32),
+}
+
+const UNLIMITED: Limits = Limits {
+    message: (10000.0, 10000),
+    joins: (10000.0, 10000),
+};
+
+fn launch(dir: &Path, port: u16, limits: Limits, watch_pid: u32, remove_dir: bool) -> u32 {
     let venv = venv();
     let python = venv.join("bin/python");
     let generated = dir.join("generated.yaml");
@@ -111,7 +124,8 @@ fn launch(dir: &Path, port: u16, rc_message: (f64, u32), watch_pid: u32, remove_
             .to_owned()
     };
     let high = "{per_second: 10000, burst_count: 10000}";
-    let (per_second, burst) = rc_message;
+    let (per_second, burst) = limits.message;
+    let (joins_per_second, joins_burst) = limits.joins;
     let d = dir.display();
     let config = format!(
         r#"server_name: "localhost"
@@ -151,7 +165,7 @@ rc_login:
   account: {high}
   failed_attempts: {high}
 rc_joins:
-  local: {high}
+  local: {{per_second: {joins_per_second}, burst_count: {joins_burst}}}
   remote: {high}
 rc_joins_per_room: {high}
 rc_invites:
@@ -234,10 +248,10 @@ struct PrivateSynapse {
 }
 
 impl PrivateSynapse {
-    fn start(rc_message: (f64, u32)) -> PrivateSynapse {
+    fn start(limits: Limits) -> PrivateSynapse {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
-        let pgid = launch(dir.path(), port, rc_message, std::process::id(), false);
+        let pgid = launch(dir.path(), port, limits, std::process::id(), false);
         PrivateSynapse {
             port,
             pgid,
@@ -278,8 +292,7 @@ fn shared() -> String {
         let failed_file = dir.join("failed");
         if std::fs::create_dir(&dir).is_ok() {
             let port = free_port();
-            let started =
-                std::panic::catch_unwind(|| launch(&dir, port, (10000.0, 10000), runner, true));
+            let started = std::panic::catch_unwind(|| launch(&dir, port, UNLIMITED, runner, true));
             match started {
                 Ok(_) => {
                     std::fs::write(dir.join("port.tmp"), port.to_string()).expect("write port");
@@ -907,9 +920,14 @@ async fn platform_errors_are_classified() {
 #[tokio::test]
 async fn a_rate_limit_is_honoured() {
     // rc_message: one message a second, bursts of 2.
-    let syn = tokio::task::spawn_blocking(|| PrivateSynapse::start((1.0, 2)))
-        .await
-        .unwrap();
+    let syn = tokio::task::spawn_blocking(|| {
+        PrivateSynapse::start(Limits {
+            message: (1.0, 2),
+            ..UNLIMITED
+        })
+    })
+    .await
+    .unwrap();
     let p = pair(&syn.base()).await;
     let a = adapter(&p);
     let mut limited = None;
@@ -1730,6 +1748,62 @@ async fn inbound_edits_redactions_threads_and_media() {
         .await
         .unwrap();
     assert_eq!(&bytes[..], b"\x89PNG-not-really");
+    stop.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_rate_limited_join_is_retried_until_it_succeeds() {
+    // One join per 4 s (burst 1): the second invite's join meets a 429 and
+    // must be retried, once, by the one syncer.
+    let syn = tokio::task::spawn_blocking(|| {
+        PrivateSynapse::start(Limits {
+            joins: (0.25, 1),
+            ..UNLIMITED
+        })
+    })
+    .await
+    .unwrap();
+    let base = syn.base();
+    let bot = User::register(&base, "bot").await;
+    let alice = User::register(&base, "alice").await;
+    let rig = Rig::new().await;
+    let (stop, task) = gateway(&rig, &base, &bot);
+    eventually("the first sync", T, || async {
+        since(&rig).await.is_some()
+    })
+    .await;
+    let one = alice.create_room(&[&bot.user_id]).await;
+    let two = alice.create_room(&[&bot.user_id]).await;
+    eventually("both invites, joined", T, || async {
+        inbound(&rig)
+            .await
+            .iter()
+            .filter(|e| e.kind == "invite" && e.extra["joined"] == true)
+            .count()
+            == 2
+    })
+    .await;
+    let evs = inbound(&rig).await;
+    let invites: Vec<&InboundEvent> = evs.iter().filter(|e| e.kind == "invite").collect();
+    assert_eq!(invites.len(), 2, "{invites:#?}");
+    let rooms: std::collections::HashSet<&str> =
+        invites.iter().map(|e| e.channel_id.as_str()).collect();
+    assert_eq!(rooms, [one.as_str(), two.as_str()].into());
+    // One of them needed more than one try.
+    assert!(
+        invites
+            .iter()
+            .any(|e| e.extra.get("join_attempts").and_then(Value::as_u64) >= Some(2)),
+        "{invites:#?}"
+    );
+    for room in [&one, &two] {
+        assert!(alice.joined_members(room).await.contains(&bot.user_id));
+    }
+    let pending: std::collections::HashMap<String, String> = rig
+        .cmd(&["HGETALL", &format!("{}joins", rig.keys.matrix())])
+        .await;
+    assert!(pending.is_empty(), "{pending:?}");
     stop.cancel();
     task.await.unwrap();
 }

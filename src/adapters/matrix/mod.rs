@@ -522,13 +522,12 @@ impl MatrixAdapter {
             .cloned()
     }
 
+    /// Upload a file, then send it as `m.image` or `m.file` with `caption`.
     async fn send_file(
         &self,
         room: &str,
         txn: &str,
-        data: &[u8],
-        filename: &str,
-        mime: &str,
+        (data, filename, mime): (&[u8], &str, &str),
         caption: Option<&str>,
         x: &Extras,
     ) -> Result<String, AdapterError> {
@@ -666,7 +665,13 @@ impl MatrixAdapter {
                 mimetype,
                 text,
             } => self
-                .send_file(room()?, &txn, data, filename, mimetype, text.as_deref(), &x)
+                .send_file(
+                    room()?,
+                    &txn,
+                    (data, filename, mimetype),
+                    text.as_deref(),
+                    &x,
+                )
                 .await
                 .map(sent),
             Action::StartTyping => {

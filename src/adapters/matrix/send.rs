@@ -133,10 +133,15 @@ pub fn markdown_html(text: &str) -> Option<String> {
             e => e,
         })
         .collect();
-    let markup = events.iter().any(|ev| match ev {
-        Event::Start(Tag::Paragraph) | Event::End(TagEnd::Paragraph) => false,
-        Event::Text(_) | Event::SoftBreak | Event::HardBreak => false,
-        _ => true,
+    let markup = events.iter().any(|ev| {
+        !matches!(
+            ev,
+            Event::Start(Tag::Paragraph)
+                | Event::End(TagEnd::Paragraph)
+                | Event::Text(_)
+                | Event::SoftBreak
+                | Event::HardBreak
+        )
     });
     if !markup {
         return None;

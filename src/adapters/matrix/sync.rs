@@ -128,7 +128,9 @@ impl Step {
 enum Backfill {
     /// Every event after the last one seen, oldest first.
     Filled(Vec<Value>),
-    /// The last event seen was not reached: what was found, and why.
+    /// The last event seen was not reached: the events found that surely
+    /// came after it (none when the history ended before it: they may
+    /// repeat what was published), and why.
     Short(Vec<Value>, String),
 }
 
@@ -458,33 +460,35 @@ impl Syncer {
             let last_seen = st.rooms.get(room);
             let reached = last_seen
                 .is_some_and(|last| evs.iter().any(|e| event_id(e) == Some(last.as_str())));
-            if !initial && limited && !reached {
-                if let (Some(last), Some(prev)) = (last_seen, prev) {
-                    let first = evs.first().and_then(event_id).map(str::to_owned);
-                    match self.backfill(room, prev, last).await? {
-                        Backfill::Filled(older) => {
-                            info!(%platform, %room, backfilled = older.len(), "matrix: a limited timeline was backfilled");
-                            crate::metrics::matrix_gap(platform, "filled");
-                            evs.splice(0..0, older);
+            if !initial
+                && limited
+                && !reached
+                && let (Some(last), Some(prev)) = (last_seen, prev)
+            {
+                let first = evs.first().and_then(event_id).map(str::to_owned);
+                match self.backfill(room, prev, last).await? {
+                    Backfill::Filled(older) => {
+                        info!(%platform, %room, backfilled = older.len(), "matrix: a limited timeline was backfilled");
+                        crate::metrics::matrix_gap(platform, "filled");
+                        evs.splice(0..0, older);
+                    }
+                    Backfill::Short(older, why) => {
+                        warn!(%platform, %room, backfilled = older.len(), reason = %why, "matrix: a gap in the timeline could not be filled");
+                        crate::metrics::matrix_gap(platform, "unfilled");
+                        let mut gap = self.mx.event("gap", room, "", crate::now_ms());
+                        gap.text = Some(format!(
+                            "events of this room after {last} may be missing: {why}"
+                        ));
+                        gap.extra
+                            .insert("after_event".into(), Value::from(last.as_str()));
+                        gap.extra.insert("reason".into(), Value::from(why));
+                        gap.extra
+                            .insert("backfilled".into(), Value::from(older.len()));
+                        if let Some(f) = first {
+                            gap.extra.insert("before_event".into(), Value::from(f));
                         }
-                        Backfill::Short(older, why) => {
-                            warn!(%platform, %room, backfilled = older.len(), reason = %why, "matrix: a gap in the timeline could not be filled");
-                            crate::metrics::matrix_gap(platform, "unfilled");
-                            let mut gap = self.mx.event("gap", room, "", crate::now_ms());
-                            gap.text = Some(format!(
-                                "events of this room after {last} may be missing: {why}"
-                            ));
-                            gap.extra
-                                .insert("after_event".into(), Value::from(last.as_str()));
-                            gap.extra.insert("reason".into(), Value::from(why));
-                            gap.extra
-                                .insert("backfilled".into(), Value::from(older.len()));
-                            if let Some(f) = first {
-                                gap.extra.insert("before_event".into(), Value::from(f));
-                            }
-                            step.events.push(gap);
-                            evs.splice(0..0, older);
-                        }
+                        step.events.push(gap);
+                        evs.splice(0..0, older);
                     }
                 }
             }
@@ -642,7 +646,7 @@ impl Syncer {
                 Ok(v) => v,
                 Err(f) if f.err.retry == Retry::Never => {
                     return short(
-                        newest_first,
+                        Vec::new(),
                         format!("the server refused the room's history: {}", f.err.message),
                     );
                 }
@@ -664,8 +668,11 @@ impl Syncer {
                 Some(end) if !chunk.is_empty() => from = end.to_owned(),
                 _ => {
                     return short(
-                        newest_first,
-                        "the room's history ended before the last event seen".into(),
+                        Vec::new(),
+                        format!(
+                            "the room's history ended before the last event seen ({} events back)",
+                            newest_first.len()
+                        ),
                     );
                 }
             }
