@@ -293,6 +293,11 @@ pub struct PlatformConfig {
     /// matrix: name of an environment variable holding the access token.
     #[serde(default)]
     pub access_token_env: Option<String>,
+    /// matrix: name of an environment variable holding a refresh token;
+    /// an expired access token (soft logout) is then refreshed, once for
+    /// the whole fleet.
+    #[serde(default)]
+    pub refresh_token_env: Option<String>,
     /// matrix: the bot's user id (`@bot:example.org`).
     #[serde(default)]
     pub user_id: Option<String>,
@@ -446,6 +451,7 @@ impl fmt::Debug for PlatformConfig {
                 &self.access_token.as_ref().map(|_| "<redacted>"),
             )
             .field("access_token_env", &self.access_token_env)
+            .field("refresh_token_env", &self.refresh_token_env)
             .field("user_id", &self.user_id)
             .field("api_base", &self.api_base)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
@@ -736,6 +742,23 @@ impl Config {
                 "platform `{}` uses the matrix adapter and needs `access_token_env` or `access_token`",
                 p.name
             ))),
+        }
+    }
+
+    /// The matrix refresh token of `p`, from the variable named by
+    /// `refresh_token_env` (None when the key is not set).
+    pub fn refresh_token_for(
+        p: &PlatformConfig,
+        env: &HashMap<String, String>,
+    ) -> Result<Option<String>, ConfigError> {
+        match &p.refresh_token_env {
+            None => Ok(None),
+            Some(var) => env.get(var).cloned().map(Some).ok_or_else(|| {
+                err(format!(
+                    "platform `{}`: refresh_token_env names `{var}`, which is not set",
+                    p.name
+                ))
+            }),
         }
     }
 

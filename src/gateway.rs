@@ -124,8 +124,9 @@ pub async fn run(
                 console
             }
             crate::config::AdapterKind::Matrix => {
+                let refresh = Config::refresh_token_for(p, &env)?;
                 let matrix = Arc::new(
-                    adapters::matrix_shared_from_config(p, secret.clone(), &bus)
+                    adapters::matrix_shared_from_config(p, secret.clone(), refresh, &bus)
                         .map_err(adapter_err)?,
                 );
                 let syncer =

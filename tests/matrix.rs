@@ -91,11 +91,14 @@ fn answers(port: u16) -> bool {
 struct Limits {
     message: (f64, u32),
     joins: (f64, u32),
+    /// More homeserver.yaml lines.
+    extra: &'static str,
 }
 
 const UNLIMITED: Limits = Limits {
     message: (10000.0, 10000),
     joins: (10000.0, 10000),
+    extra: "",
 };
 
 fn launch(dir: &Path, port: u16, limits: Limits, watch_pid: u32, remove_dir: bool) -> u32 {
@@ -179,7 +182,9 @@ rc_media_create: {high}
 rc_delayed_event_mgmt: {high}
 rc_reports: {high}
 rc_3pid_validation: {high}
+{extra}
 "#,
+        extra = limits.extra,
         log = dir.join("localhost.log.config").display(),
         secret = keep("registration_shared_secret"),
         macaroon = keep("macaroon_secret_key"),
@@ -349,13 +354,23 @@ fn seg(s: &str) -> String {
 
 impl User {
     async fn register(base: &str, name: &str) -> User {
+        Self::register_with(base, name, false).await.0
+    }
+
+    /// A user whose access token expires; with its refresh token.
+    async fn register_refreshable(base: &str, name: &str) -> (User, String) {
+        let (u, r) = Self::register_with(base, name, true).await;
+        (u, r.expect("a refresh token"))
+    }
+
+    async fn register_with(base: &str, name: &str, refresh: bool) -> (User, Option<String>) {
         let http = reqwest::Client::new();
         let name = format!("{name}{:08x}", rand::random::<u32>());
         let r: Value = http
             .post(format!("{base}/_matrix/client/v3/register"))
             .json(
                 &json!({"username": name, "password": format!("pw-{name}-0123456789"),
-                "auth": {"type": "m.login.dummy"}}),
+                "auth": {"type": "m.login.dummy"}, "refresh_token": refresh}),
             )
             .send()
             .await
@@ -363,12 +378,16 @@ impl User {
             .json()
             .await
             .expect("register answer");
-        User {
-            base: base.to_owned(),
-            user_id: r["user_id"].as_str().expect("user_id").to_owned(),
-            token: r["access_token"].as_str().expect("token").to_owned(),
-            http,
-        }
+        let refresh_token = r["refresh_token"].as_str().map(str::to_owned);
+        (
+            User {
+                base: base.to_owned(),
+                user_id: r["user_id"].as_str().expect("user_id").to_owned(),
+                token: r["access_token"].as_str().expect("token").to_owned(),
+                http,
+            },
+            refresh_token,
+        )
     }
 
     async fn api(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
@@ -1804,6 +1823,79 @@ async fn a_rate_limited_join_is_retried_until_it_succeeds() {
         .cmd(&["HGETALL", &format!("{}joins", rig.keys.matrix())])
         .await;
     assert!(pending.is_empty(), "{pending:?}");
+    stop.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test]
+async fn an_expired_token_is_refreshed_once_for_the_fleet() {
+    // Access tokens that expire after 8 s, refreshable.
+    let syn = tokio::task::spawn_blocking(|| {
+        PrivateSynapse::start(Limits {
+            extra: "refreshable_access_token_lifetime: 8s",
+            ..UNLIMITED
+        })
+    })
+    .await
+    .unwrap();
+    let base = syn.base();
+    let alice = User::register(&base, "alice").await;
+    let (bot, refresh) = User::register_refreshable(&base, "bot").await;
+    let issued = Instant::now();
+    let room = alice.create_room(&[&bot.user_id]).await;
+    bot.join(&room).await;
+    let rig = Rig::new().await;
+    let toml = config_toml(
+        &rig,
+        &base,
+        &bot,
+        "gw-mx",
+        "",
+        "refresh_token_env = \"MX_REFRESH\"",
+    );
+    let config = stargazer::config::Config::from_toml(&toml, Vec::new()).expect("config");
+    let env = [
+        ("MX_TOKEN".to_owned(), bot.token.clone()),
+        ("MX_REFRESH".to_owned(), refresh.clone()),
+    ]
+    .into();
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    let task = tokio::spawn(async move {
+        stargazer::gateway::run(config, env, s.cancelled_owned())
+            .await
+            .expect("gateway");
+    });
+    eventually("the first sync", T, || async {
+        since(&rig).await.is_some()
+    })
+    .await;
+    // Past the token's lifetime (the server must expire it: real time).
+    tokio::time::sleep(Duration::from_secs(9).saturating_sub(issued.elapsed())).await;
+    alice.say(&room, "after expiry").await;
+    eventually("`after expiry` inbound", T, || async {
+        inbound(&rig)
+            .await
+            .iter()
+            .any(|e| e.text.as_deref() == Some("after expiry"))
+    })
+    .await;
+    let out = Worker::from_bus(rig.bus.clone(), "sg:msg:", None).proxy();
+    out.send(&room, "still here").await.unwrap();
+    rig.drained(T).await;
+    assert!(rig.dlq().await.is_empty(), "{:?}", rig.dlq().await);
+    let sent = alice.messages_from(&room, &bot.user_id).await;
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0]["content"]["body"], "still here");
+    let stored: std::collections::HashMap<String, String> = rig
+        .cmd(&["HGETALL", &format!("{}token", rig.keys.matrix())])
+        .await;
+    assert!(
+        stored.get("access_token").is_some_and(|t| *t != bot.token),
+        "{:?}",
+        stored.keys()
+    );
+    assert!(stored.get("refresh_token").is_some_and(|t| *t != refresh));
     stop.cancel();
     task.await.unwrap();
 }

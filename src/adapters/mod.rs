@@ -331,12 +331,16 @@ pub fn discord_session_from_config(
 
 /// The matrix adapter of a `[[platform]]` table, with its access token,
 /// keeping what the fleet shares (the buttons messages) in `bus`'s Redis.
+/// With `refresh_token`, an expired access token is refreshed (once for the
+/// fleet, the new tokens shared through Redis).
 pub fn matrix_shared_from_config(
     p: &crate::config::PlatformConfig,
     access_token: Option<String>,
+    refresh_token: Option<String>,
     bus: &crate::bus::Bus,
 ) -> Result<matrix::MatrixAdapter, String> {
     Ok(matrix_from_config(p, access_token)?
+        .with_refresh_token(refresh_token)
         .with_redis(bus.conn(), matrix::MatrixKeys::new(bus.keys().matrix())))
 }
 

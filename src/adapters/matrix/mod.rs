@@ -42,12 +42,13 @@
 
 pub mod send;
 pub mod sync;
+mod token;
 
 mod inbound;
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
 use redis::AsyncCommands;
@@ -146,6 +147,17 @@ impl MatrixKeys {
         format!("{}rooms", self.base)
     }
 
+    /// `token`: the fleet's current access and refresh tokens, once one was
+    /// refreshed (hash `access_token`, `refresh_token`).
+    pub fn token(&self) -> String {
+        format!("{}token", self.base)
+    }
+
+    /// `token:lock`: the gateway refreshing the token (`SET NX PX`).
+    pub fn token_lock(&self) -> String {
+        format!("{}token:lock", self.base)
+    }
+
     /// `joins`: room id → a pending auto-join being retried (JSON).
     pub fn joins(&self) -> String {
         format!("{}joins", self.base)
@@ -168,7 +180,10 @@ struct Shared {
 pub struct MatrixAdapter {
     platform: String,
     base: String,
-    auth: HeaderValue,
+    /// `Bearer <access token>`; replaced when the token is refreshed.
+    auth: RwLock<HeaderValue>,
+    /// The refresh token, when the server gave one (see [`token`]).
+    refresh: tokio::sync::Mutex<Option<String>>,
     user_id: String,
     auto_join: bool,
     sync_timeout: Duration,
@@ -198,6 +213,9 @@ impl fmt::Debug for MatrixAdapter {
 #[derive(Debug, Clone)]
 struct Failure {
     errcode: Option<String>,
+    /// The server said `soft_logout: true`: the token expired, and a
+    /// refresh token can replace it.
+    soft_logout: bool,
     err: AdapterError,
 }
 
@@ -211,12 +229,14 @@ impl Failure {
     fn transient(message: String) -> Self {
         Failure {
             errcode: None,
+            soft_logout: false,
             err: AdapterError::transient(message),
         }
     }
 }
 
 /// A request body.
+#[derive(Clone)]
 enum Body {
     None,
     Json(Value),
@@ -262,7 +282,8 @@ impl MatrixAdapter {
         Ok(Self {
             platform: platform.to_owned(),
             base: url.as_str().trim_end_matches('/').to_owned(),
-            auth,
+            auth: RwLock::new(auth),
+            refresh: tokio::sync::Mutex::new(None),
             user_id: settings.user_id.clone(),
             auto_join: settings.auto_join,
             sync_timeout: settings.sync_timeout,
@@ -336,9 +357,27 @@ impl MatrixAdapter {
         body: Body,
         long_poll: bool,
     ) -> Result<Value, Failure> {
-        let r = self.call_once(method, path, query, body, long_poll).await;
+        let sent_with = self.current_auth();
+        let mut r = self
+            .call_once(method.clone(), path, query, body.clone(), long_poll)
+            .await;
+        let expired = matches!(&r, Err(f) if f.soft_logout);
+        if expired && self.has_refresh_token().await {
+            // The access token expired: refresh it (or take the one another
+            // gateway refreshed) and try once more.
+            match self.refresh_token(&sent_with).await {
+                Ok(()) => r = self.call_once(method, path, query, body, long_poll).await,
+                Err(e) => {
+                    warn!(platform = %self.platform, error = %e.message, "matrix: refreshing the access token failed");
+                }
+            }
+        }
         self.note(&r);
         r
+    }
+
+    fn current_auth(&self) -> HeaderValue {
+        self.auth.read().expect("auth lock").clone()
     }
 
     async fn call_once(
@@ -356,7 +395,7 @@ impl MatrixAdapter {
         };
         let mut req = client
             .request(method.clone(), format!("{}{path}", self.base))
-            .header(AUTHORIZATION, self.auth.clone());
+            .header(AUTHORIZATION, self.current_auth());
         if !query.is_empty() {
             req = req.query(query);
         }
@@ -958,6 +997,11 @@ fn classify(what: &str, status: StatusCode, retry_after: Option<Duration>, body:
             None => message.push_str(&text),
         }
     }
+    let soft_logout = parsed
+        .as_ref()
+        .and_then(|m| m.get("soft_logout"))
+        .and_then(Value::as_bool)
+        == Some(true);
     let err = if status == StatusCode::TOO_MANY_REQUESTS
         || errcode.as_deref() == Some("M_LIMIT_EXCEEDED")
     {
@@ -978,12 +1022,7 @@ fn classify(what: &str, status: StatusCode, retry_after: Option<Duration>, body:
     {
         // Logged out, expired (soft logout) or never valid: no request of
         // this token can succeed; the platform's circuit opens.
-        if parsed
-            .as_ref()
-            .and_then(|m| m.get("soft_logout"))
-            .and_then(Value::as_bool)
-            == Some(true)
-        {
+        if soft_logout {
             message.push_str(" (soft logout: the token expired; log the bot in again)");
         }
         AdapterError::unauthorized(message)
@@ -992,7 +1031,11 @@ fn classify(what: &str, status: StatusCode, retry_after: Option<Duration>, body:
     } else {
         AdapterError::permanent(message)
     };
-    Failure { errcode, err }
+    Failure {
+        errcode,
+        soft_logout,
+        err,
+    }
 }
 
 #[cfg(test)]
