@@ -1672,7 +1672,45 @@ async fn a_streamed_reply_ends_with_its_last_text() {
         edits.len()
     );
     eprintln!(
-        "streamed reply, 40 edits: {} sent, {coalesced} coalesced; the last text is the final one",
+        "streamed reply, 40 edits published at once: {} sent, {coalesced} coalesced; the last text is the final one",
+        edits.len()
+    );
+
+    // Paced as tokens arrive (one edit every 100 ms): most are sent.
+    rig.publish(
+        json!({"type": "message", "channel_id": room, "text": "…", "message_key": "sg:msg:s2"}),
+    )
+    .await;
+    let mut text = String::new();
+    for i in 1..=20 {
+        text.push_str(&format!("word{i} "));
+        rig.publish(
+            json!({"type": "edit", "channel_id": room, "target_key": "sg:msg:s2",
+                           "text": text.trim_end()}),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    rig.drained(T).await;
+    assert!(rig.dlq().await.is_empty(), "{:?}", rig.dlq().await);
+    let mine = p.alice.messages_from(&p.room, &p.bot.user_id).await;
+    let second = mine
+        .iter()
+        .find(|e| e["content"]["body"] == "…" && e["event_id"] != mine[0]["event_id"])
+        .expect("the second reply")["event_id"]
+        .clone();
+    let edits: Vec<&Value> = mine
+        .iter()
+        .filter(|e| e["content"]["m.relates_to"]["event_id"] == second)
+        .collect();
+    assert_eq!(
+        edits.last().unwrap()["content"]["m.new_content"]["body"],
+        text.trim_end()
+    );
+    let paced_coalesced = gw.stats().snapshot().coalesced - coalesced;
+    assert_eq!(edits.len() as u64 + paced_coalesced, 20);
+    eprintln!(
+        "streamed reply, 20 edits 100 ms apart: {} sent, {paced_coalesced} coalesced; the last text is the final one",
         edits.len()
     );
 }
