@@ -753,3 +753,108 @@ fn inviter_of(inv: &Value, me: &str) -> String {
         .unwrap_or_default()
         .to_owned()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adapters::matrix::MatrixSettings;
+    use crate::redis_server::RedisServer;
+
+    async fn syncer(server: &RedisServer, owner: &str) -> Syncer {
+        let mx = MatrixAdapter::new(
+            "mx",
+            MatrixSettings {
+                homeserver: "http://127.0.0.1:9".into(),
+                access_token: "t".into(),
+                user_id: "@bot:h".into(),
+                auto_join: true,
+                sync_timeout: Duration::from_secs(1),
+                request_timeout: Duration::from_secs(1),
+            },
+        )
+        .unwrap();
+        let client = redis::Client::open(server.url()).unwrap();
+        let conn = ConnectionManager::new(client).await.unwrap();
+        Syncer::new(
+            Arc::new(mx),
+            conn,
+            MatrixKeys::new("sg:{mx}:matrix:"),
+            "sg:{mx}:inbound".into(),
+            SyncSettings {
+                owner: owner.into(),
+                lease: Duration::from_millis(600),
+                timeline_limit: 10,
+            },
+        )
+        .unwrap()
+    }
+
+    fn step(text: &str) -> Step {
+        let mut s = Step::default();
+        s.events
+            .push(InboundEvent::message("mx", "!r:h", "@u:h", text));
+        s.rooms.insert("!r:h".into(), format!("${text}"));
+        s
+    }
+
+    #[tokio::test]
+    async fn only_the_lease_holder_can_publish_and_move_since() {
+        let bin = std::env::var("STARGAZER_REDIS_SERVER").ok();
+        let server = RedisServer::start(bin.as_deref()).expect("redis-server");
+        let a = syncer(&server, "gw-a").await;
+        let b = syncer(&server, "gw-b").await;
+        assert!(a.owner().starts_with("gw-a/"));
+        assert!(a.lease_op("take").await.unwrap());
+        assert!(!b.lease_op("take").await.unwrap(), "the lease is a's");
+        assert!(a.commit("s1", &step("one")).await.unwrap());
+        assert!(!b.commit("s2", &step("two")).await.unwrap());
+
+        // a stops renewing (dies); the lease expires and b takes it.
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert!(b.lease_op("take").await.unwrap());
+        // a, not knowing, tries to commit what it fetched: nothing is written.
+        assert!(!a.commit("s-stale", &step("stale")).await.unwrap());
+        assert!(!a.lease_op("renew").await.unwrap());
+        assert!(b.commit("s2", &step("two")).await.unwrap());
+
+        let mut conn = b.conn.clone();
+        let since: String = conn.get(b.keys.since()).await.unwrap();
+        assert_eq!(since, "s2");
+        let len: u64 = conn.xlen("sg:{mx}:inbound").await.unwrap();
+        assert_eq!(len, 2);
+        let last: String = conn.hget(b.keys.rooms(), "!r:h").await.unwrap();
+        assert_eq!(last, "$two");
+        // A release by a former holder leaves the lease alone.
+        assert!(!a.lease_op("release").await.unwrap());
+        assert!(b.lease_op("renew").await.unwrap());
+        assert!(b.lease_op("release").await.unwrap());
+        assert!(a.lease_op("take").await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn pending_joins_are_written_and_cleared_with_the_lease() {
+        let bin = std::env::var("STARGAZER_REDIS_SERVER").ok();
+        let server = RedisServer::start(bin.as_deref()).expect("redis-server");
+        let a = syncer(&server, "gw-a").await;
+        assert!(a.lease_op("take").await.unwrap());
+        let mut s = Step::default();
+        let j = PendingJoin {
+            inviter: "@u:h".into(),
+            invited_ms: 1,
+            attempts: 1,
+            next_ms: 2,
+            error: "429".into(),
+        };
+        s.joins.insert("!j:h".into(), j.clone());
+        assert!(a.commit("", &s).await.unwrap());
+        let st = a.load().await.unwrap();
+        assert_eq!(st.joins.get("!j:h"), Some(&j));
+        assert_eq!(st.since, None, "an empty since leaves it unset");
+        let mut s = Step::default();
+        s.done.push("!j:h".into());
+        assert!(a.commit("s1", &s).await.unwrap());
+        let st = a.load().await.unwrap();
+        assert!(st.joins.is_empty());
+        assert_eq!(st.since.as_deref(), Some("s1"));
+    }
+}
