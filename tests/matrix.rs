@@ -1250,6 +1250,28 @@ adapter = "matrix"
     assert!(e.contains("MX_T"), "{e}");
     let env = [("MX_T".to_owned(), "tok".to_owned())].into();
     assert_eq!(Config::access_token_for(p, &env).unwrap(), "tok");
+    assert_eq!(p.sync_timeline_limit, 100);
+    assert_eq!(Config::refresh_token_for(p, &env).unwrap(), None);
+
+    // The sync's keys.
+    let ok = "homeserver = \"http://h\"\nuser_id = \"@bot:h\"\naccess_token = \"t\"\n";
+    let e = with(&format!("{ok}sync_timeline_limit = 0\n"))
+        .expect_err("limit 0")
+        .to_string();
+    assert!(e.contains("sync_timeline_limit"), "{e}");
+    let e = with(&format!("{ok}session_lease_ms = 100\n"))
+        .expect_err("short lease")
+        .to_string();
+    assert!(e.contains("session_lease_ms"), "{e}");
+    let refreshing = with(&format!("{ok}refresh_token_env = \"MX_R\"\n")).expect("valid");
+    let p = &refreshing.platforms[0];
+    let e = Config::refresh_token_for(p, &env).unwrap_err().to_string();
+    assert!(e.contains("MX_R"), "{e}");
+    let env = [("MX_R".to_owned(), "r".to_owned())].into();
+    assert_eq!(
+        Config::refresh_token_for(p, &env).unwrap().as_deref(),
+        Some("r")
+    );
 }
 
 // ---------------------------------------------------------------------------
