@@ -293,6 +293,11 @@ pub struct PlatformConfig {
     /// matrix: name of an environment variable holding the access token.
     #[serde(default)]
     pub access_token_env: Option<String>,
+    /// matrix: name of an environment variable holding a refresh token;
+    /// an expired access token (soft logout) is then refreshed, once for
+    /// the whole fleet.
+    #[serde(default)]
+    pub refresh_token_env: Option<String>,
     /// matrix: the bot's user id (`@bot:example.org`).
     #[serde(default)]
     pub user_id: Option<String>,
@@ -302,6 +307,10 @@ pub struct PlatformConfig {
     /// matrix: how long one `/sync` long-poll waits on the server.
     #[serde(default = "default_sync_timeout_ms")]
     pub sync_timeout_ms: u64,
+    /// matrix: events of one room one `/sync` returns at most; more since
+    /// the last sync are backfilled with `/messages`.
+    #[serde(default = "default_sync_timeline_limit")]
+    pub sync_timeline_limit: u32,
     /// discord: the REST API base (default `https://discord.com/api/v10`).
     #[serde(default)]
     pub api_base: Option<String>,
@@ -415,6 +424,10 @@ fn default_nonce_window_ms() -> u64 {
     120_000
 }
 
+fn default_sync_timeline_limit() -> u32 {
+    100
+}
+
 fn default_sync_timeout_ms() -> u64 {
     30_000
 }
@@ -438,6 +451,7 @@ impl fmt::Debug for PlatformConfig {
                 &self.access_token.as_ref().map(|_| "<redacted>"),
             )
             .field("access_token_env", &self.access_token_env)
+            .field("refresh_token_env", &self.refresh_token_env)
             .field("user_id", &self.user_id)
             .field("api_base", &self.api_base)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
@@ -538,6 +552,14 @@ impl PlatformConfig {
         if self.sync_timeout_ms == 0 || self.timeout_ms == 0 {
             return Err(err(format!(
                 "{at}.sync_timeout_ms and {at}.timeout_ms must be greater than 0"
+            )));
+        }
+        if self.sync_timeline_limit == 0 {
+            return Err(err(format!("{at}.sync_timeline_limit must be at least 1")));
+        }
+        if self.session_lease_ms < 3_000 {
+            return Err(err(format!(
+                "{at}.session_lease_ms must be at least 3000 (the matrix sync lease is renewed every third of it)"
             )));
         }
         Ok(())
@@ -720,6 +742,23 @@ impl Config {
                 "platform `{}` uses the matrix adapter and needs `access_token_env` or `access_token`",
                 p.name
             ))),
+        }
+    }
+
+    /// The matrix refresh token of `p`, from the variable named by
+    /// `refresh_token_env` (None when the key is not set).
+    pub fn refresh_token_for(
+        p: &PlatformConfig,
+        env: &HashMap<String, String>,
+    ) -> Result<Option<String>, ConfigError> {
+        match &p.refresh_token_env {
+            None => Ok(None),
+            Some(var) => env.get(var).cloned().map(Some).ok_or_else(|| {
+                err(format!(
+                    "platform `{}`: refresh_token_env names `{var}`, which is not set",
+                    p.name
+                ))
+            }),
         }
     }
 

@@ -124,15 +124,16 @@ pub async fn run(
                 console
             }
             crate::config::AdapterKind::Matrix => {
-                let matrix =
-                    Arc::new(adapters::matrix_from_config(p, secret.clone()).map_err(adapter_err)?);
-                ops_tasks.push(tokio::spawn(matrix.clone().run_sync(
-                    inbound.clone(),
-                    bus.conn(),
-                    bus.keys().matrix_since(),
-                    ops_stop.clone(),
-                )));
-                info!(platform = %p.name, user = %matrix.user_id(), "matrix adapter up; syncing inbound events");
+                let refresh = Config::refresh_token_for(p, &env)?;
+                let matrix = Arc::new(
+                    adapters::matrix_shared_from_config(p, secret.clone(), refresh, &bus)
+                        .map_err(adapter_err)?,
+                );
+                let syncer =
+                    adapters::matrix_syncer_from_config(p, matrix.clone(), &consumer_name, &bus)
+                        .map_err(adapter_err)?;
+                ops_tasks.push(tokio::spawn(Arc::new(syncer).run(ops_stop.clone())));
+                info!(platform = %p.name, user = %matrix.user_id(), "matrix adapter up; one gateway of the fleet syncs inbound events");
                 matrix
             }
             crate::config::AdapterKind::Discord => {

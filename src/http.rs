@@ -86,10 +86,13 @@ impl Readiness {
         let Some(adapters) = adapters.as_ref() else {
             return Err("starting: the platforms are not running yet".into());
         };
-        let not_ready: Vec<&str> = adapters
+        let not_ready: Vec<String> = adapters
             .iter()
             .filter(|(_, a)| !a.ready())
-            .map(|(p, _)| p.as_str())
+            .map(|(p, a)| match a.not_ready_reason() {
+                Some(why) => format!("{p} ({why})"),
+                None => p.clone(),
+            })
             .collect();
         if !not_ready.is_empty() {
             return Err(format!("adapter not ready: {}", not_ready.join(", ")));

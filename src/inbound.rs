@@ -17,7 +17,8 @@
 //!
 //! `type` is `message`, `reaction` (with `emoji` and the `message_id` reacted
 //! to), `button` (with `custom_id`) or `invite`; platform-specific fields may
-//! follow.
+//! follow. Matrix adds `edit`, `delete`, `encrypted` and `gap` (see
+//! `adapters::matrix::inbound` and the README).
 
 use std::fmt::Display;
 use std::future::Future;

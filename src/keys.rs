@@ -86,7 +86,14 @@ impl Keys {
 
     /// `sg:{P}:matrix:since` — the Matrix `/sync` position, so a restart resumes.
     pub fn matrix_since(&self) -> String {
-        format!("{}:{{{}}}:matrix:since", self.prefix, self.platform)
+        format!("{}since", self.matrix())
+    }
+
+    /// `sg:{P}:matrix:` — the base of the Matrix syncer's state (the sync
+    /// lease, `since`, the last event per room, pending joins, buttons
+    /// messages; see `adapters::matrix::MatrixKeys`).
+    pub fn matrix(&self) -> String {
+        format!("{}:{{{}}}:matrix:", self.prefix, self.platform)
     }
 
     /// `sg:{P}:discord:` — the base of the Discord rate-limit state (route

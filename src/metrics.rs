@@ -103,6 +103,14 @@ defs! {
         "Discord create-message resends whose earlier try may have landed, by result: reconciled (the gateway session saw the original; not resent), nonce_window (resent inside Discord's nonce de-duplication window) or unverified (resent past it with no record: may duplicate).";
     DISCORD_SESSION_EVENTS = "stargazer_discord_gateway_events_total", Counter, [PLATFORM, KIND],
         "Discord gateway session events, by kind: ready, resumed, reconnect, invalid_session, zombie, published.";
+    MATRIX_SYNC_HOLDER = "stargazer_matrix_sync_holder", Gauge, [PLATFORM],
+        "1 while this gateway holds the Matrix sync lease (runs the platform's /sync), else 0; exactly one gateway of a fleet shows 1.";
+    MATRIX_GAPS = "stargazer_matrix_gaps_total", Counter, [PLATFORM, RESULT],
+        "Limited Matrix timelines (events missed between two syncs), by result: filled (backfilled with /messages) or unfilled (a `gap` inbound event was published).";
+    MATRIX_JOINS = "stargazer_matrix_joins_total", Counter, [PLATFORM, RESULT],
+        "Auto-join attempts of invited Matrix rooms, by result: joined, retry (failed for now; tried again with backoff) or refused (for good).";
+    MATRIX_DUPLICATE_REACTIONS = "stargazer_matrix_duplicate_reactions_total", Counter, [PLATFORM],
+        "Matrix reactions the server already had (M_DUPLICATE_ANNOTATION), counted as delivered.";
 }
 
 /// Buckets of the adapter latency histogram, in seconds.
@@ -239,6 +247,26 @@ pub fn discord_session_event(platform: &str, kind: &str) {
 
 pub fn discord_invalid(platform: &str) {
     counter!(DISCORD_INVALID.name, &p(platform)).increment(1);
+}
+
+/// This gateway took (true) or gave up (false) the Matrix sync lease.
+pub fn matrix_sync_holder(platform: &str, holding: bool) {
+    gauge!(MATRIX_SYNC_HOLDER.name, &p(platform)).set(if holding { 1.0 } else { 0.0 });
+}
+
+/// A limited Matrix timeline, `filled` or `unfilled`.
+pub fn matrix_gap(platform: &str, result: &'static str) {
+    counter!(MATRIX_GAPS.name, PLATFORM => platform.to_owned(), RESULT => result).increment(1);
+}
+
+/// An auto-join attempt: `joined`, `retry` or `refused`.
+pub fn matrix_join(platform: &str, result: &'static str) {
+    counter!(MATRIX_JOINS.name, PLATFORM => platform.to_owned(), RESULT => result).increment(1);
+}
+
+/// A reaction the server already had.
+pub fn matrix_duplicate_reaction(platform: &str) {
+    counter!(MATRIX_DUPLICATE_REACTIONS.name, &p(platform)).increment(1);
 }
 
 /// Run one adapter call, recording how long it took.

@@ -1,7 +1,11 @@
 //! The Matrix adapter against a real Synapse homeserver: every action lands as
 //! the right event, resends make one event, rate limits are honoured, the
 //! history RPC, inbound events (message, reaction, button, invite with
-//! auto-join) and a sync position that survives a gateway restart.
+//! auto-join; edits, redactions, threads, media) and a sync position that
+//! survives a gateway restart; the fleet: two gateway processes publish each
+//! event once, a syncer killed mid-burst is replaced with nothing lost, gaps
+//! are backfilled (or reported), a refused token dead-letters nothing; edits,
+//! deletes, threads, mentions, Markdown and long text as Matrix expects them.
 //!
 //! Synapse comes from the venv `scripts/ensure-synapse.sh` installs
 //! (`$STARGAZER_SYNAPSE_VENV`, default `~/.cache/stargazer/synapse-venv`). One
@@ -81,7 +85,23 @@ fn answers(port: u16) -> bool {
 /// no key servers, open registration, rate limits), start Synapse under a
 /// watchdog shell (its own process group) that stops it when `watch_pid`
 /// exits, and wait until it answers. The watchdog's pid (= process group).
-fn launch(dir: &Path, port: u16, rc_message: (f64, u32), watch_pid: u32, remove_dir: bool) -> u32 {
+/// Limits of a homeserver: `rc_message` and `rc_joins.local`
+/// (per second, burst); everything else is unlimited.
+#[derive(Clone, Copy)]
+struct Limits {
+    message: (f64, u32),
+    joins: (f64, u32),
+    /// More homeserver.yaml lines.
+    extra: &'static str,
+}
+
+const UNLIMITED: Limits = Limits {
+    message: (10000.0, 10000),
+    joins: (10000.0, 10000),
+    extra: "",
+};
+
+fn launch(dir: &Path, port: u16, limits: Limits, watch_pid: u32, remove_dir: bool) -> u32 {
     let venv = venv();
     let python = venv.join("bin/python");
     let generated = dir.join("generated.yaml");
@@ -107,7 +127,8 @@ fn launch(dir: &Path, port: u16, rc_message: (f64, u32), watch_pid: u32, remove_
             .to_owned()
     };
     let high = "{per_second: 10000, burst_count: 10000}";
-    let (per_second, burst) = rc_message;
+    let (per_second, burst) = limits.message;
+    let (joins_per_second, joins_burst) = limits.joins;
     let d = dir.display();
     let config = format!(
         r#"server_name: "localhost"
@@ -147,7 +168,7 @@ rc_login:
   account: {high}
   failed_attempts: {high}
 rc_joins:
-  local: {high}
+  local: {{per_second: {joins_per_second}, burst_count: {joins_burst}}}
   remote: {high}
 rc_joins_per_room: {high}
 rc_invites:
@@ -161,7 +182,9 @@ rc_media_create: {high}
 rc_delayed_event_mgmt: {high}
 rc_reports: {high}
 rc_3pid_validation: {high}
+{extra}
 "#,
+        extra = limits.extra,
         log = dir.join("localhost.log.config").display(),
         secret = keep("registration_shared_secret"),
         macaroon = keep("macaroon_secret_key"),
@@ -230,10 +253,10 @@ struct PrivateSynapse {
 }
 
 impl PrivateSynapse {
-    fn start(rc_message: (f64, u32)) -> PrivateSynapse {
+    fn start(limits: Limits) -> PrivateSynapse {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
-        let pgid = launch(dir.path(), port, rc_message, std::process::id(), false);
+        let pgid = launch(dir.path(), port, limits, std::process::id(), false);
         PrivateSynapse {
             port,
             pgid,
@@ -274,8 +297,7 @@ fn shared() -> String {
         let failed_file = dir.join("failed");
         if std::fs::create_dir(&dir).is_ok() {
             let port = free_port();
-            let started =
-                std::panic::catch_unwind(|| launch(&dir, port, (10000.0, 10000), runner, true));
+            let started = std::panic::catch_unwind(|| launch(&dir, port, UNLIMITED, runner, true));
             match started {
                 Ok(_) => {
                     std::fs::write(dir.join("port.tmp"), port.to_string()).expect("write port");
@@ -332,13 +354,23 @@ fn seg(s: &str) -> String {
 
 impl User {
     async fn register(base: &str, name: &str) -> User {
+        Self::register_with(base, name, false).await.0
+    }
+
+    /// A user whose access token expires; with its refresh token.
+    async fn register_refreshable(base: &str, name: &str) -> (User, String) {
+        let (u, r) = Self::register_with(base, name, true).await;
+        (u, r.expect("a refresh token"))
+    }
+
+    async fn register_with(base: &str, name: &str, refresh: bool) -> (User, Option<String>) {
         let http = reqwest::Client::new();
         let name = format!("{name}{:08x}", rand::random::<u32>());
         let r: Value = http
             .post(format!("{base}/_matrix/client/v3/register"))
             .json(
                 &json!({"username": name, "password": format!("pw-{name}-0123456789"),
-                "auth": {"type": "m.login.dummy"}}),
+                "auth": {"type": "m.login.dummy"}, "refresh_token": refresh}),
             )
             .send()
             .await
@@ -346,12 +378,16 @@ impl User {
             .json()
             .await
             .expect("register answer");
-        User {
-            base: base.to_owned(),
-            user_id: r["user_id"].as_str().expect("user_id").to_owned(),
-            token: r["access_token"].as_str().expect("token").to_owned(),
-            http,
-        }
+        let refresh_token = r["refresh_token"].as_str().map(str::to_owned);
+        (
+            User {
+                base: base.to_owned(),
+                user_id: r["user_id"].as_str().expect("user_id").to_owned(),
+                token: r["access_token"].as_str().expect("token").to_owned(),
+                http,
+            },
+            refresh_token,
+        )
     }
 
     async fn api(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
@@ -581,31 +617,58 @@ async fn inbound(rig: &Rig) -> Vec<InboundEvent> {
         .collect()
 }
 
-/// A whole gateway (`gateway::run`) with one matrix platform on the rig's
-/// Redis; cancel the token to stop it.
-fn gateway(rig: &Rig, base: &str, bot: &User) -> (CancellationToken, tokio::task::JoinHandle<()>) {
-    let toml = format!(
+/// The TOML of a gateway named `name` with one matrix platform on the rig's
+/// Redis; `platform_extra` goes into the platform's table, `top` before it.
+fn config_toml(
+    rig: &Rig,
+    base: &str,
+    bot: &User,
+    name: &str,
+    top: &str,
+    platform_extra: &str,
+) -> String {
+    format!(
         r#"
 [redis]
 url = "{url}"
 [gateway]
-consumer_name = "gw-mx"
+consumer_name = "{name}"
 [consumer]
 block_ms = 100
 backoff_base_ms = 5
 backoff_max_ms = 50
+{top}
 [[platform]]
-name = "{name}"
+name = "{platform}"
 adapter = "matrix"
 homeserver = "{base}"
 access_token_env = "MX_TOKEN"
 user_id = "{user}"
 sync_timeout_ms = 1000
+session_lease_ms = 3000
+{platform_extra}
 "#,
         url = rig.server.url(),
-        name = rig.keys.platform(),
+        platform = rig.keys.platform(),
         user = bot.user_id,
-    );
+    )
+}
+
+/// A whole gateway (`gateway::run`) with one matrix platform on the rig's
+/// Redis; cancel the token to stop it.
+fn gateway(rig: &Rig, base: &str, bot: &User) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+    gateway_with(rig, base, bot, "gw-mx", "", "")
+}
+
+fn gateway_with(
+    rig: &Rig,
+    base: &str,
+    bot: &User,
+    name: &str,
+    top: &str,
+    platform_extra: &str,
+) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+    let toml = config_toml(rig, base, bot, name, top, platform_extra);
     let config = stargazer::config::Config::from_toml(&toml, Vec::new()).expect("config");
     let env = [("MX_TOKEN".to_owned(), bot.token.clone())].into();
     let stop = CancellationToken::new();
@@ -616,6 +679,69 @@ sync_timeout_ms = 1000
             .expect("gateway");
     });
     (stop, task)
+}
+
+/// A gateway process (the `stargazer` binary), killed when dropped; its
+/// log (info level) goes to `log`.
+struct GwProc {
+    child: std::process::Child,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl GwProc {
+    fn start(rig: &Rig, base: &str, bot: &User, name: &str, platform_extra: &str) -> GwProc {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stargazer.toml");
+        std::fs::write(&path, config_toml(rig, base, bot, name, "", platform_extra)).unwrap();
+        let log = dir.path().join("gateway.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_stargazer"))
+            .args(["gateway", "--config"])
+            .arg(&path)
+            .env("MX_TOKEN", &bot.token)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(dir.path().join("stdout.log")).unwrap())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start gateway");
+        GwProc {
+            child,
+            log,
+            _dir: dir,
+        }
+    }
+
+    /// SIGKILL: no clean stop, no lease released.
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn log(&self) -> String {
+        let mut s = std::fs::read_to_string(&self.log).unwrap_or_default();
+        s.push_str(
+            &std::fs::read_to_string(self.log.with_file_name("stdout.log")).unwrap_or_default(),
+        );
+        s
+    }
+}
+
+impl Drop for GwProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Who holds the platform's sync lease (`consumer/instance`).
+async fn sync_holder(rig: &Rig) -> Option<String> {
+    rig.cmd(&["GET", &format!("{}sync:lease", rig.keys.matrix())])
+        .await
+}
+
+/// The `message` events of the inbound stream, oldest first.
+fn messages(evs: &[InboundEvent]) -> Vec<&InboundEvent> {
+    evs.iter().filter(|e| e.kind == "message").collect()
 }
 
 async fn since(rig: &Rig) -> Option<String> {
@@ -657,11 +783,9 @@ async fn every_action_lands_as_the_right_event() {
     let c: Vec<&Value> = got.iter().map(|e| &e["content"]).collect();
     assert_eq!(c[0]["msgtype"], "m.text");
     assert_eq!(c[0]["body"], "hello <b>world</b> & co");
-    assert_eq!(c[0]["format"], "org.matrix.custom.html");
-    assert_eq!(
-        c[0]["formatted_body"],
-        "hello &lt;b&gt;world&lt;/b&gt; &amp; co"
-    );
+    // No Markdown markup (raw HTML is text): no formatted_body, no @room.
+    assert!(c[0].get("formatted_body").is_none(), "{}", c[0]);
+    assert_eq!(c[0]["m.mentions"], json!({}));
     assert_eq!(c[1]["body"], "an answer");
     assert_eq!(c[1]["m.relates_to"]["m.in_reply_to"]["event_id"], question);
     assert_eq!(c[2]["msgtype"], "m.file");
@@ -790,13 +914,15 @@ async fn platform_errors_are_classified() {
     let e = deliver_direct(&a, &env, "k1", 1).await.unwrap_err();
     assert_eq!(e.retry, Retry::Never, "{}", e.message);
     assert!(e.message.contains("403 M_FORBIDDEN"), "{}", e.message);
-    // A bad token: M_UNKNOWN_TOKEN, permanent, and the token is not in the message.
+    // A bad token: M_UNKNOWN_TOKEN halts the platform (nothing is
+    // dead-lettered for it), and the token is not in the message.
     let mut s = settings(&p.base, &p.bot);
     s.access_token = "syt_not_a_token".into();
     let bad = MatrixAdapter::new("mx", s).unwrap();
     let env = envelope(json!({"type": "message", "channel_id": p.room, "text": "hi"}));
     let e = deliver_direct(&bad, &env, "k2", 1).await.unwrap_err();
-    assert_eq!(e.retry, Retry::Never, "{}", e.message);
+    assert_eq!(e.retry, Retry::Halt, "{}", e.message);
+    assert!(!bad.ready());
     assert!(e.message.contains("401 M_UNKNOWN_TOKEN"), "{}", e.message);
     assert!(!e.message.contains("syt_not_a_token"), "{}", e.message);
     // Nobody listening: transient.
@@ -813,9 +939,14 @@ async fn platform_errors_are_classified() {
 #[tokio::test]
 async fn a_rate_limit_is_honoured() {
     // rc_message: one message a second, bursts of 2.
-    let syn = tokio::task::spawn_blocking(|| PrivateSynapse::start((1.0, 2)))
-        .await
-        .unwrap();
+    let syn = tokio::task::spawn_blocking(|| {
+        PrivateSynapse::start(Limits {
+            message: (1.0, 2),
+            ..UNLIMITED
+        })
+    })
+    .await
+    .unwrap();
     let p = pair(&syn.base()).await;
     let a = adapter(&p);
     let mut limited = None;
@@ -1119,4 +1250,712 @@ adapter = "matrix"
     assert!(e.contains("MX_T"), "{e}");
     let env = [("MX_T".to_owned(), "tok".to_owned())].into();
     assert_eq!(Config::access_token_for(p, &env).unwrap(), "tok");
+    assert_eq!(p.sync_timeline_limit, 100);
+    assert_eq!(Config::refresh_token_for(p, &env).unwrap(), None);
+
+    // The sync's keys.
+    let ok = "homeserver = \"http://h\"\nuser_id = \"@bot:h\"\naccess_token = \"t\"\n";
+    let e = with(&format!("{ok}sync_timeline_limit = 0\n"))
+        .expect_err("limit 0")
+        .to_string();
+    assert!(e.contains("sync_timeline_limit"), "{e}");
+    let e = with(&format!("{ok}session_lease_ms = 100\n"))
+        .expect_err("short lease")
+        .to_string();
+    assert!(e.contains("session_lease_ms"), "{e}");
+    let refreshing = with(&format!("{ok}refresh_token_env = \"MX_R\"\n")).expect("valid");
+    let p = &refreshing.platforms[0];
+    let e = Config::refresh_token_for(p, &env).unwrap_err().to_string();
+    assert!(e.contains("MX_R"), "{e}");
+    let env = [("MX_R".to_owned(), "r".to_owned())].into();
+    assert_eq!(
+        Config::refresh_token_for(p, &env).unwrap().as_deref(),
+        Some("r")
+    );
+}
+
+// ---------------------------------------------------------------------------
+// The fleet: one syncer, handovers, gaps, a refused token.
+
+/// Exactly one message event per text in `texts`, in that order, with
+/// distinct event ids.
+fn assert_once_in_order(evs: &[InboundEvent], texts: &[String]) {
+    let got: Vec<&str> = messages(evs)
+        .iter()
+        .map(|e| e.text.as_deref().unwrap_or_default())
+        .collect();
+    let want: Vec<&str> = texts.iter().map(String::as_str).collect();
+    if got != want {
+        let missing: Vec<&&str> = want.iter().filter(|t| !got.contains(t)).collect();
+        let mut seen = std::collections::HashSet::new();
+        let repeated: Vec<&&str> = got.iter().filter(|t| !seen.insert(**t)).collect();
+        panic!(
+            "{} inbound messages for {} sent; missing {missing:?}; repeated {repeated:?}",
+            got.len(),
+            want.len()
+        );
+    }
+    let ids: std::collections::HashSet<&str> = messages(evs)
+        .iter()
+        .map(|e| e.message_id.as_deref().unwrap())
+        .collect();
+    assert_eq!(ids.len(), texts.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_publish_every_event_once() {
+    let base = shared();
+    let bot = User::register(&base, "bot").await;
+    let alice = User::register(&base, "alice").await;
+    let rig = Rig::new().await;
+    let _a = GwProc::start(&rig, &base, &bot, "gw-a", "");
+    let _b = GwProc::start(&rig, &base, &bot, "gw-b", "");
+    eventually("the first sync", T, || async {
+        since(&rig).await.is_some()
+    })
+    .await;
+    let room = alice.create_room(&[&bot.user_id]).await;
+    eventually("the invite, joined", T, || async {
+        alice.joined_members(&room).await.contains(&bot.user_id)
+    })
+    .await;
+    let texts: Vec<String> = (0..100).map(|i| format!("m{i:03}")).collect();
+    for t in &texts {
+        alice.say(&room, t).await;
+    }
+    eventually("100 messages", Duration::from_secs(60), || async {
+        messages(&inbound(&rig).await).len() >= 100
+    })
+    .await;
+    // A last one, and a full sync cycle after it: a second syncer would
+    // have published its copies by then.
+    alice.say(&room, "end").await;
+    eventually("`end`", T, || async {
+        inbound(&rig)
+            .await
+            .iter()
+            .any(|e| e.text.as_deref() == Some("end"))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let evs = inbound(&rig).await;
+    let mut all = texts.clone();
+    all.push("end".into());
+    assert_once_in_order(&evs, &all);
+    let invites: Vec<&InboundEvent> = evs.iter().filter(|e| e.kind == "invite").collect();
+    assert_eq!(invites.len(), 1, "{invites:#?}");
+    assert_eq!(invites[0].extra["joined"], true);
+    let holder = sync_holder(&rig).await.expect("a holder");
+    assert!(
+        holder.starts_with("gw-a/") || holder.starts_with("gw-b/"),
+        "{holder}"
+    );
+    eprintln!(
+        "two gateways, 100 user messages: {} inbound message entries (+1 sentinel), 1 invite; syncer {holder}",
+        messages(&evs).len() - 1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_syncer_killed_mid_burst_is_replaced_and_nothing_is_lost() {
+    let base = shared();
+    let bot = User::register(&base, "bot").await;
+    let alice = User::register(&base, "alice").await;
+    let room = alice.create_room(&[&bot.user_id]).await;
+    bot.join(&room).await;
+    let rig = Rig::new().await;
+    // A small timeline limit: the burst missed during the handover comes
+    // back `limited` and must be backfilled.
+    let extra = "sync_timeline_limit = 20";
+    let mut a = GwProc::start(&rig, &base, &bot, "gw-a", extra);
+    eventually("gw-a to hold the sync", T, || async {
+        sync_holder(&rig)
+            .await
+            .is_some_and(|h| h.starts_with("gw-a/"))
+            && since(&rig).await.is_some()
+    })
+    .await;
+    let b = GwProc::start(&rig, &base, &bot, "gw-b", extra);
+    let texts: Vec<String> = (0..500).map(|i| format!("burst {i:03}")).collect();
+    let mut killed_at = None;
+    for (i, t) in texts.iter().enumerate() {
+        alice.say(&room, t).await;
+        if killed_at.is_none() && messages(&inbound(&rig).await).len() >= 100 {
+            a.kill();
+            killed_at = Some(i + 1);
+        }
+    }
+    let killed_at = killed_at.expect("gw-a published 100 messages before the burst ended");
+    eventually("gw-b to take over", T, || async {
+        sync_holder(&rig)
+            .await
+            .is_some_and(|h| h.starts_with("gw-b/"))
+    })
+    .await;
+    eventually("500 messages", Duration::from_secs(120), || async {
+        messages(&inbound(&rig).await).len() >= 500
+    })
+    .await;
+    alice.say(&room, "end").await;
+    eventually("`end`", T, || async {
+        inbound(&rig)
+            .await
+            .iter()
+            .any(|e| e.text.as_deref() == Some("end"))
+    })
+    .await;
+    let evs = inbound(&rig).await;
+    let mut all = texts.clone();
+    all.push("end".into());
+    assert_once_in_order(&evs, &all);
+    assert!(
+        !evs.iter().any(|e| e.kind == "gap"),
+        "a gap was reported: {:?}",
+        evs.iter().find(|e| e.kind == "gap")
+    );
+    let backfills = b.log().matches("a limited timeline was backfilled").count();
+    eprintln!(
+        "500-message burst, syncer killed after sending {killed_at}: {} of 500 inbound, 0 lost, 0 repeated; gw-b backfilled {backfills} limited timeline(s)",
+        messages(&evs).len() - 1
+    );
+}
+
+#[tokio::test]
+async fn a_gap_after_downtime_is_backfilled_and_an_unfillable_one_reported() {
+    let base = shared();
+    let bot = User::register(&base, "bot").await;
+    let alice = User::register(&base, "alice").await;
+    let room = alice.create_room(&[&bot.user_id]).await;
+    bot.join(&room).await;
+    let rig = Rig::new().await;
+    let extra = "sync_timeline_limit = 10";
+    let (stop, task) = gateway_with(&rig, &base, &bot, "gw-mx", "", extra);
+    eventually("the first sync", T, || async {
+        since(&rig).await.is_some()
+    })
+    .await;
+    alice.say(&room, "before").await;
+    eventually("`before`", T, || async {
+        messages(&inbound(&rig).await).len() == 1
+    })
+    .await;
+    stop.cancel();
+    task.await.unwrap();
+
+    // 35 messages while no gateway runs: more than three timelines' worth.
+    let mut texts = vec!["before".to_owned()];
+    for i in 0..35 {
+        let t = format!("while down {i}");
+        alice.say(&room, &t).await;
+        texts.push(t);
+    }
+    let (stop, task) = gateway_with(&rig, &base, &bot, "gw-mx", "", extra);
+    eventually("36 messages", T, || async {
+        messages(&inbound(&rig).await).len() >= 36
+    })
+    .await;
+    assert_once_in_order(&inbound(&rig).await, &texts);
+    stop.cancel();
+    task.await.unwrap();
+
+    // The last event seen is not in the room's history (as after a purge):
+    // the gap cannot be filled, and the stream says so.
+    rig.cmd::<()>(&[
+        "HSET",
+        &format!("{}rooms", rig.keys.matrix()),
+        &room,
+        "$not-here",
+    ])
+    .await;
+    for i in 0..12 {
+        alice.say(&room, &format!("after purge {i}")).await;
+    }
+    let (stop, task) = gateway_with(&rig, &base, &bot, "gw-mx", "", extra);
+    eventually("a gap notice", T, || async {
+        inbound(&rig).await.iter().any(|e| e.kind == "gap")
+    })
+    .await;
+    eventually("the live timeline after it", T, || async {
+        inbound(&rig)
+            .await
+            .iter()
+            .any(|e| e.text.as_deref() == Some("after purge 11"))
+    })
+    .await;
+    let evs = inbound(&rig).await;
+    let gap = evs.iter().find(|e| e.kind == "gap").unwrap();
+    assert_eq!(gap.channel_id, room);
+    assert_eq!(gap.extra["after_event"], "$not-here");
+    assert!(
+        gap.extra["reason"]
+            .as_str()
+            .unwrap()
+            .contains("history ended"),
+        "{gap:?}"
+    );
+    // The gap notice comes before the events after it.
+    let gap_at = evs.iter().position(|e| e.kind == "gap").unwrap();
+    let last_at = evs
+        .iter()
+        .position(|e| e.text.as_deref() == Some("after purge 11"))
+        .unwrap();
+    assert!(gap_at < last_at);
+    stop.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_refused_token_dead_letters_nothing_and_says_why() {
+    let p = pair(&shared()).await;
+    let rig = Rig::new().await;
+    let port = free_port();
+    let top = format!("[http]\nlisten = \"127.0.0.1:{port}\"");
+    let (stop, task) = gateway_with(&rig, &p.base, &p.bot, "gw-mx", &top, "");
+    eventually("the first sync", T, || async {
+        since(&rig).await.is_some()
+    })
+    .await;
+    let readyz = || async move {
+        let r = reqwest::get(format!("http://127.0.0.1:{port}/readyz")).await;
+        match r {
+            Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+            Err(_) => (0, String::new()),
+        }
+    };
+    eventually("ready", T, || async { readyz().await.0 == 200 }).await;
+
+    // The token is logged out: every call now answers M_UNKNOWN_TOKEN.
+    p.bot
+        .api(reqwest::Method::POST, "/logout", Some(json!({})))
+        .await;
+    let out = Worker::from_bus(rig.bus.clone(), "sg:msg:", None).proxy();
+    out.send(&p.room, "never sent").await.unwrap();
+    out.send(&p.room, "nor this").await.unwrap();
+    eventually("/readyz to name the refused token", T, || async {
+        let (status, body) = readyz().await;
+        status == 503 && body.contains("M_UNKNOWN_TOKEN")
+    })
+    .await;
+    let (_, body) = readyz().await;
+    assert!(body.contains(rig.keys.platform()), "{body}");
+    // Well past a retry or two: nothing dead-lettered, both still waiting.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert!(rig.dlq().await.is_empty(), "{:?}", rig.dlq().await);
+    assert_eq!(rig.pending().await + rig.lag().await, 2);
+    assert!(
+        p.alice
+            .messages_from(&p.room, &p.bot.user_id)
+            .await
+            .is_empty()
+    );
+
+    // The probe says the same, without sending anything.
+    let a = adapter(&p);
+    let e = a.probe().await.unwrap_err();
+    assert_eq!(e.retry, Retry::Halt);
+    assert!(e.message.contains("M_UNKNOWN_TOKEN"), "{}", e.message);
+    assert!(!a.ready());
+    assert!(a.not_ready_reason().unwrap().contains("refused"));
+    stop.cancel();
+    task.await.unwrap();
+}
+
+// ---------------------------------------------------------------------------
+// Messages: edits, deletes, threads, mentions, Markdown, long text, reactions.
+
+#[tokio::test]
+async fn edits_deletes_threads_mentions_and_long_text_land_as_matrix_expects() {
+    let p = pair(&shared()).await;
+    let rig = Rig::new().await;
+    let _gw = rig.start("gw", adapter(&p), fast()).await;
+    let question = p.alice.say(&p.room, "question?").await;
+    let room = p.room.as_str();
+    let alice = p.alice.user_id.as_str();
+    let long: String = (0..3000)
+        .map(|i| format!("line {i:04} of a long answer, with some words to fill it up.\n"))
+        .collect();
+    for env in [
+        json!({"type": "message", "channel_id": room, "text": "**draft**", "message_key": "sg:msg:a1",
+               "mentions": [alice]}),
+        json!({"type": "edit", "channel_id": room, "target_key": "sg:msg:a1", "text": "final *answer*"}),
+        json!({"type": "message", "channel_id": room, "text": "oops", "message_key": "sg:msg:a2"}),
+        json!({"type": "delete", "channel_id": room, "target_key": "sg:msg:a2", "reason": "mistake"}),
+        json!({"type": "message", "channel_id": room, "text": "in the thread", "thread_id": question}),
+        json!({"type": "message", "channel_id": room, "text": "@room hello all"}),
+        json!({"type": "message", "channel_id": room, "text": "@room really", "mention_room": true}),
+        json!({"type": "message", "channel_id": room, "text": long, "reply_to": question}),
+        json!({"type": "reaction", "channel_id": room, "message_id": question, "emoji": "👍"}),
+        json!({"type": "reaction", "channel_id": room, "message_id": question, "emoji": "👍"}),
+        json!({"type": "message", "channel_id": room, "text": "bad", "mentions": "alice"}),
+    ] {
+        rig.publish(env).await;
+    }
+    rig.drained(T).await;
+    let dlq = rig.dlq().await;
+    assert_eq!(dlq.len(), 1, "{dlq:?}");
+    assert!(dlq[0]["error"].contains("`mentions`"), "{dlq:?}");
+
+    let events = p
+        .alice
+        .events(
+            &p.room,
+            &["m.room.message", "m.room.redaction", "m.reaction"],
+        )
+        .await;
+    let mine: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["sender"] == p.bot.user_id.as_str())
+        .collect();
+    let c = |i: usize| &mine[i]["content"];
+    // The message, Markdown rendered, mentioning alice only.
+    assert_eq!(c(0)["body"], "**draft**");
+    assert_eq!(c(0)["formatted_body"], "<strong>draft</strong>");
+    assert_eq!(c(0)["m.mentions"], json!({"user_ids": [alice]}));
+    // Its edit.
+    assert_eq!(c(1)["m.relates_to"]["rel_type"], "m.replace");
+    assert_eq!(c(1)["m.relates_to"]["event_id"], mine[0]["event_id"]);
+    assert_eq!(c(1)["m.new_content"]["body"], "final *answer*");
+    assert_eq!(
+        c(1)["m.new_content"]["formatted_body"],
+        "final <em>answer</em>"
+    );
+    // A message, then its redaction (its content is gone).
+    assert_eq!(mine[3]["type"], "m.room.redaction");
+    let redacts = mine[3]["redacts"]
+        .as_str()
+        .or(mine[3]["content"]["redacts"].as_str())
+        .unwrap();
+    assert_eq!(redacts, mine[2]["event_id"].as_str().unwrap());
+    assert!(c(2).get("body").is_none(), "{}", c(2));
+    assert_eq!(c(3)["reason"], "mistake");
+    // In the thread.
+    assert_eq!(c(4)["m.relates_to"]["rel_type"], "m.thread");
+    assert_eq!(c(4)["m.relates_to"]["event_id"], question);
+    // @room in the text notifies nobody unless asked.
+    assert_eq!(c(5)["m.mentions"], json!({}));
+    assert_eq!(c(6)["m.mentions"], json!({"room": true}));
+    // The long text: several events, in order, the reply on the first.
+    let pieces: Vec<&Value> = mine[7..]
+        .iter()
+        .copied()
+        .take_while(|e| e["type"] == "m.room.message")
+        .collect();
+    assert!(pieces.len() >= 3, "{} pieces", pieces.len());
+    let joined: String = pieces
+        .iter()
+        .map(|e| e["content"]["body"].as_str().unwrap())
+        .collect();
+    assert_eq!(joined, long);
+    assert_eq!(
+        pieces[0]["content"]["m.relates_to"]["m.in_reply_to"]["event_id"],
+        question
+    );
+    for e in &pieces {
+        assert!(e.to_string().len() < 65_536);
+    }
+    // One reaction: the repeat was a duplicate, delivered, not dead-lettered.
+    let reactions: Vec<&&Value> = mine.iter().filter(|e| e["type"] == "m.reaction").collect();
+    assert_eq!(reactions.len(), 1, "{reactions:#?}");
+}
+
+#[tokio::test]
+async fn a_streamed_reply_ends_with_its_last_text() {
+    let p = pair(&shared()).await;
+    let rig = Rig::new().await;
+    let gw = rig.start("gw", adapter(&p), fast()).await;
+    let room = p.room.as_str();
+    rig.publish(
+        json!({"type": "message", "channel_id": room, "text": "…", "message_key": "sg:msg:s1"}),
+    )
+    .await;
+    let mut text = String::new();
+    for i in 1..=40 {
+        text.push_str(&format!("token{i} "));
+        rig.publish(
+            json!({"type": "edit", "channel_id": room, "target_key": "sg:msg:s1",
+                           "text": text.trim_end()}),
+        )
+        .await;
+    }
+    rig.drained(T).await;
+    assert!(rig.dlq().await.is_empty(), "{:?}", rig.dlq().await);
+    let mine = p.alice.messages_from(&p.room, &p.bot.user_id).await;
+    let edits: Vec<&Value> = mine
+        .iter()
+        .filter(|e| e["content"]["m.relates_to"]["rel_type"] == "m.replace")
+        .collect();
+    let last = edits.last().expect("an edit");
+    assert_eq!(last["content"]["m.new_content"]["body"], text.trim_end());
+    let coalesced = gw.stats().snapshot().coalesced;
+    assert_eq!(
+        edits.len() as u64 + coalesced,
+        40,
+        "{} sent, {coalesced} coalesced",
+        edits.len()
+    );
+    eprintln!(
+        "streamed reply, 40 edits published at once: {} sent, {coalesced} coalesced; the last text is the final one",
+        edits.len()
+    );
+
+    // Paced as tokens arrive (one edit every 100 ms): most are sent.
+    rig.publish(
+        json!({"type": "message", "channel_id": room, "text": "…", "message_key": "sg:msg:s2"}),
+    )
+    .await;
+    let mut text = String::new();
+    for i in 1..=20 {
+        text.push_str(&format!("word{i} "));
+        rig.publish(
+            json!({"type": "edit", "channel_id": room, "target_key": "sg:msg:s2",
+                           "text": text.trim_end()}),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    rig.drained(T).await;
+    assert!(rig.dlq().await.is_empty(), "{:?}", rig.dlq().await);
+    let mine = p.alice.messages_from(&p.room, &p.bot.user_id).await;
+    let second = mine
+        .iter()
+        .find(|e| e["content"]["body"] == "…" && e["event_id"] != mine[0]["event_id"])
+        .expect("the second reply")["event_id"]
+        .clone();
+    let edits: Vec<&Value> = mine
+        .iter()
+        .filter(|e| e["content"]["m.relates_to"]["event_id"] == second)
+        .collect();
+    assert_eq!(
+        edits.last().unwrap()["content"]["m.new_content"]["body"],
+        text.trim_end()
+    );
+    let paced_coalesced = gw.stats().snapshot().coalesced - coalesced;
+    assert_eq!(edits.len() as u64 + paced_coalesced, 20);
+    eprintln!(
+        "streamed reply, 20 edits 100 ms apart: {} sent, {paced_coalesced} coalesced; the last text is the final one",
+        edits.len()
+    );
+}
+
+#[tokio::test]
+async fn inbound_edits_redactions_threads_and_media() {
+    let base = shared();
+    let bot = User::register(&base, "bot").await;
+    let alice = User::register(&base, "alice").await;
+    let room = alice.create_room(&[&bot.user_id]).await;
+    bot.join(&room).await;
+    let rig = Rig::new().await;
+    let (stop, task) = gateway(&rig, &base, &bot);
+    eventually("the first sync", T, || async {
+        since(&rig).await.is_some()
+    })
+    .await;
+    let first = alice.say(&room, "frist").await;
+    alice
+        .send(
+            &room,
+            json!({"msgtype": "m.text", "body": "* first",
+                   "m.new_content": {"msgtype": "m.text", "body": "first"},
+                   "m.relates_to": {"rel_type": "m.replace", "event_id": first}}),
+        )
+        .await;
+    alice
+        .send(
+            &room,
+            json!({"msgtype": "m.text", "body": "threaded",
+                   "m.relates_to": {"rel_type": "m.thread", "event_id": first,
+                                    "is_falling_back": true,
+                                    "m.in_reply_to": {"event_id": first}}}),
+        )
+        .await;
+    // Redacted before a sync saw it, the message would arrive emptied.
+    eventually("three events", T, || async {
+        inbound(&rig).await.len() >= 3
+    })
+    .await;
+    alice
+        .api(
+            reqwest::Method::PUT,
+            &format!("/rooms/{}/redact/{}/r1", seg(&room), seg(&first)),
+            Some(json!({"reason": "typo"})),
+        )
+        .await;
+    let up: Value = alice
+        .http
+        .post(format!("{base}/_matrix/media/v3/upload?filename=cat.png"))
+        .bearer_auth(&alice.token)
+        .header("content-type", "image/png")
+        .body(b"\x89PNG-not-really".to_vec())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    alice
+        .send(
+            &room,
+            json!({"msgtype": "m.image", "body": "cat.png", "url": up["content_uri"],
+                   "info": {"mimetype": "image/png", "size": 16}}),
+        )
+        .await;
+    eventually("five events", T, || async {
+        inbound(&rig).await.len() >= 5
+    })
+    .await;
+    let evs = inbound(&rig).await;
+    let kinds: Vec<&str> = evs.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(
+        kinds,
+        ["message", "edit", "message", "delete", "message"],
+        "{evs:#?}"
+    );
+    assert_eq!(evs[1].message_id.as_deref(), Some(first.as_str()));
+    assert_eq!(evs[1].text.as_deref(), Some("first"));
+    assert_eq!(evs[2].extra["thread_id"], first.as_str());
+    assert_eq!(evs[3].message_id.as_deref(), Some(first.as_str()));
+    assert_eq!(evs[3].extra["reason"], "typo");
+    let url = evs[4].extra["media_url"].as_str().unwrap();
+    assert!(url.contains("/_matrix/client/v1/media/download/"), "{url}");
+    let bytes = reqwest::Client::new()
+        .get(url)
+        .bearer_auth(&bot.token)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(&bytes[..], b"\x89PNG-not-really");
+    stop.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_rate_limited_join_is_retried_until_it_succeeds() {
+    // One join per 4 s (burst 1): the second invite's join meets a 429 and
+    // must be retried, once, by the one syncer.
+    let syn = tokio::task::spawn_blocking(|| {
+        PrivateSynapse::start(Limits {
+            joins: (0.25, 1),
+            ..UNLIMITED
+        })
+    })
+    .await
+    .unwrap();
+    let base = syn.base();
+    let bot = User::register(&base, "bot").await;
+    let alice = User::register(&base, "alice").await;
+    let rig = Rig::new().await;
+    let (stop, task) = gateway(&rig, &base, &bot);
+    eventually("the first sync", T, || async {
+        since(&rig).await.is_some()
+    })
+    .await;
+    let one = alice.create_room(&[&bot.user_id]).await;
+    let two = alice.create_room(&[&bot.user_id]).await;
+    eventually("both invites, joined", T, || async {
+        inbound(&rig)
+            .await
+            .iter()
+            .filter(|e| e.kind == "invite" && e.extra["joined"] == true)
+            .count()
+            == 2
+    })
+    .await;
+    let evs = inbound(&rig).await;
+    let invites: Vec<&InboundEvent> = evs.iter().filter(|e| e.kind == "invite").collect();
+    assert_eq!(invites.len(), 2, "{invites:#?}");
+    let rooms: std::collections::HashSet<&str> =
+        invites.iter().map(|e| e.channel_id.as_str()).collect();
+    assert_eq!(rooms, [one.as_str(), two.as_str()].into());
+    // One of them needed more than one try.
+    assert!(
+        invites
+            .iter()
+            .any(|e| e.extra.get("join_attempts").and_then(Value::as_u64) >= Some(2)),
+        "{invites:#?}"
+    );
+    for room in [&one, &two] {
+        assert!(alice.joined_members(room).await.contains(&bot.user_id));
+    }
+    let pending: std::collections::HashMap<String, String> = rig
+        .cmd(&["HGETALL", &format!("{}joins", rig.keys.matrix())])
+        .await;
+    assert!(pending.is_empty(), "{pending:?}");
+    stop.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test]
+async fn an_expired_token_is_refreshed_once_for_the_fleet() {
+    // Access tokens that expire after 8 s, refreshable.
+    let syn = tokio::task::spawn_blocking(|| {
+        PrivateSynapse::start(Limits {
+            extra: "refreshable_access_token_lifetime: 8s",
+            ..UNLIMITED
+        })
+    })
+    .await
+    .unwrap();
+    let base = syn.base();
+    let alice = User::register(&base, "alice").await;
+    let (bot, refresh) = User::register_refreshable(&base, "bot").await;
+    let issued = Instant::now();
+    let room = alice.create_room(&[&bot.user_id]).await;
+    bot.join(&room).await;
+    let rig = Rig::new().await;
+    let toml = config_toml(
+        &rig,
+        &base,
+        &bot,
+        "gw-mx",
+        "",
+        "refresh_token_env = \"MX_REFRESH\"",
+    );
+    let config = stargazer::config::Config::from_toml(&toml, Vec::new()).expect("config");
+    let env = [
+        ("MX_TOKEN".to_owned(), bot.token.clone()),
+        ("MX_REFRESH".to_owned(), refresh.clone()),
+    ]
+    .into();
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    let task = tokio::spawn(async move {
+        stargazer::gateway::run(config, env, s.cancelled_owned())
+            .await
+            .expect("gateway");
+    });
+    eventually("the first sync", T, || async {
+        since(&rig).await.is_some()
+    })
+    .await;
+    // Past the token's lifetime (the server must expire it: real time).
+    tokio::time::sleep(Duration::from_secs(9).saturating_sub(issued.elapsed())).await;
+    alice.say(&room, "after expiry").await;
+    eventually("`after expiry` inbound", T, || async {
+        inbound(&rig)
+            .await
+            .iter()
+            .any(|e| e.text.as_deref() == Some("after expiry"))
+    })
+    .await;
+    let out = Worker::from_bus(rig.bus.clone(), "sg:msg:", None).proxy();
+    out.send(&room, "still here").await.unwrap();
+    rig.drained(T).await;
+    assert!(rig.dlq().await.is_empty(), "{:?}", rig.dlq().await);
+    let sent = alice.messages_from(&room, &bot.user_id).await;
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0]["content"]["body"], "still here");
+    let stored: std::collections::HashMap<String, String> = rig
+        .cmd(&["HGETALL", &format!("{}token", rig.keys.matrix())])
+        .await;
+    assert!(
+        stored.get("access_token").is_some_and(|t| *t != bot.token),
+        "{:?}",
+        stored.keys()
+    );
+    assert!(stored.get("refresh_token").is_some_and(|t| *t != refresh));
+    stop.cancel();
+    task.await.unwrap();
 }

@@ -160,6 +160,11 @@ pub trait Adapter: Send + Sync + fmt::Debug {
         true
     }
 
+    /// Why [`Adapter::ready`] says false, for `/readyz` (None: no detail).
+    fn not_ready_reason(&self) -> Option<String> {
+        None
+    }
+
     /// While the platform's circuit is open (a send returned [`Retry::Halt`]),
     /// the dispatcher calls this with backoff; `Ok` closes the circuit and
     /// sends resume. It must be cheap and must not send anything a user sees
@@ -321,6 +326,42 @@ pub fn discord_session_from_config(
         bus.client().clone(),
         bus.conn(),
         bus.keys(),
+    )
+}
+
+/// The matrix adapter of a `[[platform]]` table, with its access token,
+/// keeping what the fleet shares (the buttons messages) in `bus`'s Redis.
+/// With `refresh_token`, an expired access token is refreshed (once for the
+/// fleet, the new tokens shared through Redis).
+pub fn matrix_shared_from_config(
+    p: &crate::config::PlatformConfig,
+    access_token: Option<String>,
+    refresh_token: Option<String>,
+    bus: &crate::bus::Bus,
+) -> Result<matrix::MatrixAdapter, String> {
+    Ok(matrix_from_config(p, access_token)?
+        .with_refresh_token(refresh_token)
+        .with_redis(bus.conn(), matrix::MatrixKeys::new(bus.keys().matrix())))
+}
+
+/// The Matrix syncer of a `[[platform]]` table: run by whichever gateway of
+/// the fleet holds its lease (`owner` is this gateway's consumer name).
+pub fn matrix_syncer_from_config(
+    p: &crate::config::PlatformConfig,
+    adapter: Arc<matrix::MatrixAdapter>,
+    owner: &str,
+    bus: &crate::bus::Bus,
+) -> Result<matrix::sync::Syncer, String> {
+    matrix::sync::Syncer::new(
+        adapter,
+        bus.conn(),
+        matrix::MatrixKeys::new(bus.keys().matrix()),
+        bus.keys().inbound(),
+        matrix::sync::SyncSettings {
+            owner: owner.to_owned(),
+            lease: Duration::from_millis(p.session_lease_ms),
+            timeline_limit: p.sync_timeline_limit,
+        },
     )
 }
 

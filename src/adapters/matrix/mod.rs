@@ -1,43 +1,55 @@
 //! The Matrix adapter: delivers actions to a homeserver through the
 //! client-server API v3 (plain `reqwest` + serde), fetches room history, and
-//! runs the `/sync` loop that turns what users do into inbound events.
+//! — in [`sync`] — runs the one `/sync` loop of the fleet that turns what
+//! users do into inbound events.
 //!
-//! Outbound, per action (the channel is a room id, `!abc:server`):
+//! Outbound, per action (the channel is a room id, `!abc:server`; see
+//! [`send`] for the content of each event):
 //!
-//! * `message` → `m.room.message` / `m.text` with an HTML-escaped
-//!   `formatted_body`, and `m.relates_to.m.in_reply_to` for `reply_to`.
+//! * `message` → `m.room.message` / `m.text`; Markdown rendered to
+//!   `formatted_body` when the text has markup; `reply_to` →
+//!   `m.in_reply_to`; an envelope `thread_id` → `rel_type: m.thread`;
+//!   `m.mentions` names only the envelope's `mentions` (never `@room` unless
+//!   `mention_room: true`); text over the 65,536-byte event limit goes out as
+//!   several events, in order, each with its own transaction id.
 //! * `buttons` (and a message with buttons) → the same, the buttons rendered as
 //!   a numbered list (Matrix has no buttons); the room's last buttons message is
-//!   remembered so a reply naming a number (or a keycap reaction) maps back to
-//!   the button's `custom_id` as an inbound `button` event.
+//!   recorded in Redis (`sg:{P}:matrix:buttons`) so the syncer, on whichever
+//!   gateway, maps a reply naming a number (or a keycap reaction) back to the
+//!   button's `custom_id` as an inbound `button` event.
+//! * `edit` → an `m.replace` of the target (`message_id` or `target_key`)
+//!   with `m.new_content`; `delete` → a redaction
+//!   (`PUT /rooms/{room}/redact/{event}/{txn}`, with the envelope's `reason`).
 //! * `file` → `POST /_matrix/media/v3/upload`, then `m.image` (image/*) or `m.file`.
 //! * `typing` / `stop_typing` → `PUT /rooms/{room}/typing/{user}`.
-//! * `reaction` → an `m.reaction` annotation.
+//! * `reaction` → an `m.reaction` annotation; the server's
+//!   `M_DUPLICATE_ANNOTATION` (the bot already reacted so) counts as delivered.
 //! * `presence` → `PUT /presence/{user}/status` with `status_msg`.
 //!
 //! Every send's transaction id is derived from the delivery's idempotency key
-//! (hex of SHA-256, 32 digits), so a resend after a crash is answered with the
-//! original event id and makes no second event (G2).
+//! (hex of SHA-256, 32 digits; the n-th further piece of a split message from
+//! the key and n), so a resend after a crash is answered with the original
+//! event id and makes no second event (G2).
 //!
 //! Errors: `M_LIMIT_EXCEEDED` (or a 429) waits `retry_after_ms` (or
-//! `Retry-After`); other 4xx (`M_FORBIDDEN`, `M_UNKNOWN_TOKEN`, `M_NOT_FOUND`, …)
-//! are permanent, with the errcode and the server's text; 5xx, 408 and
-//! transport failures are transient.
-//!
-//! Inbound: [`MatrixAdapter::run_sync`] long-polls `/sync`, keeps the `since`
-//! token in Redis (`sg:{P}:matrix:since`) so a restart resumes where it
-//! stopped, skips the bot's own events, and publishes `message`, `reaction`,
-//! `button` and `invite` events (joining invited rooms when `auto_join`). The
-//! very first sync of a platform (no stored token) only takes the position and
-//! the pending invites: old room history is not replayed as new messages.
-//! Delivery to the inbound stream is at least once: the token is stored after
-//! the batch's events are published.
+//! `Retry-After`, in seconds or as an HTTP date); `M_UNKNOWN_TOKEN`,
+//! `M_MISSING_TOKEN` and any 401 (a logged-out or soft-logged-out token) are
+//! [`AdapterError::unauthorized`]: the platform's sends stop, nothing is
+//! dead-lettered, and [`Adapter::probe`] (`GET /account/whoami`) tells when
+//! the token works again; other 4xx (`M_FORBIDDEN`, `M_NOT_FOUND`, …) are
+//! permanent, with the errcode and the server's text; 5xx, 408 and transport
+//! failures are transient.
+
+pub mod send;
+pub mod sync;
+mod token;
+
+mod inbound;
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::{Mutex, RwLock};
+use std::time::{Duration, SystemTime};
 
 use redis::AsyncCommands;
 use redis::aio::ConnectionManager;
@@ -45,12 +57,11 @@ use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use reqwest::{Method, StatusCode, Url};
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
-use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::warn;
 
 use super::{Adapter, AdapterError, BoxFuture, Capabilities, Delivered, Delivery, HistoryMessage};
 use crate::envelope::{Action, Button};
-use crate::inbound::{InboundEvent, InboundPublisher};
+use send::Extras;
 
 /// How long to wait after a rate limit that names no wait.
 const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(1);
@@ -62,8 +73,6 @@ const MAX_MESSAGE_CHARS: usize = 200;
 const DEFAULT_TYPING: Duration = Duration::from_secs(30);
 /// Most history messages one call returns.
 const MAX_HISTORY: usize = 100;
-/// Events of one room one sync returns at most.
-const SYNC_TIMELINE_LIMIT: u32 = 100;
 
 /// What a `[[platform]]` table with `adapter = "matrix"` configures.
 #[derive(Clone)]
@@ -95,24 +104,97 @@ impl fmt::Debug for MatrixSettings {
 }
 
 /// The last buttons message of a room, to map a pick back to its `custom_id`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 struct ButtonsMessage {
     event_id: String,
-    buttons: Vec<Button>,
+    buttons: Vec<Choice>,
+}
+
+/// One button of a buttons message, as a pick needs it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Choice {
+    label: String,
+    #[serde(default)]
+    custom_id: Option<String>,
+}
+
+/// The Redis keys of one Matrix platform (all under `sg:{P}:matrix:`, one
+/// hash slot); docs/operating.md lists them.
+#[derive(Debug, Clone)]
+pub struct MatrixKeys {
+    base: String,
+}
+
+impl MatrixKeys {
+    /// The keys under `base` (`sg:{P}:matrix:`, [`crate::keys::Keys::matrix`]).
+    pub fn new(base: impl Into<String>) -> Self {
+        Self { base: base.into() }
+    }
+
+    /// `since`: the `/sync` position up to which every event is published.
+    pub fn since(&self) -> String {
+        format!("{}since", self.base)
+    }
+
+    /// `sync:lease`: which gateway runs the platform's `/sync` (`SET PX`).
+    pub fn lease(&self) -> String {
+        format!("{}sync:lease", self.base)
+    }
+
+    /// `rooms`: room id → the last timeline event seen there (where a
+    /// backfill of a gap stops).
+    pub fn rooms(&self) -> String {
+        format!("{}rooms", self.base)
+    }
+
+    /// `token`: the fleet's current access and refresh tokens, once one was
+    /// refreshed (hash `access_token`, `refresh_token`).
+    pub fn token(&self) -> String {
+        format!("{}token", self.base)
+    }
+
+    /// `token:lock`: the gateway refreshing the token (`SET NX PX`).
+    pub fn token_lock(&self) -> String {
+        format!("{}token:lock", self.base)
+    }
+
+    /// `joins`: room id → a pending auto-join being retried (JSON).
+    pub fn joins(&self) -> String {
+        format!("{}joins", self.base)
+    }
+
+    /// `buttons`: room id → the room's last buttons message (JSON).
+    pub fn buttons(&self) -> String {
+        format!("{}buttons", self.base)
+    }
+}
+
+/// Where the adapter keeps what every gateway of the fleet must see.
+#[derive(Clone)]
+struct Shared {
+    conn: ConnectionManager,
+    keys: MatrixKeys,
 }
 
 /// Delivers actions to one Matrix account; see the module docs.
 pub struct MatrixAdapter {
     platform: String,
     base: String,
-    auth: HeaderValue,
+    /// `Bearer <access token>`; replaced when the token is refreshed.
+    auth: RwLock<HeaderValue>,
+    /// The refresh token, when the server gave one (see [`token`]).
+    refresh: tokio::sync::Mutex<Option<String>>,
     user_id: String,
     auto_join: bool,
     sync_timeout: Duration,
     client: reqwest::Client,
     sync_client: reqwest::Client,
+    /// The buttons messages this process sent (the only record without Redis).
     buttons: Mutex<HashMap<String, ButtonsMessage>>,
-    synced: AtomicBool,
+    shared: Option<Shared>,
+    /// Why the token is refused (a send or a sync got `M_UNKNOWN_TOKEN`),
+    /// until a probe or a sync succeeds again.
+    refused: Mutex<Option<String>>,
 }
 
 impl fmt::Debug for MatrixAdapter {
@@ -127,7 +209,34 @@ impl fmt::Debug for MatrixAdapter {
     }
 }
 
+/// A failed call: the classified error and the Matrix errcode, if any.
+#[derive(Debug, Clone)]
+struct Failure {
+    errcode: Option<String>,
+    /// The server said `soft_logout: true`: the token expired, and a
+    /// refresh token can replace it.
+    soft_logout: bool,
+    err: AdapterError,
+}
+
+impl From<Failure> for AdapterError {
+    fn from(f: Failure) -> Self {
+        f.err
+    }
+}
+
+impl Failure {
+    fn transient(message: String) -> Self {
+        Failure {
+            errcode: None,
+            soft_logout: false,
+            err: AdapterError::transient(message),
+        }
+    }
+}
+
 /// A request body.
+#[derive(Clone)]
 enum Body {
     None,
     Json(Value),
@@ -173,20 +282,68 @@ impl MatrixAdapter {
         Ok(Self {
             platform: platform.to_owned(),
             base: url.as_str().trim_end_matches('/').to_owned(),
-            auth,
+            auth: RwLock::new(auth),
+            refresh: tokio::sync::Mutex::new(None),
             user_id: settings.user_id.clone(),
             auto_join: settings.auto_join,
             sync_timeout: settings.sync_timeout,
             client: build(settings.request_timeout)?,
             sync_client: build(settings.sync_timeout + settings.request_timeout)?,
             buttons: Mutex::new(HashMap::new()),
-            synced: AtomicBool::new(false),
+            shared: None,
+            refused: Mutex::new(None),
         })
+    }
+
+    /// Keep the buttons messages in Redis (`keys.buttons()`), so a pick is
+    /// mapped back by the syncer whichever gateway sent the buttons.
+    pub fn with_redis(mut self, conn: ConnectionManager, keys: MatrixKeys) -> Self {
+        self.shared = Some(Shared { conn, keys });
+        self
     }
 
     /// The bot's own user id.
     pub fn user_id(&self) -> &str {
         &self.user_id
+    }
+
+    /// The platform name.
+    pub fn platform(&self) -> &str {
+        &self.platform
+    }
+
+    /// Why the token is refused, while it is.
+    pub fn refused(&self) -> Option<String> {
+        self.refused.lock().expect("refused lock").clone()
+    }
+
+    fn set_refused(&self, why: Option<&str>) {
+        let mut r = self.refused.lock().expect("refused lock");
+        if r.as_deref() != why {
+            match why {
+                Some(w) => {
+                    warn!(platform = %self.platform, error = %w, "matrix: the access token is refused; sends and sync pause until it works again")
+                }
+                None => {
+                    tracing::info!(platform = %self.platform, "matrix: the access token works again")
+                }
+            }
+            *r = why.map(str::to_owned);
+        }
+    }
+
+    /// Note a call's outcome for the token's state: a refusal is recorded,
+    /// any answer that is not one clears it.
+    fn note<T>(&self, r: &Result<T, Failure>) {
+        match r {
+            Err(f) if f.err.retry == super::Retry::Halt => self.set_refused(Some(&f.err.message)),
+            Err(f) if f.errcode.is_none() && f.err.retry == super::Retry::Backoff => {}
+            _ => {
+                if self.refused.lock().expect("refused lock").is_some() {
+                    self.set_refused(None);
+                }
+            }
+        }
     }
 
     /// One call to the homeserver: `path` starts with `/_matrix/`, its
@@ -199,7 +356,38 @@ impl MatrixAdapter {
         query: &[(&str, &str)],
         body: Body,
         long_poll: bool,
-    ) -> Result<Value, AdapterError> {
+    ) -> Result<Value, Failure> {
+        let sent_with = self.current_auth();
+        let mut r = self
+            .call_once(method.clone(), path, query, body.clone(), long_poll)
+            .await;
+        let expired = matches!(&r, Err(f) if f.soft_logout);
+        if expired && self.has_refresh_token().await {
+            // The access token expired: refresh it (or take the one another
+            // gateway refreshed) and try once more.
+            match self.refresh_token(&sent_with).await {
+                Ok(()) => r = self.call_once(method, path, query, body, long_poll).await,
+                Err(e) => {
+                    warn!(platform = %self.platform, error = %e.message, "matrix: refreshing the access token failed");
+                }
+            }
+        }
+        self.note(&r);
+        r
+    }
+
+    fn current_auth(&self) -> HeaderValue {
+        self.auth.read().expect("auth lock").clone()
+    }
+
+    async fn call_once(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(&str, &str)],
+        body: Body,
+        long_poll: bool,
+    ) -> Result<Value, Failure> {
         let client = if long_poll {
             &self.sync_client
         } else {
@@ -207,7 +395,7 @@ impl MatrixAdapter {
         };
         let mut req = client
             .request(method.clone(), format!("{}{path}", self.base))
-            .header(AUTHORIZATION, self.auth.clone());
+            .header(AUTHORIZATION, self.current_auth());
         if !query.is_empty() {
             req = req.query(query);
         }
@@ -219,17 +407,16 @@ impl MatrixAdapter {
         // The path names rooms and users but never the token.
         let what = format!("{method} {}", path.split('?').next().unwrap_or(path));
         let resp = req.send().await.map_err(|e| {
-            AdapterError::transient(format!("matrix {what} failed: {}", e.without_url()))
+            Failure::transient(format!("matrix {what} failed: {}", e.without_url()))
         })?;
         let status = resp.status();
         let retry_after = resp
             .headers()
             .get(RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
+            .and_then(|v| parse_retry_after(v, SystemTime::now()));
         let bytes = resp.bytes().await.map_err(|e| {
-            AdapterError::transient(format!(
+            Failure::transient(format!(
                 "matrix {what}: reading the answer failed: {}",
                 e.without_url()
             ))
@@ -239,7 +426,7 @@ impl MatrixAdapter {
                 return Ok(Value::Null);
             }
             return serde_json::from_slice(&bytes).map_err(|e| {
-                AdapterError::transient(format!("matrix {what}: answer is not JSON: {e}"))
+                Failure::transient(format!("matrix {what}: answer is not JSON: {e}"))
             });
         }
         Err(classify(&what, status, retry_after, &bytes))
@@ -252,7 +439,7 @@ impl MatrixAdapter {
         event_type: &str,
         txn: &str,
         content: Value,
-    ) -> Result<String, AdapterError> {
+    ) -> Result<String, Failure> {
         let path = format!(
             "/_matrix/client/v3/rooms/{}/send/{}/{}",
             seg(room),
@@ -265,7 +452,7 @@ impl MatrixAdapter {
         v.get("event_id")
             .and_then(Value::as_str)
             .map(str::to_owned)
-            .ok_or_else(|| AdapterError::transient("matrix send answered without event_id"))
+            .ok_or_else(|| Failure::transient("matrix send answered without event_id".into()))
     }
 
     /// Upload `data` to the media repository: its `mxc://` URI.
@@ -290,44 +477,98 @@ impl MatrixAdapter {
             .ok_or_else(|| AdapterError::transient("matrix upload answered without content_uri"))
     }
 
+    /// A message: one event, or several (in order) when the text is longer
+    /// than one event holds; the id of the first.
     async fn send_text(
         &self,
         room: &str,
-        txn: &str,
+        key: &str,
         text: &str,
         reply_to: Option<&str>,
         buttons: &[Button],
+        x: &Extras,
     ) -> Result<String, AdapterError> {
-        let mut content = text_content(text, buttons);
-        if let Some(parent) = reply_to {
-            content.insert(
-                "m.relates_to".into(),
-                json!({"m.in_reply_to": {"event_id": parent}}),
-            );
+        let contents = send::message_contents(text, reply_to, buttons, x);
+        let mut first = None;
+        let mut last = String::new();
+        for (i, content) in contents.into_iter().enumerate() {
+            let txn = piece_txn_id(key, i);
+            last = self
+                .send_event(room, "m.room.message", &txn, Value::Object(content))
+                .await?;
+            first.get_or_insert_with(|| last.clone());
         }
-        let event_id = self
-            .send_event(room, "m.room.message", txn, Value::Object(content))
-            .await?;
         if buttons.iter().any(|b| b.custom_id.is_some()) {
-            self.buttons.lock().expect("buttons lock").insert(
-                room.to_owned(),
-                ButtonsMessage {
-                    event_id: event_id.clone(),
-                    buttons: buttons.to_vec(),
-                },
-            );
+            self.remember_buttons(room, &last, buttons).await?;
         }
-        Ok(event_id)
+        Ok(first.unwrap_or(last))
     }
 
+    /// Record `event_id` as `room`'s last buttons message.
+    async fn remember_buttons(
+        &self,
+        room: &str,
+        event_id: &str,
+        buttons: &[Button],
+    ) -> Result<(), AdapterError> {
+        let msg = ButtonsMessage {
+            event_id: event_id.to_owned(),
+            buttons: buttons
+                .iter()
+                .map(|b| Choice {
+                    label: b.label.clone(),
+                    custom_id: b.custom_id.clone(),
+                })
+                .collect(),
+        };
+        if let Some(sh) = &self.shared {
+            let mut conn = sh.conn.clone();
+            let json = serde_json::to_string(&msg).expect("buttons serialise");
+            conn.hset::<_, _, _, ()>(sh.keys.buttons(), room, json)
+                .await
+                .map_err(|e| {
+                    AdapterError::transient(format!(
+                        "matrix: recording the buttons message in Redis failed: {e}"
+                    ))
+                })?;
+        }
+        self.buttons
+            .lock()
+            .expect("buttons lock")
+            .insert(room.to_owned(), msg);
+        Ok(())
+    }
+
+    /// `room`'s last buttons message: Redis's record, else this process's.
+    async fn buttons_of(&self, room: &str) -> Option<ButtonsMessage> {
+        if let Some(sh) = &self.shared {
+            let mut conn = sh.conn.clone();
+            match conn
+                .hget::<_, _, Option<String>>(sh.keys.buttons(), room)
+                .await
+            {
+                Ok(Some(s)) => return serde_json::from_str(&s).ok(),
+                Ok(None) => {}
+                Err(e) => {
+                    warn!(platform = %self.platform, error = %e, "matrix: reading a buttons message from Redis failed");
+                }
+            }
+        }
+        self.buttons
+            .lock()
+            .expect("buttons lock")
+            .get(room)
+            .cloned()
+    }
+
+    /// Upload a file, then send it as `m.image` or `m.file` with `caption`.
     async fn send_file(
         &self,
         room: &str,
         txn: &str,
-        data: &[u8],
-        filename: &str,
-        mime: &str,
+        (data, filename, mime): (&[u8], &str, &str),
         caption: Option<&str>,
+        x: &Extras,
     ) -> Result<String, AdapterError> {
         let size = data.len();
         let uri = self.upload(data.to_vec(), filename, mime).await?;
@@ -338,14 +579,20 @@ impl MatrixAdapter {
         };
         // Matrix 1.10 captions: `body` is the caption when `filename` differs.
         let body = caption.filter(|c| !c.is_empty()).unwrap_or(filename);
-        let content = json!({
+        let mut content = json!({
             "msgtype": msgtype,
             "body": body,
             "filename": filename,
             "url": uri,
             "info": {"mimetype": mime, "size": size},
+            "m.mentions": x.mentions_object(),
         });
-        self.send_event(room, "m.room.message", txn, content).await
+        if let Some(rel) = send::relation(None, x.thread_id.as_deref()) {
+            content["m.relates_to"] = rel;
+        }
+        Ok(self
+            .send_event(room, "m.room.message", txn, content)
+            .await?)
     }
 
     async fn typing(&self, room: &str, on: bool, ttl: Duration) -> Result<(), AdapterError> {
@@ -360,8 +607,8 @@ impl MatrixAdapter {
             json!({"typing": false})
         };
         self.call_api(Method::PUT, &path, &[], Body::Json(body), false)
-            .await
-            .map(|_| ())
+            .await?;
+        Ok(())
     }
 
     async fn presence(&self, text: Option<&str>, emoji: Option<&str>) -> Result<(), AdapterError> {
@@ -377,15 +624,39 @@ impl MatrixAdapter {
             body["status_msg"] = Value::from(s);
         }
         self.call_api(Method::PUT, &path, &[], Body::Json(body), false)
-            .await
-            .map(|_| ())
+            .await?;
+        Ok(())
     }
 
+    /// `POST /join/{room}`.
     async fn join(&self, room: &str) -> Result<(), AdapterError> {
         let path = format!("/_matrix/client/v3/join/{}", seg(room));
         self.call_api(Method::POST, &path, &[], Body::Json(json!({})), false)
-            .await
-            .map(|_| ())
+            .await?;
+        Ok(())
+    }
+
+    /// `GET /account/whoami`: the token works (and is this bot's).
+    async fn whoami(&self) -> Result<(), AdapterError> {
+        let v = self
+            .call_api(
+                Method::GET,
+                "/_matrix/client/v3/account/whoami",
+                &[],
+                Body::None,
+                false,
+            )
+            .await?;
+        match v.get("user_id").and_then(Value::as_str) {
+            Some(u) if u == self.user_id => Ok(()),
+            Some(u) => Err(AdapterError::unauthorized(format!(
+                "the matrix access token belongs to {u}, not the configured user_id {}",
+                self.user_id
+            ))),
+            None => Err(AdapterError::transient(
+                "matrix whoami answered without user_id",
+            )),
+        }
     }
 
     async fn deliver_inner(&self, d: &Delivery<'_>) -> Result<Delivered, AdapterError> {
@@ -399,9 +670,20 @@ impl MatrixAdapter {
                     AdapterError::permanent("a matrix delivery needs channel_id (a room id)")
                 })
         };
-        let txn = txn_id(d.idempotency_key);
+        let x = Extras::from_raw(&env.raw)
+            .map_err(|e| AdapterError::permanent(format!("matrix envelope: {e}")))?;
+        let key = d.idempotency_key;
+        let txn = txn_id(key);
         let sent = |id: String| Delivered {
             message_id: Some(id),
+        };
+        let target = || {
+            d.target.filter(|t| !t.is_empty()).ok_or_else(|| {
+                AdapterError::permanent(format!(
+                    "a matrix {} needs the target message's event id (message_id or a resolvable target_key)",
+                    env.action.type_name()
+                ))
+            })
         };
         match &env.action {
             Action::Message {
@@ -409,11 +691,11 @@ impl MatrixAdapter {
                 reply_to,
                 buttons,
             } => self
-                .send_text(room()?, &txn, text, reply_to.as_deref(), buttons)
+                .send_text(room()?, key, text, reply_to.as_deref(), buttons, &x)
                 .await
                 .map(sent),
             Action::Buttons { text, buttons } => self
-                .send_text(room()?, &txn, text, None, buttons)
+                .send_text(room()?, key, text, None, buttons, &x)
                 .await
                 .map(sent),
             Action::File {
@@ -422,7 +704,13 @@ impl MatrixAdapter {
                 mimetype,
                 text,
             } => self
-                .send_file(room()?, &txn, data, filename, mimetype, text.as_deref())
+                .send_file(
+                    room()?,
+                    &txn,
+                    (data, filename, mimetype),
+                    text.as_deref(),
+                    &x,
+                )
                 .await
                 .map(sent),
             Action::StartTyping => {
@@ -441,18 +729,60 @@ impl MatrixAdapter {
             Action::Reaction { message_id, emoji } => {
                 let content = json!({"m.relates_to": {
                     "rel_type": "m.annotation", "event_id": message_id, "key": emoji}});
-                self.send_event(room()?, "m.reaction", &txn, content)
-                    .await
-                    .map(sent)
+                match self.send_event(room()?, "m.reaction", &txn, content).await {
+                    Ok(id) => Ok(sent(id)),
+                    // The bot has reacted so already: what was asked is there.
+                    Err(f) if f.errcode.as_deref() == Some("M_DUPLICATE_ANNOTATION") => {
+                        crate::metrics::matrix_duplicate_reaction(&self.platform);
+                        Ok(Delivered::default())
+                    }
+                    Err(f) => Err(f.err),
+                }
             }
             Action::Presence { text, emoji } => {
                 self.presence(text.as_deref(), emoji.as_deref()).await?;
                 Ok(Delivered::default())
             }
-            Action::Edit { .. } | Action::Delete { .. } => Err(AdapterError::permanent(format!(
-                "the {} adapter does not edit or delete messages yet",
-                self.kind()
-            ))),
+            Action::Edit { text, buttons, .. } => {
+                let target = target()?;
+                let content = send::edit_content(target, text, buttons, &x);
+                let size = send::json_len(&content);
+                if size > send::MAX_CONTENT_BYTES {
+                    return Err(AdapterError::permanent(format!(
+                        "a matrix edit of {size} bytes does not fit in one event (at most {} bytes of content; the limit is {} per event): send the rest as a new message",
+                        send::MAX_CONTENT_BYTES,
+                        send::MAX_EVENT_BYTES
+                    )));
+                }
+                let room = room()?;
+                let id = self
+                    .send_event(room, "m.room.message", &txn, Value::Object(content))
+                    .await?;
+                if buttons.iter().any(|b| b.custom_id.is_some()) {
+                    // A pick replies to the original event, not the edit.
+                    self.remember_buttons(room, target, buttons).await?;
+                }
+                Ok(sent(id))
+            }
+            Action::Delete { .. } => {
+                let target = target()?;
+                let path = format!(
+                    "/_matrix/client/v3/rooms/{}/redact/{}/{}",
+                    seg(room()?),
+                    seg(target),
+                    seg(&txn)
+                );
+                let body = match &x.reason {
+                    Some(r) => json!({"reason": r}),
+                    None => json!({}),
+                };
+                let v = self
+                    .call_api(Method::PUT, &path, &[], Body::Json(body), false)
+                    .await?;
+                Ok(Delivered {
+                    message_id: v.get("event_id").and_then(Value::as_str).map(str::to_owned),
+                })
+            }
             Action::Rpc { method, .. } => Err(AdapterError::permanent(format!(
                 "rpc_request `{method}` is answered by the gateway, not delivered to matrix"
             ))),
@@ -502,294 +832,6 @@ impl MatrixAdapter {
             reactions: Vec::new(),
         })
     }
-
-    /// The inline filter of every `/sync`: only what becomes inbound events.
-    fn sync_filter() -> String {
-        json!({
-            "presence": {"types": []},
-            "account_data": {"types": []},
-            "room": {
-                "timeline": {"limit": SYNC_TIMELINE_LIMIT, "types": ["m.room.message", "m.reaction"]},
-                "state": {"types": ["m.room.member"], "lazy_load_members": true},
-                "ephemeral": {"types": []},
-                "account_data": {"types": []},
-            },
-        })
-        .to_string()
-    }
-
-    /// One `/sync` call from `since` (or the first, which does not wait).
-    async fn sync_once(&self, since: Option<&str>) -> Result<Value, AdapterError> {
-        let filter = Self::sync_filter();
-        let timeout = if since.is_some() {
-            self.sync_timeout.as_millis().to_string()
-        } else {
-            "0".to_owned()
-        };
-        let mut query = vec![("filter", filter.as_str()), ("timeout", timeout.as_str())];
-        if let Some(s) = since {
-            query.push(("since", s));
-        }
-        self.call_api(
-            Method::GET,
-            "/_matrix/client/v3/sync",
-            &query,
-            Body::None,
-            true,
-        )
-        .await
-    }
-
-    /// Long-poll `/sync` until `stop`, publishing inbound events and keeping
-    /// the position in `since_key` (see the module docs).
-    pub async fn run_sync(
-        self: std::sync::Arc<Self>,
-        inbound: InboundPublisher,
-        mut conn: ConnectionManager,
-        since_key: String,
-        stop: CancellationToken,
-    ) {
-        let mut backoff = Duration::from_secs(1);
-        let mut since: Option<String> = loop {
-            let r: redis::RedisResult<Option<String>> = tokio::select! {
-                r = conn.get(&since_key) => r,
-                _ = stop.cancelled() => return,
-            };
-            match r {
-                Ok(s) => break s,
-                Err(e) => {
-                    warn!(platform = %self.platform, error = %e, "matrix: reading the sync position failed; retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = stop.cancelled() => return,
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
-                }
-            }
-        };
-        info!(platform = %self.platform, resume = since.is_some(), "matrix sync loop started");
-        backoff = Duration::from_secs(1);
-        while !stop.is_cancelled() {
-            let r = tokio::select! {
-                r = self.sync_once(since.as_deref()) => r,
-                _ = stop.cancelled() => break,
-            };
-            let resp = match r {
-                Ok(v) => v,
-                Err(e) => {
-                    let wait = match e.retry {
-                        super::Retry::After(d) => d,
-                        _ => backoff,
-                    };
-                    warn!(platform = %self.platform, error = %e.message, wait_ms = wait.as_millis() as u64, "matrix sync failed; retrying");
-                    self.synced.store(false, Ordering::Relaxed);
-                    tokio::select! {
-                        _ = tokio::time::sleep(wait) => {}
-                        _ = stop.cancelled() => break,
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
-                    continue;
-                }
-            };
-            backoff = Duration::from_secs(1);
-            let Some(next) = resp.get("next_batch").and_then(Value::as_str) else {
-                warn!(platform = %self.platform, "matrix sync answered without next_batch");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            };
-            let events = self.events_of(&resp, since.is_none()).await;
-            let mut published = true;
-            for ev in &events {
-                if let Err(e) = inbound.publish(ev).await {
-                    warn!(platform = %self.platform, error = %e, "matrix: publishing an inbound event failed; the batch will be fetched again");
-                    published = false;
-                    break;
-                }
-            }
-            if !published {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            }
-            if let Err(e) = conn.set::<_, _, ()>(&since_key, next).await {
-                warn!(platform = %self.platform, error = %e, "matrix: storing the sync position failed");
-            }
-            since = Some(next.to_owned());
-            self.synced.store(true, Ordering::Relaxed);
-        }
-        info!(platform = %self.platform, "matrix sync loop stopped");
-    }
-
-    /// The inbound events of one sync answer (joining invited rooms on the way).
-    async fn events_of(&self, resp: &Value, initial: bool) -> Vec<InboundEvent> {
-        let mut out = Vec::new();
-        let rooms = resp.get("rooms");
-        if let Some(invites) = rooms
-            .and_then(|r| r.get("invite"))
-            .and_then(Value::as_object)
-        {
-            for (room, inv) in invites {
-                let inviter = inv
-                    .pointer("/invite_state/events")
-                    .and_then(Value::as_array)
-                    .and_then(|evs| {
-                        evs.iter().find(|e| {
-                            e.get("type").and_then(Value::as_str) == Some("m.room.member")
-                                && e.get("state_key").and_then(Value::as_str)
-                                    == Some(self.user_id.as_str())
-                        })
-                    })
-                    .and_then(|e| e.get("sender").and_then(Value::as_str))
-                    .unwrap_or_default()
-                    .to_owned();
-                let joined = if self.auto_join {
-                    match self.join(room).await {
-                        Ok(()) => true,
-                        Err(e) => {
-                            warn!(platform = %self.platform, room = %room, error = %e.message, "matrix: joining an invited room failed");
-                            false
-                        }
-                    }
-                } else {
-                    false
-                };
-                let mut ev = self.event("invite", room, &inviter, crate::now_ms());
-                ev.extra.insert("joined".into(), Value::Bool(joined));
-                out.push(ev);
-            }
-        }
-        if initial {
-            return out;
-        }
-        let Some(joined) = rooms.and_then(|r| r.get("join")).and_then(Value::as_object) else {
-            return out;
-        };
-        for (room, data) in joined {
-            let Some(timeline) = data.pointer("/timeline/events").and_then(Value::as_array) else {
-                continue;
-            };
-            for ev in timeline {
-                if let Some(e) = self.timeline_event(room, ev) {
-                    out.push(e);
-                }
-            }
-        }
-        out
-    }
-
-    fn event(&self, kind: &str, room: &str, sender: &str, ts_ms: u64) -> InboundEvent {
-        InboundEvent {
-            kind: kind.into(),
-            platform: self.platform.clone(),
-            channel_id: room.into(),
-            user_id: sender.into(),
-            user_name: localpart(sender).into(),
-            text: None,
-            message_id: None,
-            reply_to: None,
-            emoji: None,
-            custom_id: None,
-            ts_ms,
-            extra: Map::new(),
-        }
-    }
-
-    /// One timeline event as an inbound event, or `None` for what is not one
-    /// (the bot's own, state, edits, redacted).
-    fn timeline_event(&self, room: &str, ev: &Value) -> Option<InboundEvent> {
-        let sender = ev.get("sender")?.as_str()?;
-        if sender == self.user_id || ev.get("state_key").is_some() {
-            return None;
-        }
-        let event_id = ev.get("event_id")?.as_str()?;
-        let content = ev.get("content")?.as_object()?;
-        let ts = ev
-            .get("origin_server_ts")
-            .and_then(Value::as_u64)
-            .unwrap_or(0);
-        match ev.get("type")?.as_str()? {
-            "m.room.message" => {
-                let relates = content.get("m.relates_to");
-                if relates
-                    .and_then(|r| r.get("rel_type"))
-                    .and_then(Value::as_str)
-                    == Some("m.replace")
-                {
-                    return None;
-                }
-                let body = content.get("body")?.as_str()?;
-                let reply_to = reply_target(content);
-                let text = strip_reply_fallback(body, reply_to.is_some());
-                let picked = reply_to
-                    .as_deref()
-                    .and_then(|parent| self.pick(room, parent, text.trim(), true));
-                let mut e = match picked {
-                    Some(custom_id) => {
-                        let mut e = self.event("button", room, sender, ts);
-                        e.custom_id = Some(custom_id);
-                        e.message_id = reply_to.clone();
-                        e.extra.insert("event_id".into(), Value::from(event_id));
-                        e
-                    }
-                    None => {
-                        let mut e = self.event("message", room, sender, ts);
-                        e.message_id = Some(event_id.to_owned());
-                        e.reply_to = reply_to;
-                        e
-                    }
-                };
-                e.text = Some(text);
-                if let Some(t) = content.get("msgtype").and_then(Value::as_str) {
-                    e.extra.insert("msgtype".into(), Value::from(t));
-                }
-                Some(e)
-            }
-            "m.reaction" => {
-                let rel = content.get("m.relates_to")?;
-                if rel.get("rel_type").and_then(Value::as_str) != Some("m.annotation") {
-                    return None;
-                }
-                let target = rel.get("event_id")?.as_str()?;
-                let key = rel.get("key")?.as_str()?;
-                let mut e = match self.pick(room, target, key, false) {
-                    Some(custom_id) => {
-                        let mut e = self.event("button", room, sender, ts);
-                        e.custom_id = Some(custom_id);
-                        e.text = Some(key.to_owned());
-                        e
-                    }
-                    None => {
-                        let mut e = self.event("reaction", room, sender, ts);
-                        e.emoji = Some(key.to_owned());
-                        e
-                    }
-                };
-                e.message_id = Some(target.to_owned());
-                e.extra.insert("event_id".into(), Value::from(event_id));
-                Some(e)
-            }
-            _ => None,
-        }
-    }
-
-    /// The `custom_id` a reply's text (a number or a label) or a reaction's
-    /// key (a keycap digit) picks on the room's last buttons message `parent`.
-    fn pick(&self, room: &str, parent: &str, choice: &str, by_label: bool) -> Option<String> {
-        let guard = self.buttons.lock().expect("buttons lock");
-        let msg = guard.get(room).filter(|m| m.event_id == parent)?;
-        let index = number_of(choice)
-            .filter(|n| (1..=msg.buttons.len()).contains(n))
-            .map(|n| n - 1)
-            .or_else(|| {
-                by_label
-                    .then(|| {
-                        msg.buttons
-                            .iter()
-                            .position(|b| b.label.trim().eq_ignore_ascii_case(choice))
-                    })
-                    .flatten()
-            })?;
-        msg.buttons[index].custom_id.clone()
-    }
 }
 
 impl Adapter for MatrixAdapter {
@@ -798,15 +840,22 @@ impl Adapter for MatrixAdapter {
     }
 
     fn capabilities(&self) -> Capabilities {
-        // Edits (m.replace) and redactions arrive with the Matrix issue.
-        Capabilities {
-            edits: false,
-            ..Capabilities::ALL
-        }
+        Capabilities::ALL
     }
 
+    /// Ready unless the token is refused: any gateway can send, whichever
+    /// of them runs the platform's sync.
     fn ready(&self) -> bool {
-        self.synced.load(Ordering::Relaxed)
+        self.refused().is_none()
+    }
+
+    fn not_ready_reason(&self) -> Option<String> {
+        self.refused()
+            .map(|why| format!("the matrix access token is refused ({why})"))
+    }
+
+    fn probe(&self) -> BoxFuture<'_, Result<(), AdapterError>> {
+        Box::pin(self.whoami())
     }
 
     fn deliver<'a>(
@@ -832,6 +881,27 @@ pub fn txn_id(idempotency_key: &str) -> String {
     format!("sg{}", &hex::encode(digest)[..32])
 }
 
+/// The transaction id of piece `n` of a message split into several events:
+/// the first is [`txn_id`] itself, so an unsplit message keeps its id.
+pub fn piece_txn_id(idempotency_key: &str, n: usize) -> String {
+    if n == 0 {
+        txn_id(idempotency_key)
+    } else {
+        txn_id(&format!("{idempotency_key}\u{0}{n}"))
+    }
+}
+
+/// A `Retry-After` header: delay-seconds, or an HTTP date (RFC 9110) read
+/// against `now` (a date already past waits nothing).
+pub fn parse_retry_after(v: &str, now: SystemTime) -> Option<Duration> {
+    let v = v.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(v).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
 /// `s` percent-encoded as one URL path segment (everything but unreserved
 /// characters), so `!room:server`, `@user:server` and `$event` stay one segment.
 pub fn seg(s: &str) -> String {
@@ -852,63 +922,11 @@ fn localpart(user_id: &str) -> &str {
     s.split(':').next().unwrap_or(s)
 }
 
-fn valid_user_id(s: &str) -> bool {
+/// Whether `s` looks like `@name:server`.
+pub fn valid_user_id(s: &str) -> bool {
     s.strip_prefix('@')
         .and_then(|rest| rest.split_once(':'))
         .is_some_and(|(name, server)| !name.is_empty() && !server.is_empty())
-}
-
-/// `text` escaped for HTML, newlines as `<br>`.
-pub fn html_escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            '\n' => out.push_str("<br>"),
-            c => out.push(c),
-        }
-    }
-    out
-}
-
-/// The content of an `m.text` message, the buttons (if any) as a numbered list.
-fn text_content(text: &str, buttons: &[Button]) -> Map<String, Value> {
-    let mut body = text.to_owned();
-    let mut html = html_escape(text);
-    if !buttons.is_empty() {
-        html.push_str("<ol>");
-        for (i, b) in buttons.iter().enumerate() {
-            body.push_str(&format!("\n{}. {}", i + 1, b.label));
-            match &b.url {
-                Some(url) => {
-                    body.push_str(&format!(" ({url})"));
-                    html.push_str(&format!(
-                        "<li><a href=\"{}\">{}</a></li>",
-                        html_escape(url),
-                        html_escape(&b.label)
-                    ));
-                }
-                None => html.push_str(&format!("<li>{}</li>", html_escape(&b.label))),
-            }
-        }
-        html.push_str("</ol>");
-    }
-    let mut m = Map::new();
-    m.insert("msgtype".into(), Value::from("m.text"));
-    m.insert("body".into(), Value::from(body));
-    m.insert("format".into(), Value::from("org.matrix.custom.html"));
-    m.insert("formatted_body".into(), Value::from(html));
-    if !buttons.is_empty() {
-        m.insert(
-            "org.stargazer.buttons".into(),
-            serde_json::to_value(buttons).unwrap_or(Value::Null),
-        );
-    }
-    m
 }
 
 /// The event a message replies to.
@@ -949,12 +967,7 @@ fn number_of(s: &str) -> Option<usize> {
 }
 
 /// Classify a non-2xx answer: see the module docs.
-fn classify(
-    what: &str,
-    status: StatusCode,
-    retry_after: Option<Duration>,
-    body: &[u8],
-) -> AdapterError {
+fn classify(what: &str, status: StatusCode, retry_after: Option<Duration>, body: &[u8]) -> Failure {
     let parsed: Option<Map<String, Value>> = serde_json::from_slice(body).ok();
     let field = |k: &str| {
         parsed
@@ -984,7 +997,14 @@ fn classify(
             None => message.push_str(&text),
         }
     }
-    if status == StatusCode::TOO_MANY_REQUESTS || errcode.as_deref() == Some("M_LIMIT_EXCEEDED") {
+    let soft_logout = parsed
+        .as_ref()
+        .and_then(|m| m.get("soft_logout"))
+        .and_then(Value::as_bool)
+        == Some(true);
+    let err = if status == StatusCode::TOO_MANY_REQUESTS
+        || errcode.as_deref() == Some("M_LIMIT_EXCEEDED")
+    {
         let after = parsed
             .as_ref()
             .and_then(|m| m.get("retry_after_ms"))
@@ -993,12 +1013,29 @@ fn classify(
             .or(retry_after)
             .unwrap_or(DEFAULT_RETRY_AFTER)
             .min(MAX_RETRY_AFTER);
-        return AdapterError::rate_limited(after, format!("{message} (retry after {after:?})"));
+        AdapterError::rate_limited(after, format!("{message} (retry after {after:?})"))
+    } else if status == StatusCode::UNAUTHORIZED
+        || matches!(
+            errcode.as_deref(),
+            Some("M_UNKNOWN_TOKEN" | "M_MISSING_TOKEN")
+        )
+    {
+        // Logged out, expired (soft logout) or never valid: no request of
+        // this token can succeed; the platform's circuit opens.
+        if soft_logout {
+            message.push_str(" (soft logout: the token expired; log the bot in again)");
+        }
+        AdapterError::unauthorized(message)
+    } else if status.is_server_error() || status == StatusCode::REQUEST_TIMEOUT {
+        AdapterError::transient(message)
+    } else {
+        AdapterError::permanent(message)
+    };
+    Failure {
+        errcode,
+        soft_logout,
+        err,
     }
-    if status.is_server_error() || status == StatusCode::REQUEST_TIMEOUT {
-        return AdapterError::transient(message);
-    }
-    AdapterError::permanent(message)
 }
 
 #[cfg(test)]
@@ -1033,37 +1070,6 @@ mod tests {
     }
 
     #[test]
-    fn html_is_escaped_and_buttons_numbered() {
-        assert_eq!(
-            html_escape("<b>&\"x'\ny"),
-            "&lt;b&gt;&amp;&quot;x&#39;<br>y"
-        );
-        let buttons = vec![
-            Button {
-                label: "Yes".into(),
-                custom_id: Some("yes".into()),
-                url: None,
-                style: None,
-            },
-            Button {
-                label: "Docs <1>".into(),
-                custom_id: None,
-                url: Some("https://e.org/?a=1&b=2".into()),
-                style: None,
-            },
-        ];
-        let c = text_content("Pick", &buttons);
-        assert_eq!(
-            c["body"],
-            "Pick\n1. Yes\n2. Docs <1> (https://e.org/?a=1&b=2)"
-        );
-        assert_eq!(
-            c["formatted_body"],
-            "Pick<ol><li>Yes</li><li><a href=\"https://e.org/?a=1&amp;b=2\">Docs &lt;1&gt;</a></li></ol>"
-        );
-    }
-
-    #[test]
     fn picks_read_numbers_and_keycaps() {
         assert_eq!(number_of("2"), Some(2));
         assert_eq!(number_of(" #3. "), Some(3));
@@ -1089,6 +1095,7 @@ mod tests {
                 header.map(Duration::from_secs),
                 body.as_bytes(),
             )
+            .err
         };
         let e = c(
             429,
@@ -1113,14 +1120,54 @@ mod tests {
         );
         assert_eq!(
             c(401, r#"{"errcode":"M_UNKNOWN_TOKEN","error":"x"}"#, None).retry,
-            Retry::Never
+            Retry::Halt
         );
+        let soft = c(
+            401,
+            r#"{"errcode":"M_UNKNOWN_TOKEN","error":"expired","soft_logout":true}"#,
+            None,
+        );
+        assert_eq!(soft.retry, Retry::Halt);
+        assert!(soft.message.contains("soft logout"), "{}", soft.message);
+        assert_eq!(
+            c(401, r#"{"errcode":"M_MISSING_TOKEN"}"#, None).retry,
+            Retry::Halt
+        );
+        let dup = classify(
+            "PUT /x",
+            StatusCode::BAD_REQUEST,
+            None,
+            br#"{"errcode":"M_DUPLICATE_ANNOTATION","error":"Can't send same reaction twice"}"#,
+        );
+        assert_eq!(dup.errcode.as_deref(), Some("M_DUPLICATE_ANNOTATION"));
         assert_eq!(
             c(404, r#"{"errcode":"M_NOT_FOUND"}"#, None).retry,
             Retry::Never
         );
         assert_eq!(c(502, "bad gateway", None).retry, Retry::Backoff);
         assert_eq!(c(408, "", None).retry, Retry::Backoff);
+    }
+
+    #[test]
+    fn retry_after_takes_seconds_or_a_date() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_784_000_000);
+        assert_eq!(parse_retry_after(" 7 ", now), Some(Duration::from_secs(7)));
+        let later = httpdate::fmt_http_date(now + Duration::from_secs(120));
+        assert_eq!(
+            parse_retry_after(&later, now),
+            Some(Duration::from_secs(120))
+        );
+        let earlier = httpdate::fmt_http_date(now - Duration::from_secs(5));
+        assert_eq!(parse_retry_after(&earlier, now), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after("soon", now), None);
+    }
+
+    #[test]
+    fn split_pieces_have_their_own_transactions() {
+        assert_eq!(piece_txn_id("k", 0), txn_id("k"));
+        assert_ne!(piece_txn_id("k", 1), txn_id("k"));
+        assert_ne!(piece_txn_id("k", 1), piece_txn_id("k", 2));
+        assert_eq!(piece_txn_id("k", 2), piece_txn_id("k", 2));
     }
 
     #[test]
@@ -1141,36 +1188,5 @@ mod tests {
         assert!(bad(|s| s.user_id = "bot".into()));
         assert!(bad(|s| s.user_id = "@bot".into()));
         assert!(bad(|s| s.request_timeout = Duration::ZERO));
-    }
-
-    #[test]
-    fn picks_map_back_to_custom_ids() {
-        let a = MatrixAdapter::new("mx", settings()).unwrap();
-        a.buttons.lock().unwrap().insert(
-            "!r".into(),
-            ButtonsMessage {
-                event_id: "$b".into(),
-                buttons: vec![
-                    Button {
-                        label: "Yes".into(),
-                        custom_id: Some("yes".into()),
-                        url: None,
-                        style: None,
-                    },
-                    Button {
-                        label: "No".into(),
-                        custom_id: Some("no".into()),
-                        url: None,
-                        style: None,
-                    },
-                ],
-            },
-        );
-        assert_eq!(a.pick("!r", "$b", "2", true).as_deref(), Some("no"));
-        assert_eq!(a.pick("!r", "$b", "yes", true).as_deref(), Some("yes"));
-        assert_eq!(a.pick("!r", "$b", "yes", false), None);
-        assert_eq!(a.pick("!r", "$b", "3", true), None);
-        assert_eq!(a.pick("!r", "$other", "1", true), None);
-        assert_eq!(a.pick("!s", "$b", "1", true), None);
     }
 }
