@@ -8,6 +8,7 @@
 //! - `POST /inbound/<platform>` — for webhook platforms: an inbound event
 //!   (JSON, see [`crate::inbound`]) to publish for the workers; signed with
 //!   `X-Stargazer-Signature` when the platform has a secret.
+//! - `/ui/…` — the dashboard ([`crate::ui`]), when the gateway serves it.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -70,6 +71,15 @@ impl Readiness {
     /// Every platform is running: its adapter is what readiness asks now.
     pub fn set_adapters(&self, adapters: Vec<Platform>) {
         *self.adapters.write().expect("readiness lock poisoned") = Some(adapters);
+    }
+
+    /// Each platform's adapter readiness (`None` until the platforms run).
+    pub fn adapter_states(&self) -> Option<Vec<(String, bool)>> {
+        self.adapters
+            .read()
+            .expect("readiness lock poisoned")
+            .as_ref()
+            .map(|a| a.iter().map(|(p, a)| (p.clone(), a.ready())).collect())
     }
 
     /// `Ok` when ready, else the reason.
@@ -218,6 +228,17 @@ pub async fn serve_with(
     readiness: Readiness,
     inbound_routes: InboundRoutes,
 ) -> std::io::Result<SocketAddr> {
+    serve_routes(addr, stop, readiness, inbound_routes, Router::new()).await
+}
+
+/// [`serve_with`], also serving `extra` (the dashboard's routes).
+pub async fn serve_routes(
+    addr: SocketAddr,
+    stop: CancellationToken,
+    readiness: Readiness,
+    inbound_routes: InboundRoutes,
+    extra: Router,
+) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     let handle = crate::metrics::install();
@@ -241,9 +262,13 @@ pub async fn serve_with(
             readiness,
             metrics: handle,
             inbound: inbound_routes,
-        });
+        })
+        .merge(extra);
     tokio::spawn(async move {
-        let _ = axum::serve(listener, app)
+        let _ = axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
             .with_graceful_shutdown(async move { stop.cancelled().await })
             .await;
     });

@@ -67,6 +67,18 @@ pub struct GapChannel {
     pub since_ms: u64,
     /// Highest seq finished on the channel.
     pub done: u64,
+    /// The gateway instance that owns the channel (and runs its gate), if any.
+    pub owner: Option<String>,
+}
+
+/// The registered gateway instances of a platform and their heartbeat
+/// counters (`sg:{P}:nodes`, `sg:{P}:beats`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Nodes {
+    /// Consumer name → its live instance (`<consumer>/<random>`).
+    pub registered: HashMap<String, String>,
+    /// Consumer name → heartbeat counter (bumped every third of `lock_ttl_ms`).
+    pub beats: HashMap<String, u64>,
 }
 
 fn map_of(v: Value) -> HashMap<String, Value> {
@@ -295,16 +307,24 @@ impl Bus {
                         .arg(k)
                         .arg("gap_seq")
                         .arg("gap_since")
-                        .arg("done");
+                        .arg("done")
+                        .arg("owner");
                 }
-                let rows: Vec<Vec<Option<u64>>> = pipe.query_async(&mut conn).await?;
+                let rows: Vec<Vec<Option<String>>> = pipe.query_async(&mut conn).await?;
                 for (k, row) in keys.iter().zip(rows) {
-                    if let Some(Some(want)) = row.first() {
+                    let n = |i: usize| {
+                        row.get(i)
+                            .cloned()
+                            .flatten()
+                            .and_then(|v| v.parse::<u64>().ok())
+                    };
+                    if let Some(want) = n(0) {
                         out.push(GapChannel {
                             channel: k[prefix.len()..].to_owned(),
-                            waiting_for: *want,
-                            since_ms: row.get(1).copied().flatten().unwrap_or(0),
-                            done: row.get(2).copied().flatten().unwrap_or(0),
+                            waiting_for: want,
+                            since_ms: n(1).unwrap_or(0),
+                            done: n(2).unwrap_or(0),
+                            owner: row.get(3).cloned().flatten(),
                         });
                     }
                 }
@@ -370,6 +390,39 @@ impl Bus {
             .query_async(&mut conn)
             .await?;
         Ok(parse_entries(v))
+    }
+
+    /// Up to `count` dead letters from `end` (inclusive; `(id` exclusive) down
+    /// to `start`, newest first (`XREVRANGE`).
+    pub async fn dlq_rev_range(
+        &self,
+        end: &str,
+        start: &str,
+        count: usize,
+    ) -> RedisResult<Vec<RawEntry>> {
+        let mut conn = self.conn();
+        let v: Value = redis::cmd("XREVRANGE")
+            .arg(self.keys.dlq())
+            .arg(end)
+            .arg(start)
+            .arg("COUNT")
+            .arg(count)
+            .query_async(&mut conn)
+            .await?;
+        Ok(parse_entries(v))
+    }
+
+    /// The registered instances and their heartbeat counters (one pipeline).
+    pub async fn nodes(&self) -> RedisResult<Nodes> {
+        let mut conn = self.conn();
+        let (registered, beats): (HashMap<String, String>, HashMap<String, u64>) = redis::pipe()
+            .cmd("HGETALL")
+            .arg(self.keys.nodes())
+            .cmd("HGETALL")
+            .arg(self.keys.beats())
+            .query_async(&mut conn)
+            .await?;
+        Ok(Nodes { registered, beats })
     }
 
     /// Move one dead letter back to the outbound stream with a rebuilt

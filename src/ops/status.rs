@@ -61,6 +61,10 @@ pub struct GapChannelStatus {
     pub waiting_for_seq: u64,
     pub done_seq: u64,
     pub waiting_ms: u64,
+    /// Server time (Unix ms) the wait began.
+    pub since_ms: u64,
+    /// The gateway instance holding the channel (whose gate waits).
+    pub owner: Option<String>,
 }
 
 impl From<(&GapChannel, u64)> for GapChannelStatus {
@@ -70,6 +74,8 @@ impl From<(&GapChannel, u64)> for GapChannelStatus {
             waiting_for_seq: g.waiting_for,
             done_seq: g.done,
             waiting_ms: now.saturating_sub(g.since_ms),
+            since_ms: g.since_ms,
+            owner: g.owner.clone(),
         }
     }
 }
