@@ -55,7 +55,9 @@ impl Series {
             retries: s.retries,
             dead_lettered: s.dead_lettered,
         };
-        push(&mut self.minute, x, 0, MINUTE_MS);
+        // 900 ms: a sample taken out of turn (a wake-up right after another)
+        // would turn a few entries into a spike of a rate.
+        push(&mut self.minute, x, 900, MINUTE_MS);
         push(&mut self.hour, x, IDLE_EVERY.as_millis() as u64 - 500, HOUR_MS);
     }
 }
@@ -258,7 +260,8 @@ mod tests {
         let mut minute = VecDeque::new();
         let mut hour = VecDeque::new();
         for i in 0..200u64 {
-            push(&mut minute, at(i * 1000, i), 0, MINUTE_MS);
+            push(&mut minute, at(i * 1000, i), 900, MINUTE_MS);
+            push(&mut minute, at(i * 1000 + 10, i), 900, MINUTE_MS);
             push(&mut hour, at(i * 1000, i), 9_500, HOUR_MS);
         }
         assert_eq!(minute.len(), 62, "61 s of 1 s samples, both ends");
