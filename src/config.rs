@@ -658,7 +658,12 @@ impl Config {
                      served: set http.listen and leave http.ui on, or drop the token",
                 ));
             }
-            if self.http.ui_token.as_deref().is_some_and(|t| t.trim().len() < 16) {
+            if self
+                .http
+                .ui_token
+                .as_deref()
+                .is_some_and(|t| t.trim().len() < 16)
+            {
                 return Err(err(
                     "http.ui_token must be at least 16 characters (it guards replay and purge)",
                 ));

@@ -269,8 +269,8 @@ pub async fn serve_routes(
             listener,
             app.into_make_service_with_connect_info::<SocketAddr>(),
         )
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await;
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await;
     });
     Ok(local)
 }

@@ -34,9 +34,7 @@ use tracing::{info, warn};
 use super::rates::Window;
 use super::{Ui, UiPlatform, assets};
 use crate::bus::admin::{ConsumerInfo, Nodes};
-use crate::ops::dlq::{
-    self, DeadLetterEntry, Filter, PageQuery, ReplayOptions, Selection, Since,
-};
+use crate::ops::dlq::{self, DeadLetterEntry, Filter, PageQuery, ReplayOptions, Selection, Since};
 use crate::ops::status;
 
 /// How long one computed overview serves every viewer.
@@ -100,19 +98,15 @@ async fn js() -> Response {
 /// A JSON error.
 fn fail(code: StatusCode, message: impl Into<String>) -> Response {
     let mut r = (code, axum::Json(json!({ "error": message.into() }))).into_response();
-    r.headers_mut().insert(
-        header::CACHE_CONTROL,
-        HeaderValue::from_static("no-store"),
-    );
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     r
 }
 
 fn ok<T: Serialize>(v: T) -> Response {
     let mut r = axum::Json(v).into_response();
-    r.headers_mut().insert(
-        header::CACHE_CONTROL,
-        HeaderValue::from_static("no-store"),
-    );
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     r
 }
 
@@ -337,13 +331,8 @@ impl Ui {
         for p in &platforms {
             let st = status::platform_status(&p.bus, now).await?;
             let nodes = p.bus.nodes().await?;
-            let gateways = self.gateways(
-                &p.name,
-                &st.consumers,
-                &nodes,
-                now,
-                p.settings.lock_ttl_ms,
-            );
+            let gateways =
+                self.gateways(&p.name, &st.consumers, &nodes, now, p.settings.lock_ttl_ms);
             let r = ready
                 .as_ref()
                 .and_then(|r| r.iter().find(|(n, _)| *n == p.name).map(|(_, ok)| *ok));
@@ -478,6 +467,7 @@ impl Row {
                 .map(str::to_owned)
         };
         let preview = field("text")
+            .or_else(|| field("filename").map(|f| format!("file {f}")))
             .or_else(|| field("emoji"))
             .or_else(|| field("rpc_method"))
             .or_else(|| e.payload_text.clone())
@@ -632,10 +622,7 @@ fn display_envelope(e: &DeadLetterEntry) -> Option<Value> {
     Some(v)
 }
 
-async fn dlq_entry(
-    State(ui): State<Ui>,
-    Path((platform, id)): Path<(String, String)>,
-) -> Response {
+async fn dlq_entry(State(ui): State<Ui>, Path((platform, id)): Path<(String, String)>) -> Response {
     let Some(p) = ui.platform(&platform) else {
         return unknown_platform(&ui, &platform);
     };
@@ -826,9 +813,7 @@ impl ActionBody {
             }
             (None, None, true) => (Selection::Filter(Filter::default()), "all".into()),
             _ => {
-                return Err(bad(
-                    "name exactly one of ids, filter or all=true".into(),
-                ));
+                return Err(bad("name exactly one of ids, filter or all=true".into()));
             }
         };
         Ok((what.0, b.dry_run, what.1))
@@ -859,11 +844,17 @@ async fn replay(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let (actor, p, sel, dry_run, desc) =
-        match prepare(&ui, &platform, &headers, peer.map(|p| p.0.0), &body, "replay") {
-            Ok(x) => x,
-            Err(r) => return r,
-        };
+    let (actor, p, sel, dry_run, desc) = match prepare(
+        &ui,
+        &platform,
+        &headers,
+        peer.map(|p| p.0.0),
+        &body,
+        "replay",
+    ) {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
     let opts = ReplayOptions {
         dry_run,
         signing_secret: p.settings.signing_secret.clone().map(String::into_bytes),
@@ -893,11 +884,17 @@ async fn purge(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let (actor, p, sel, dry_run, desc) =
-        match prepare(&ui, &platform, &headers, peer.map(|p| p.0.0), &body, "purge") {
-            Ok(x) => x,
-            Err(r) => return r,
-        };
+    let (actor, p, sel, dry_run, desc) = match prepare(
+        &ui,
+        &platform,
+        &headers,
+        peer.map(|p| p.0.0),
+        &body,
+        "purge",
+    ) {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
     match dlq::purge(&p.bus, &sel, !dry_run, false).await {
         Ok(rep) => {
             info!(action = "purge", platform = %p.name, operator = %actor.operator,
@@ -947,8 +944,13 @@ mod tests {
             p(r#"{"ids":["1-0","2"]}"#),
             Ok((Selection::Ids(v), false)) if v.len() == 2
         ));
-        assert!(matches!(p(r#"{"all":true,"dry_run":true}"#), Ok((Selection::Filter(_), true))));
-        assert!(matches!(p(r#"{"filter":{"kind":"rejected"}}"#), Ok((Selection::Filter(f), _)) if f.kind.as_deref() == Some("rejected")));
+        assert!(matches!(
+            p(r#"{"all":true,"dry_run":true}"#),
+            Ok((Selection::Filter(_), true))
+        ));
+        assert!(
+            matches!(p(r#"{"filter":{"kind":"rejected"}}"#), Ok((Selection::Filter(f), _)) if f.kind.as_deref() == Some("rejected"))
+        );
         for bad in [
             "",
             "{}",
@@ -966,6 +968,11 @@ mod tests {
     #[test]
     fn stream_ids_are_checked() {
         assert!(is_stream_id("1760000000000-0") && is_stream_id("17"));
-        assert!(!is_stream_id("1-") && !is_stream_id("-1") && !is_stream_id("+") && !is_stream_id("(1-0"));
+        assert!(
+            !is_stream_id("1-")
+                && !is_stream_id("-1")
+                && !is_stream_id("+")
+                && !is_stream_id("(1-0")
+        );
     }
 }

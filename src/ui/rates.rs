@@ -58,21 +58,26 @@ impl Series {
         // 900 ms: a sample taken out of turn (a wake-up right after another)
         // would turn a few entries into a spike of a rate.
         push(&mut self.minute, x, 900, MINUTE_MS);
-        push(&mut self.hour, x, IDLE_EVERY.as_millis() as u64 - 500, HOUR_MS);
+        push(
+            &mut self.hour,
+            x,
+            IDLE_EVERY.as_millis() as u64 - 500,
+            HOUR_MS,
+        );
     }
 }
 
 /// Append `x` unless the newest sample is younger than `gap_ms`; drop what is
 /// older than `keep_ms`.
 fn push(ring: &mut VecDeque<Sample>, x: Sample, gap_ms: u64, keep_ms: u64) {
-    if ring.back().is_some_and(|b| x.at_ms < b.at_ms + gap_ms.max(1)) {
+    if ring
+        .back()
+        .is_some_and(|b| x.at_ms < b.at_ms + gap_ms.max(1))
+    {
         return;
     }
     ring.push_back(x);
-    while ring
-        .front()
-        .is_some_and(|f| f.at_ms + keep_ms < x.at_ms)
-    {
+    while ring.front().is_some_and(|f| f.at_ms + keep_ms < x.at_ms) {
         ring.pop_front();
     }
 }

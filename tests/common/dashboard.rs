@@ -83,7 +83,10 @@ async fn receive(
         d.len()
     };
     r.tick.send_replace(n);
-    (StatusCode::OK, Json(json!({"message_id": format!("m-{n}")})))
+    (
+        StatusCode::OK,
+        Json(json!({"message_id": format!("m-{n}")})),
+    )
 }
 
 impl Receiver {
@@ -214,8 +217,7 @@ impl Scene {
         let (receiver, url) = Receiver::start().await;
         let port = free_port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let env: HashMap<String, String> =
-            [("SG_UI_TOKEN".to_owned(), TOKEN.to_owned())].into();
+        let env: HashMap<String, String> = [("SG_UI_TOKEN".to_owned(), TOKEN.to_owned())].into();
         let gw_a = Gateway::start(
             config(
                 &rig,
@@ -308,7 +310,13 @@ impl Scene {
     }
 
     /// Append a dead letter by hand, as the gateway's commit script would.
-    pub async fn add_dead_letter(&self, kind: &str, channel: &str, payload: &str, error: &str) -> String {
+    pub async fn add_dead_letter(
+        &self,
+        kind: &str,
+        channel: &str,
+        payload: &str,
+        error: &str,
+    ) -> String {
         add_dead_letter(&self.rig, kind, channel, payload, error).await
     }
 
@@ -377,4 +385,75 @@ pub async fn add_dead_letter(
         channel,
     ])
     .await
+}
+
+/// A dashboard of its own (no gateway) over the rig's platform, shown as a
+/// `discord` platform, on a listener at a free port.
+pub async fn standalone(
+    rig: &Rig,
+    token: Option<&str>,
+    readiness: stargazer::http::Readiness,
+) -> (
+    stargazer::ui::Ui,
+    SocketAddr,
+    tokio_util::sync::CancellationToken,
+) {
+    let stop = tokio_util::sync::CancellationToken::new();
+    let ui = stargazer::ui::Ui::new(token, readiness.clone(), "gw-ui");
+    ui.add_platform(
+        stargazer::ui::UiPlatform {
+            name: rig.keys.platform().to_owned(),
+            adapter: "discord".into(),
+            bus: rig.bus.clone(),
+            settings: stargazer::config::ConsumerConfig::default(),
+        },
+        Arc::new(stargazer::stats::Stats::default()),
+    );
+    let addr = stargazer::http::serve_routes(
+        "127.0.0.1:0".parse().unwrap(),
+        stop.clone(),
+        readiness,
+        Default::default(),
+        ui.router(),
+    )
+    .await
+    .unwrap();
+    (ui, addr, stop)
+}
+
+/// `n` dead letters, one per millisecond from the returned base time (ids
+/// `<base + i>-0`): kinds cycle through rejected, retries_exhausted,
+/// too_large, not_json (i mod 4), channels through c0…c9 (i mod 10).
+pub async fn fill_dead_letters(rig: &Rig, n: u64) -> u64 {
+    let base = stargazer::now_ms() - n - 60_000;
+    let kinds = ["rejected", "retries_exhausted", "too_large", "not_json"];
+    let mut conn = rig.bus.conn();
+    for chunk in (0..n).collect::<Vec<_>>().chunks(5_000) {
+        let mut pipe = redis::pipe();
+        for &i in chunk {
+            let payload = format!(r#"{{"channel_id":"c{}","text":"message {i}"}}"#, i % 10);
+            pipe.cmd("XADD")
+                .arg(rig.keys.dlq())
+                .arg(format!("{}-0", base + i))
+                .arg("payload")
+                .arg(payload)
+                .arg("error")
+                .arg("made up")
+                .arg("error_kind")
+                .arg(kinds[(i % 4) as usize])
+                .arg("attempts")
+                .arg(1)
+                .arg("original_id")
+                .arg(format!("{}-0", base + i - 1))
+                .arg("consumer")
+                .arg("gw-x")
+                .arg("failed_ms")
+                .arg(base + i)
+                .arg("channel_id")
+                .arg(format!("c{}", i % 10))
+                .ignore();
+        }
+        let () = pipe.query_async(&mut conn).await.unwrap();
+    }
+    base
 }

@@ -37,7 +37,7 @@
   function fmtRate(x) {
     if (!x) return "0";
     if (x >= 100) return nf.format(Math.round(x));
-    if (x >= 10) return x.toFixed(1);
+    if (x >= 10) return x.toFixed(1).replace(/\.0$/, "");
     return x.toFixed(2).replace(/\.?0+$/, "") || "0";
   }
   /** A duration for people: 850ms, 12.3s, 4m05s, 3h12m, 2d04h (as `stargazer status`). */
@@ -432,6 +432,8 @@
       const x = left + pw * (1 - t / 60);
       g.fillText(t === 0 ? "now" : `-${t}${unit}`, Math.min(Math.max(x, left + 10), w - right - 12), hgt - bottom + 4);
     }
+    canvas.dataset.points = s ? String(s.t.length) : "0";
+    canvas.dataset.moving = s ? String(s.delivered.filter((x) => x > 0).length) : "0";
     if (!s || !s.t.length) {
       g.textAlign = "center";
       g.textBaseline = "middle";
