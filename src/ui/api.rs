@@ -103,6 +103,46 @@ fn fail(code: StatusCode, message: impl Into<String>) -> Response {
     r
 }
 
+/// A refusal or bad input, as the JSON error it becomes (boxed: a
+/// `Response` is large and most calls succeed).
+#[derive(Debug)]
+struct ApiError(Box<ApiErrorInner>);
+
+#[derive(Debug)]
+struct ApiErrorInner {
+    code: StatusCode,
+    message: String,
+    /// Ask for a bearer token (`WWW-Authenticate`) — 401 only.
+    bearer: bool,
+}
+
+impl ApiError {
+    fn new(code: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError(Box::new(ApiErrorInner {
+            code,
+            message: message.into(),
+            bearer: code == StatusCode::UNAUTHORIZED,
+        }))
+    }
+
+    fn bad(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = fail(self.0.code, self.0.message);
+        if self.0.bearer {
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"stargazer\""),
+            );
+        }
+        r
+    }
+}
+
 fn ok<T: Serialize>(v: T) -> Response {
     let mut r = axum::Json(v).into_response();
     r.headers_mut()
@@ -117,9 +157,9 @@ fn redis_down(e: redis::RedisError) -> Response {
     )
 }
 
-fn unknown_platform(ui: &Ui, name: &str) -> Response {
+fn unknown_platform(ui: &Ui, name: &str) -> ApiError {
     let names: Vec<String> = ui.platforms().into_iter().map(|p| p.name).collect();
-    fail(
+    ApiError::new(
         StatusCode::NOT_FOUND,
         if names.is_empty() {
             format!("no platform `{name}`: this gateway is still starting its platforms")
@@ -423,10 +463,10 @@ fn non_empty(s: &Option<String>) -> Option<String> {
         .filter(|s| !s.is_empty())
 }
 
-fn parse_since(what: &str, s: Option<String>) -> Result<Option<Since>, Response> {
+fn parse_since(what: &str, s: Option<String>) -> Result<Option<Since>, ApiError> {
     s.map(|s| Since::parse(&s))
         .transpose()
-        .map_err(|e| fail(StatusCode::BAD_REQUEST, format!("{what}: {e}")))
+        .map_err(|e| ApiError::bad(format!("{what}: {e}")))
 }
 
 /// A dead letter as one table row: the envelope shortened to what the
@@ -499,7 +539,7 @@ async fn dlq_page(
 ) -> Response {
     let started = Instant::now();
     let Some(p) = ui.platform(&platform) else {
-        return unknown_platform(&ui, &platform);
+        return unknown_platform(&ui, &platform).into_response();
     };
     let limit = match non_empty(&q.limit).map(|l| l.parse::<usize>()) {
         None => PAGE_DEFAULT,
@@ -522,11 +562,11 @@ async fn dlq_page(
     }
     let since = match parse_since("since", non_empty(&q.since)) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let until = match parse_since("until", non_empty(&q.until)) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let query = PageQuery {
         filter: Filter {
@@ -624,7 +664,7 @@ fn display_envelope(e: &DeadLetterEntry) -> Option<Value> {
 
 async fn dlq_entry(State(ui): State<Ui>, Path((platform, id)): Path<(String, String)>) -> Response {
     let Some(p) = ui.platform(&platform) else {
-        return unknown_platform(&ui, &platform);
+        return unknown_platform(&ui, &platform).into_response();
     };
     if !is_stream_id(&id) {
         return fail(
@@ -680,7 +720,7 @@ fn authorize(
     headers: &HeaderMap,
     peer: Option<SocketAddr>,
     action: &str,
-) -> Result<Actor, Response> {
+) -> Result<Actor, ApiError> {
     let operator: String = headers
         .get("x-stargazer-operator")
         .and_then(|v| v.to_str().ok())
@@ -699,7 +739,7 @@ fn authorize(
     let Some(token) = &ui.0.token else {
         warn!(action, operator = %actor.operator, peer = %actor.peer,
             "dashboard action refused: the dashboard is read-only (no http.ui_token_env)");
-        return Err(fail(
+        return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "the dashboard is read-only: no action token is configured on this gateway \
              (set http.ui_token_env to the name of a variable holding one)",
@@ -713,14 +753,7 @@ fn authorize(
                 .or_else(|| v.strip_prefix("bearer "))
         })
         .map(str::trim);
-    let refuse = |msg: &str| {
-        let mut r = fail(StatusCode::UNAUTHORIZED, msg);
-        r.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            HeaderValue::from_static("Bearer realm=\"stargazer\""),
-        );
-        r
-    };
+    let refuse = |msg: &str| ApiError::new(StatusCode::UNAUTHORIZED, msg);
     match given {
         None => {
             warn!(action, operator = %actor.operator, peer = %actor.peer,
@@ -745,7 +778,7 @@ async fn auth_check(
 ) -> Response {
     match authorize(&ui, &headers, peer.map(|p| p.0.0), "auth") {
         Ok(actor) => ok(json!({"ok": true, "operator": actor.operator})),
-        Err(r) => r,
+        Err(r) => r.into_response(),
     }
 }
 
@@ -770,8 +803,8 @@ struct FilterBody {
 }
 
 impl ActionBody {
-    fn parse(body: &[u8]) -> Result<(Selection, bool, String), Response> {
-        let bad = |m: String| fail(StatusCode::BAD_REQUEST, m);
+    fn parse(body: &[u8]) -> Result<(Selection, bool, String), ApiError> {
+        let bad = ApiError::bad;
         let b: ActionBody = serde_json::from_slice(body).map_err(|e| {
             bad(format!(
                 "the body must be JSON like {{\"ids\": [\"1760000000000-0\"]}}, \
@@ -828,7 +861,7 @@ fn prepare(
     peer: Option<SocketAddr>,
     body: &[u8],
     action: &str,
-) -> Result<(Actor, UiPlatform, Selection, bool, String), Response> {
+) -> Result<(Actor, UiPlatform, Selection, bool, String), ApiError> {
     let actor = authorize(ui, headers, peer, action)?;
     let p = ui
         .platform(platform)
@@ -853,7 +886,7 @@ async fn replay(
         "replay",
     ) {
         Ok(x) => x,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let opts = ReplayOptions {
         dry_run,
@@ -893,7 +926,7 @@ async fn purge(
         "purge",
     ) {
         Ok(x) => x,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     match dlq::purge(&p.bus, &sel, !dry_run, false).await {
         Ok(rep) => {
