@@ -97,15 +97,20 @@ async fn overview_shows_backlog_dead_letter_gap_and_both_gateways() {
     s.receiver.wait(seen + 10, T).await;
     let deadline = Instant::now() + T;
     loop {
+        // The overview samples the fleet's figures (while someone watches).
+        let _ = get(s.url("/ui/api/overview")).await;
         let (code, r) = get(s.url("/ui/api/rates?window=minute")).await;
         assert_eq!(code, 200);
         let series = &r["platforms"][0];
         let points = series["t"].as_array().unwrap().len();
-        let moved = series["delivered"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|x| x.as_f64().unwrap() > 0.0);
+        let positive = |k: &str| {
+            series[k]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|x| x.as_f64().unwrap() > 0.0)
+        };
+        let moved = positive("delivered") && positive("fleet_finished");
         if totals(&r) == before + 10 && moved {
             assert_eq!(series["delivered"].as_array().unwrap().len(), points);
             assert_eq!(series["retries"].as_array().unwrap().len(), points);

@@ -25,6 +25,8 @@ pub struct GroupInfo {
     /// Entries added but not yet read by the group; Redis cannot always tell
     /// (after deletions in the unread range), then `None`.
     pub lag: Option<u64>,
+    /// Entries the group has read since it was created (Redis ≥ 7.0).
+    pub entries_read: Option<u64>,
 }
 
 /// `XPENDING <stream> <group>` (summary form).
@@ -180,6 +182,7 @@ impl Bus {
                 pending: num(&g, "pending").unwrap_or(0),
                 last_delivered_id: text(&g, "last-delivered-id").unwrap_or_else(|| "0-0".into()),
                 lag: num(&g, "lag"),
+                entries_read: num(&g, "entries-read"),
             })
             .collect())
     }

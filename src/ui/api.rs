@@ -370,6 +370,14 @@ impl Ui {
         let mut views = Vec::with_capacity(platforms.len());
         for p in &platforms {
             let st = status::platform_status(&p.bus, now).await?;
+            if let Some(read) = st.entries_read {
+                self.0.rates.record_fleet(
+                    &p.name,
+                    now,
+                    read.saturating_sub(st.pending),
+                    st.dead_letters,
+                );
+            }
             let nodes = p.bus.nodes().await?;
             let gateways =
                 self.gateways(&p.name, &st.consumers, &nodes, now, p.settings.lock_ttl_ms);

@@ -38,12 +38,23 @@ struct Sample {
     dead_lettered: u64,
 }
 
+/// What the whole fleet has done, seen in Redis when the overview is
+/// computed (so only while someone watches): entries finished (read by the
+/// group and no longer pending) and the dead-letter stream's length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FleetSample {
+    at_ms: u64,
+    finished: u64,
+    dead_letters: u64,
+}
+
 #[derive(Debug)]
 struct Series {
     platform: String,
     stats: Arc<Stats>,
     minute: VecDeque<Sample>,
     hour: VecDeque<Sample>,
+    fleet: VecDeque<FleetSample>,
 }
 
 impl Series {
@@ -110,6 +121,12 @@ pub struct RateSeries {
     pub dead_lettered: Vec<f64>,
     /// The counters now (totals since this gateway started the platform).
     pub totals: Totals,
+    /// The whole fleet, from Redis, while someone watched: entries finished
+    /// (delivered, skipped or dead-lettered, by any gateway) and dead letters
+    /// added, per second, at the times in `fleet_t`.
+    pub fleet_t: Vec<u64>,
+    pub fleet_finished: Vec<f64>,
+    pub fleet_dead_lettered: Vec<f64>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
@@ -150,6 +167,7 @@ impl Rates {
             stats,
             minute: VecDeque::new(),
             hour: VecDeque::new(),
+            fleet: VecDeque::new(),
         };
         s.sample(crate::now_ms());
         series.push(s);
@@ -170,6 +188,27 @@ impl Rates {
         at != 0
             && (self.started.elapsed().as_millis() as u64 + 1).saturating_sub(at)
                 <= WATCH_FOR.as_millis() as u64
+    }
+
+    /// The fleet's figures of `platform` at server time `at_ms` (from the
+    /// overview): entries finished so far and the dead-letter stream's length.
+    pub fn record_fleet(&self, platform: &str, at_ms: u64, finished: u64, dead_letters: u64) {
+        let mut series = self.series.lock().expect("rates poisoned");
+        let Some(s) = series.iter_mut().find(|s| s.platform == platform) else {
+            return;
+        };
+        let x = FleetSample {
+            at_ms,
+            finished,
+            dead_letters,
+        };
+        if s.fleet.back().is_some_and(|b| at_ms < b.at_ms + 900) {
+            return;
+        }
+        s.fleet.push_back(x);
+        while s.fleet.front().is_some_and(|f| f.at_ms + HOUR_MS < at_ms) {
+            s.fleet.pop_front();
+        }
     }
 
     /// Take one sample of every platform now.
@@ -220,6 +259,28 @@ impl Rates {
                     out.delivered.push(r(a.delivered, b.delivered));
                     out.retries.push(r(a.retries, b.retries));
                     out.dead_lettered.push(r(a.dead_lettered, b.dead_lettered));
+                }
+                let span = match window {
+                    Window::Minute => MINUTE_MS,
+                    Window::Hour => HOUR_MS,
+                };
+                let newest = s.fleet.back().map_or(0, |b| b.at_ms);
+                let fleet: Vec<&FleetSample> = s
+                    .fleet
+                    .iter()
+                    .filter(|f| f.at_ms + span >= newest)
+                    .collect();
+                for (a, b) in fleet.iter().zip(fleet.iter().skip(1)) {
+                    // A gap of over a minute: nobody watched; draw no rate across it.
+                    let dt = (b.at_ms.saturating_sub(a.at_ms)) as f64 / 1000.0;
+                    if dt <= 0.0 || dt > 60.0 {
+                        continue;
+                    }
+                    out.fleet_t.push(b.at_ms);
+                    out.fleet_finished
+                        .push(b.finished.saturating_sub(a.finished) as f64 / dt);
+                    out.fleet_dead_lettered
+                        .push(b.dead_letters.saturating_sub(a.dead_letters) as f64 / dt);
                 }
                 out
             })
@@ -292,6 +353,21 @@ mod tests {
         assert_eq!(r.t, [3_000, 4_000]);
         assert_eq!(r.delivered, [5.0, 0.0]);
         assert_eq!(r.totals.delivered, 10);
+    }
+
+    #[test]
+    fn fleet_rates_come_from_redis_figures() {
+        let rates = Rates::default();
+        rates.add("p", Arc::new(Stats::default()));
+        rates.record_fleet("p", 10_000, 100, 3);
+        rates.record_fleet("p", 10_500, 999, 9); // too soon: ignored
+        rates.record_fleet("p", 12_000, 140, 5);
+        rates.record_fleet("p", 13_000, 150, 4); // a purge: no negative rate
+        rates.record_fleet("other", 13_000, 1, 1); // unknown platform: ignored
+        let r = &rates.series(Window::Minute)[0];
+        assert_eq!(r.fleet_t, [12_000, 13_000]);
+        assert_eq!(r.fleet_finished, [20.0, 10.0]);
+        assert_eq!(r.fleet_dead_lettered, [1.0, 0.0]);
     }
 
     #[test]

@@ -204,6 +204,7 @@
       delivered: h("b"),
       retries: h("b"),
       dead: h("b"),
+      fleet: h("b"),
     };
     const canvas = h("canvas", { class: "chart", height: 140 });
     const gwBody = h("tbody");
@@ -233,9 +234,11 @@
           h("div", { class: "legend" },
             h("span", { class: "delivered" }, "delivered/s", legend.delivered),
             h("span", { class: "retries" }, "retries/s", legend.retries),
-            h("span", { class: "dead" }, "dead letters/s", legend.dead)),
+            h("span", { class: "dead" }, "dead letters/s", legend.dead),
+            h("span", { class: "fleet", title: "entries finished by every gateway of the platform (from the group's read counter and pending count, sampled while this page is open)" },
+              "fleet finished/s", legend.fleet)),
           h("div", { class: "spacer" }),
-          h("span", { class: "muted", "data-chart-note": "" }, "this gateway")),
+          h("span", { class: "muted", "data-chart-note": "" }, "solid: this gateway · dashed: the whole fleet")),
         canvas),
       h("div", { class: "panes" }, gwPane, gapPane, limitsPane));
     return { el, k, ready, reason, legend, canvas, gwBody, gapBody, gapNone, gapTable, limitsList };
@@ -379,6 +382,7 @@
       card.legend.delivered.textContent = fmtRate(last(series.delivered));
       card.legend.retries.textContent = fmtRate(last(series.retries));
       card.legend.dead.textContent = fmtRate(last(series.dead_lettered));
+      card.legend.fleet.textContent = series.fleet_t.length ? fmtRate(last(series.fleet_finished)) : "–";
       setKpi(card.k.rate, last(series.delivered), fmtRate(last(series.delivered)),
         `${fmtNum(series.totals.delivered)} since start`);
     }
@@ -406,6 +410,7 @@
     ] : [];
     let max = 0;
     for (const [, v] of lines) for (const x of v) max = Math.max(max, x);
+    if (s) for (const x of s.fleet_finished) max = Math.max(max, x);
     const ymax = niceMax(max);
     const X = (t) => left + pw * (1 - (nowMs - t) / span);
     const Y = (v) => top + ph * (1 - v / ymax);
@@ -468,6 +473,19 @@
         g.fill();
         g.globalAlpha = 1;
       }
+    }
+    if (s.fleet_t.length > 1) {
+      g.beginPath();
+      s.fleet_t.forEach((t, i) => {
+        const x = X(t), y = Y(s.fleet_finished[i]);
+        if (i === 0) g.moveTo(x, y);
+        else g.lineTo(x, y);
+      });
+      g.setLineDash([5, 4]);
+      g.strokeStyle = cssVar("--c-fleet");
+      g.lineWidth = 1.5;
+      g.stroke();
+      g.setLineDash([]);
     }
     g.restore();
   }
