@@ -904,4 +904,38 @@ url = "http://127.0.0.1:8080/deliver"
         assert_eq!(c.consumer_for(&c.platforms[0]).max_attempts, 7);
         assert_eq!(c.consumer_for(&c.platforms[0]).max_in_flight, 256);
     }
+
+    #[test]
+    fn the_dashboard_token_is_checked() {
+        let base = "[http]\nlisten = \"127.0.0.1:9464\"\n";
+        let env = |k: &str, v: &str| HashMap::from([(k.to_owned(), v.to_owned())]);
+        let c = Config::from_toml(&format!("{base}ui_token_env = \"T\"\n"), []).unwrap();
+        assert!(c.http.ui, "the dashboard is on by default");
+        assert_eq!(
+            c.ui_token(&env("T", "0123456789abcdef"))
+                .unwrap()
+                .as_deref(),
+            Some("0123456789abcdef")
+        );
+        let e = c.ui_token(&HashMap::new()).unwrap_err().0;
+        assert!(e.contains("`T`") && e.contains("not set"), "{e}");
+        let e = c.ui_token(&env("T", "short")).unwrap_err().0;
+        assert!(e.contains("16 characters"), "{e}");
+        let c = Config::from_toml(base, []).unwrap();
+        assert_eq!(c.ui_token(&HashMap::new()).unwrap(), None, "read-only");
+        let e = Config::from_toml("[http]\nui_token_env = \"T\"\n", [])
+            .unwrap_err()
+            .0;
+        assert!(e.contains("http.listen"), "{e}");
+        let e = Config::from_toml(
+            &format!("{base}ui = false\nui_token = \"0123456789abcdef\"\n"),
+            [],
+        )
+        .unwrap_err()
+        .0;
+        assert!(e.contains("not served"), "{e}");
+        let off = Config::from_toml(base, [("STARGAZER_HTTP_UI".to_owned(), "false".to_owned())])
+            .unwrap();
+        assert!(!off.http.ui);
+    }
 }

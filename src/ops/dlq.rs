@@ -21,6 +21,9 @@ use crate::envelope::sign;
 
 /// Entries read per XRANGE page.
 const PAGE: usize = 500;
+/// Entries read per XREVRANGE while a filtered page looks for matches
+/// (smaller than [`PAGE`]: dead letters of `too_large` carry big payloads).
+const FILTERED_CHUNK: usize = 200;
 /// Selections larger than this show a progress bar (on a terminal).
 const BAR_ABOVE: usize = 100;
 
@@ -314,7 +317,7 @@ pub async fn page(bus: &Bus, q: &PageQuery) -> RedisResult<Page> {
     loop {
         // One more than the page needs, to know whether anything is older.
         let want = if filtered {
-            PAGE.min(budget - out.scanned + 1)
+            FILTERED_CHUNK.min(budget - out.scanned + 1)
         } else {
             limit - out.entries.len() + 1
         };
@@ -400,9 +403,9 @@ pub struct ReplayOptions {
     pub progress: bool,
 }
 
-/// The envelope a dead letter is replayed as, with its idempotency key; or
-/// why it cannot be.
-pub fn rebuild(e: &DeadLetterEntry, platform: &str) -> Result<(Vec<u8>, String), String> {
+/// The envelope of a dead letter that can be replayed, or why it cannot be
+/// (cheap: nothing is copied).
+pub fn replayable(e: &DeadLetterEntry) -> Result<&Map<String, Value>, String> {
     if e.payload.is_empty() {
         return Err(format!(
             "no payload to replay ({}: the entry was gone from the stream before delivery)",
@@ -414,6 +417,13 @@ pub fn rebuild(e: &DeadLetterEntry, platform: &str) -> Result<(Vec<u8>, String),
             "the payload is not a JSON object; it would only be dead-lettered again".into(),
         );
     };
+    Ok(env)
+}
+
+/// The envelope a dead letter is replayed as, with its idempotency key; or
+/// why it cannot be.
+pub fn rebuild(e: &DeadLetterEntry, platform: &str) -> Result<(Vec<u8>, String), String> {
+    let env = replayable(e)?;
     let mut env: Map<String, Value> = env.clone();
     let original = if e.original_id.is_empty() {
         e.id.clone()

@@ -506,7 +506,7 @@ fn shorten(s: &str, n: usize) -> String {
 }
 
 impl Row {
-    fn of(e: &DeadLetterEntry, platform: &str) -> Row {
+    fn of(e: &DeadLetterEntry) -> Row {
         let field = |k: &str| {
             e.envelope
                 .as_ref()
@@ -535,7 +535,7 @@ impl Row {
                 .as_ref()
                 .map(|_| field("type").unwrap_or_else(|| "message".into())),
             preview,
-            replayable: dlq::rebuild(e, platform).is_ok(),
+            replayable: dlq::replayable(e).is_ok(),
         }
     }
 }
@@ -596,7 +596,7 @@ async fn dlq_page(
     ok(json!({
         "platform": p.name,
         "total": total,
-        "entries": page.entries.iter().map(|e| Row::of(e, &p.name)).collect::<Vec<_>>(),
+        "entries": page.entries.iter().map(Row::of).collect::<Vec<_>>(),
         "next_before": page.next_before,
         "scanned": page.scanned,
         "partial": page.partial,
@@ -659,13 +659,23 @@ fn history(e: &DeadLetterEntry) -> Vec<Step> {
     steps
 }
 
-/// The envelope with a long `file_data` shortened (a file can be megabytes).
+/// Longest string field shown whole in the detail view.
+const SHOW_CHARS: usize = 16_384;
+
+/// The envelope with a long `file_data` (a file can be megabytes) and any
+/// other very long string field shortened.
 fn display_envelope(e: &DeadLetterEntry) -> Option<Value> {
     let mut v = e.envelope.clone()?;
-    if let Some(Value::String(d)) = v.get_mut("file_data")
-        && d.len() > 64
-    {
-        *d = format!("{}… ({} bytes of base64)", &d[..48], d.len());
+    if let Value::Object(m) = &mut v {
+        for (k, f) in m.iter_mut() {
+            let Value::String(d) = f else { continue };
+            if k == "file_data" && d.len() > 64 {
+                *d = format!("{}… ({} bytes of base64)", &d[..48], d.len());
+            } else if d.chars().count() > SHOW_CHARS {
+                let n = d.chars().count();
+                *d = format!("{} … ({n} characters in all)", shorten(d, SHOW_CHARS));
+            }
+        }
     }
     Some(v)
 }
