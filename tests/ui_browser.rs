@@ -140,6 +140,21 @@ async fn the_page_shows_the_figures_of_the_scene() {
     )
     .await;
     save("ui-overview.png", &s.screenshot().await);
+    // Dark-aware: the same page under `prefers-color-scheme: dark`.
+    s.color_scheme("dark").await;
+    s.until(
+        "the dark palette",
+        "return getComputedStyle(document.body).backgroundColor === 'rgb(13, 17, 23)';",
+        T,
+    )
+    .await;
+    s.until(
+        "a redraw in the dark palette",
+        "const n = Number(document.querySelector('canvas.chart').dataset.draws || 0); window.__d0 = window.__d0 || n; return n > window.__d0;",
+        T,
+    )
+    .await;
+    save("ui-overview-dark.png", &s.screenshot().await);
     trickle.abort();
     s.close().await;
     scene.stop().await;

@@ -206,6 +206,20 @@ impl Session {
         .await;
     }
 
+    /// Emulate `prefers-color-scheme: dark` (or light) through chromedriver's
+    /// DevTools bridge.
+    pub async fn color_scheme(&self, scheme: &str) {
+        self.call(
+            reqwest::Method::POST,
+            "/goog/cdp/execute",
+            Some(json!({
+                "cmd": "Emulation.setEmulatedMedia",
+                "params": {"features": [{"name": "prefers-color-scheme", "value": scheme}]},
+            })),
+        )
+        .await;
+    }
+
     /// A PNG of the window.
     pub async fn screenshot(&self) -> Vec<u8> {
         let v = self.call(reqwest::Method::GET, "/screenshot", None).await;

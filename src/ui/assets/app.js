@@ -437,6 +437,7 @@
       const x = left + pw * (1 - t / 60);
       g.fillText(t === 0 ? "now" : `-${t}${unit}`, Math.min(Math.max(x, left + 10), w - right - 12), hgt - bottom + 4);
     }
+    canvas.dataset.draws = String(Number(canvas.dataset.draws || 0) + 1);
     canvas.dataset.points = s ? String(s.t.length) : "0";
     canvas.dataset.moving = s ? String(s.delivered.filter((x) => x > 0).length) : "0";
     if (!s || !s.t.length) {
