@@ -635,6 +635,7 @@
     $$("#dlq-rows tr").forEach((tr) => tr.classList.toggle("open", tr.dataset.id === id));
     const drawer = $("#detail");
     drawer.hidden = false;
+    document.body.classList.add("drawer-open");
     drawer.dataset.id = id;
     $("#d-title").textContent = id;
     $("#d-body").replaceChildren(h("p", { class: "muted" }, "Loading…"));
@@ -675,6 +676,7 @@
   function closeDetail() {
     state.dlq.open = null;
     $("#detail").hidden = true;
+    document.body.classList.remove("drawer-open");
     $$("#dlq-rows tr.open").forEach((tr) => tr.classList.remove("open"));
   }
 
