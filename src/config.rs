@@ -66,11 +66,28 @@ pub struct GatewayConfig {
     pub consumer_name: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
     /// Address of the `/healthz`, `/readyz` and `/metrics` listener; off when unset.
     pub listen: Option<String>,
+    /// Serve the dashboard at `/ui/` on that listener (read-only without a token).
+    pub ui: bool,
+    /// The variable holding the dashboard's action token (replay, purge); unset: read-only.
+    pub ui_token_env: Option<String>,
+    /// The token itself (tests); prefer `ui_token_env`.
+    pub ui_token: Option<String>,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            ui: true,
+            ui_token_env: None,
+            ui_token: None,
+        }
+    }
 }
 
 /// What to do with an entry whose previous send may or may not have reached
@@ -576,6 +593,8 @@ const STRING_KEYS: &[&str] = &[
     "unknown_outcome",
     "signing_secret",
     "tools_dir",
+    "ui_token_env",
+    "ui_token",
 ];
 
 impl Config {
@@ -653,6 +672,24 @@ impl Config {
             return Err(err(format!(
                 "http.listen `{listen}` is not an address like 127.0.0.1:9464"
             )));
+        }
+        if self.http.ui_token.is_some() || self.http.ui_token_env.is_some() {
+            if self.http.listen.is_none() || !self.http.ui {
+                return Err(err(
+                    "http.ui_token_env (or http.ui_token) is set, but the dashboard is not \
+                     served: set http.listen and leave http.ui on, or drop the token",
+                ));
+            }
+            if self
+                .http
+                .ui_token
+                .as_deref()
+                .is_some_and(|t| t.trim().len() < 16)
+            {
+                return Err(err(
+                    "http.ui_token must be at least 16 characters (it guards replay and purge)",
+                ));
+            }
         }
         let mut seen = std::collections::HashSet::new();
         for (i, p) in self.platforms.iter().enumerate() {
@@ -782,6 +819,25 @@ impl Config {
         }
     }
 
+    /// The dashboard's action token, from `http.ui_token` or the variable
+    /// named by `http.ui_token_env`; `None`: the dashboard is read-only.
+    pub fn ui_token(&self, env: &HashMap<String, String>) -> Result<Option<String>, ConfigError> {
+        match (&self.http.ui_token, &self.http.ui_token_env) {
+            (Some(t), _) => Ok(Some(t.clone())),
+            (None, Some(var)) => match env.get(var) {
+                Some(t) if t.trim().len() >= 16 => Ok(Some(t.trim().to_owned())),
+                Some(_) => Err(err(format!(
+                    "http.ui_token_env names `{var}`, whose value is shorter than 16 characters \
+                     (it guards replay and purge)"
+                ))),
+                None => Err(err(format!(
+                    "http.ui_token_env names `{var}`, which is not set"
+                ))),
+            },
+            (None, None) => Ok(None),
+        }
+    }
+
     /// The webhook secret of `p`, from `secret` or the variable named by `secret_env`.
     pub fn secret_for(
         p: &PlatformConfig,
@@ -886,5 +942,39 @@ url = "http://127.0.0.1:8080/deliver"
         .unwrap();
         assert_eq!(c.consumer_for(&c.platforms[0]).max_attempts, 7);
         assert_eq!(c.consumer_for(&c.platforms[0]).max_in_flight, 256);
+    }
+
+    #[test]
+    fn the_dashboard_token_is_checked() {
+        let base = "[http]\nlisten = \"127.0.0.1:9464\"\n";
+        let env = |k: &str, v: &str| HashMap::from([(k.to_owned(), v.to_owned())]);
+        let c = Config::from_toml(&format!("{base}ui_token_env = \"T\"\n"), []).unwrap();
+        assert!(c.http.ui, "the dashboard is on by default");
+        assert_eq!(
+            c.ui_token(&env("T", "0123456789abcdef"))
+                .unwrap()
+                .as_deref(),
+            Some("0123456789abcdef")
+        );
+        let e = c.ui_token(&HashMap::new()).unwrap_err().0;
+        assert!(e.contains("`T`") && e.contains("not set"), "{e}");
+        let e = c.ui_token(&env("T", "short")).unwrap_err().0;
+        assert!(e.contains("16 characters"), "{e}");
+        let c = Config::from_toml(base, []).unwrap();
+        assert_eq!(c.ui_token(&HashMap::new()).unwrap(), None, "read-only");
+        let e = Config::from_toml("[http]\nui_token_env = \"T\"\n", [])
+            .unwrap_err()
+            .0;
+        assert!(e.contains("http.listen"), "{e}");
+        let e = Config::from_toml(
+            &format!("{base}ui = false\nui_token = \"0123456789abcdef\"\n"),
+            [],
+        )
+        .unwrap_err()
+        .0;
+        assert!(e.contains("not served"), "{e}");
+        let off = Config::from_toml(base, [("STARGAZER_HTTP_UI".to_owned(), "false".to_owned())])
+            .unwrap();
+        assert!(!off.http.ui);
     }
 }

@@ -65,17 +65,28 @@ pub async fn run(
     let http_stop = CancellationToken::new();
     let readiness = crate::http::Readiness::new(&config.redis.url);
     let inbound_routes = crate::http::InboundRoutes::default();
+    // The dashboard (`/ui/`), read-only unless an action token is configured.
+    let ui = match (&config.http.listen, config.http.ui) {
+        (Some(_), true) => {
+            let token = config.ui_token(&env)?;
+            let ui = crate::ui::Ui::new(token.as_deref(), readiness.clone(), &consumer_name);
+            ui.spawn_sampler(http_stop.clone());
+            Some(ui)
+        }
+        _ => None,
+    };
     if let Some(listen) = &config.http.listen {
         let addr = listen.parse().map_err(|_| {
             GatewayError::Config(crate::config::ConfigError(format!(
                 "http.listen `{listen}` is not an address"
             )))
         })?;
-        let bound = crate::http::serve_with(
+        let bound = crate::http::serve_routes(
             addr,
             http_stop.clone(),
             readiness.clone(),
             inbound_routes.clone(),
+            ui.as_ref().map(crate::ui::Ui::router).unwrap_or_default(),
         )
         .await
         .map_err(|source| GatewayError::Http {
@@ -83,6 +94,13 @@ pub async fn run(
             source,
         })?;
         info!(%bound, "http listener up (/healthz, /readyz, /metrics)");
+        if let Some(ui) = &ui {
+            info!(
+                url = %format!("http://{bound}/ui/"),
+                actions = if ui.actions_enabled() { "with token" } else { "off (read-only)" },
+                "dashboard up"
+            );
+        }
     }
     let mut consumers = Vec::new();
     // Trimming, gauges and inbound loops (matrix sync), per platform;
@@ -159,6 +177,7 @@ pub async fn run(
             inbound_routes.add(&p.name, inbound, secret.map(String::into_bytes));
         }
         ready_adapters.push((p.name.clone(), adapter.clone()));
+        let adapter_kind = adapter.kind();
         let settings = config.consumer_for(p);
         if settings.trim_interval_ms > 0 {
             ops_tasks.push(crate::trim::spawn(
@@ -186,6 +205,17 @@ pub async fn run(
         })
         .await
         .map_err(redis_err)?;
+        if let Some(ui) = &ui {
+            ui.add_platform(
+                crate::ui::UiPlatform {
+                    name: p.name.clone(),
+                    adapter: adapter_kind.to_owned(),
+                    bus: bus.clone(),
+                    settings: settings.clone(),
+                },
+                consumer.stats(),
+            );
+        }
         ops_tasks.push(
             Gauges::new(bus, consumer.dispatcher(), settings.dlq_maxlen)
                 .spawn(GAUGE_EVERY, ops_stop.clone()),

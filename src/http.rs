@@ -8,6 +8,7 @@
 //! - `POST /inbound/<platform>` — for webhook platforms: an inbound event
 //!   (JSON, see [`crate::inbound`]) to publish for the workers; signed with
 //!   `X-Stargazer-Signature` when the platform has a secret.
+//! - `/ui/…` — the dashboard ([`crate::ui`]), when the gateway serves it.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -77,6 +78,34 @@ impl Readiness {
     /// The platforms' circuits: an open one makes the gateway not ready.
     pub fn set_circuits(&self, circuits: Vec<crate::circuit::Circuit>) {
         *self.circuits.write().expect("readiness lock poisoned") = circuits;
+    }
+
+    /// Each platform's readiness (`None` until the platforms run): `None`
+    /// when ready, else why not — the adapter's reason, or the open circuit's.
+    pub fn platform_states(&self) -> Option<Vec<(String, Option<String>)>> {
+        let adapters = self.adapters.read().expect("readiness lock poisoned");
+        let circuits = self.circuits.read().expect("readiness lock poisoned");
+        adapters.as_ref().map(|a| {
+            a.iter()
+                .map(|(p, a)| {
+                    let circuit = circuits
+                        .iter()
+                        .find(|c| c.platform() == p)
+                        .and_then(|c| c.open_reason())
+                        .map(|r| format!("circuit open, sends stopped: credential refused: {r}"));
+                    let adapter = (!a.ready()).then(|| {
+                        a.not_ready_reason().unwrap_or_else(|| {
+                            format!(
+                                "the {} adapter is not ready: its platform session is down or \
+                                 its credential was refused; sends of this platform wait",
+                                a.kind()
+                            )
+                        })
+                    });
+                    (p.clone(), circuit.or(adapter))
+                })
+                .collect()
+        })
     }
 
     /// `Ok` when ready, else the reason.
@@ -241,6 +270,17 @@ pub async fn serve_with(
     readiness: Readiness,
     inbound_routes: InboundRoutes,
 ) -> std::io::Result<SocketAddr> {
+    serve_routes(addr, stop, readiness, inbound_routes, Router::new()).await
+}
+
+/// [`serve_with`], also serving `extra` (the dashboard's routes).
+pub async fn serve_routes(
+    addr: SocketAddr,
+    stop: CancellationToken,
+    readiness: Readiness,
+    inbound_routes: InboundRoutes,
+    extra: Router,
+) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     let handle = crate::metrics::install();
@@ -264,11 +304,15 @@ pub async fn serve_with(
             readiness,
             metrics: handle,
             inbound: inbound_routes,
-        });
+        })
+        .merge(extra);
     tokio::spawn(async move {
-        let _ = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await;
+        let _ = axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await;
     });
     Ok(local)
 }

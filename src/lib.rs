@@ -25,7 +25,7 @@
 //! - [`gateway`]: all platforms of a config, HTTP, shutdown.
 //! - [`publish`]: the worker side of the stream.
 //! - [`ops`], [`metrics`], [`trim`]: status, dead-letter tools, Prometheus
-//!   metrics and stream trimming for operators.
+//!   metrics and stream trimming for operators; [`ui`], the web dashboard.
 
 pub mod adapters;
 pub mod bench;
@@ -50,6 +50,7 @@ pub mod stats;
 pub mod toggles;
 pub mod tools;
 pub mod trim;
+pub mod ui;
 
 /// Unix time in milliseconds.
 pub fn now_ms() -> u64 {

@@ -25,6 +25,8 @@ pub struct GroupInfo {
     /// Entries added but not yet read by the group; Redis cannot always tell
     /// (after deletions in the unread range), then `None`.
     pub lag: Option<u64>,
+    /// Entries the group has read since it was created (Redis ≥ 7.0).
+    pub entries_read: Option<u64>,
 }
 
 /// `XPENDING <stream> <group>` (summary form).
@@ -67,6 +69,18 @@ pub struct GapChannel {
     pub since_ms: u64,
     /// Highest seq finished on the channel.
     pub done: u64,
+    /// The gateway instance that owns the channel (and runs its gate), if any.
+    pub owner: Option<String>,
+}
+
+/// The registered gateway instances of a platform and their heartbeat
+/// counters (`sg:{P}:nodes`, `sg:{P}:beats`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Nodes {
+    /// Consumer name → its live instance (`<consumer>/<random>`).
+    pub registered: HashMap<String, String>,
+    /// Consumer name → heartbeat counter (bumped every third of `lock_ttl_ms`).
+    pub beats: HashMap<String, u64>,
 }
 
 fn map_of(v: Value) -> HashMap<String, Value> {
@@ -168,6 +182,7 @@ impl Bus {
                 pending: num(&g, "pending").unwrap_or(0),
                 last_delivered_id: text(&g, "last-delivered-id").unwrap_or_else(|| "0-0".into()),
                 lag: num(&g, "lag"),
+                entries_read: num(&g, "entries-read"),
             })
             .collect())
     }
@@ -295,16 +310,24 @@ impl Bus {
                         .arg(k)
                         .arg("gap_seq")
                         .arg("gap_since")
-                        .arg("done");
+                        .arg("done")
+                        .arg("owner");
                 }
-                let rows: Vec<Vec<Option<u64>>> = pipe.query_async(&mut conn).await?;
+                let rows: Vec<Vec<Option<String>>> = pipe.query_async(&mut conn).await?;
                 for (k, row) in keys.iter().zip(rows) {
-                    if let Some(Some(want)) = row.first() {
+                    let n = |i: usize| {
+                        row.get(i)
+                            .cloned()
+                            .flatten()
+                            .and_then(|v| v.parse::<u64>().ok())
+                    };
+                    if let Some(want) = n(0) {
                         out.push(GapChannel {
                             channel: k[prefix.len()..].to_owned(),
-                            waiting_for: *want,
-                            since_ms: row.get(1).copied().flatten().unwrap_or(0),
-                            done: row.get(2).copied().flatten().unwrap_or(0),
+                            waiting_for: want,
+                            since_ms: n(1).unwrap_or(0),
+                            done: n(2).unwrap_or(0),
+                            owner: row.get(3).cloned().flatten(),
                         });
                     }
                 }
@@ -370,6 +393,39 @@ impl Bus {
             .query_async(&mut conn)
             .await?;
         Ok(parse_entries(v))
+    }
+
+    /// Up to `count` dead letters from `end` (inclusive; `(id` exclusive) down
+    /// to `start`, newest first (`XREVRANGE`).
+    pub async fn dlq_rev_range(
+        &self,
+        end: &str,
+        start: &str,
+        count: usize,
+    ) -> RedisResult<Vec<RawEntry>> {
+        let mut conn = self.conn();
+        let v: Value = redis::cmd("XREVRANGE")
+            .arg(self.keys.dlq())
+            .arg(end)
+            .arg(start)
+            .arg("COUNT")
+            .arg(count)
+            .query_async(&mut conn)
+            .await?;
+        Ok(parse_entries(v))
+    }
+
+    /// The registered instances and their heartbeat counters (one pipeline).
+    pub async fn nodes(&self) -> RedisResult<Nodes> {
+        let mut conn = self.conn();
+        let (registered, beats): (HashMap<String, String>, HashMap<String, u64>) = redis::pipe()
+            .cmd("HGETALL")
+            .arg(self.keys.nodes())
+            .cmd("HGETALL")
+            .arg(self.keys.beats())
+            .query_async(&mut conn)
+            .await?;
+        Ok(Nodes { registered, beats })
     }
 
     /// Move one dead letter back to the outbound stream with a rebuilt

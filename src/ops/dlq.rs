@@ -21,6 +21,9 @@ use crate::envelope::sign;
 
 /// Entries read per XRANGE page.
 const PAGE: usize = 500;
+/// Entries read per XREVRANGE while a filtered page looks for matches
+/// (smaller than [`PAGE`]: dead letters of `too_large` carry big payloads).
+const FILTERED_CHUNK: usize = 200;
 /// Selections larger than this show a progress bar (on a terminal).
 const BAR_ABOVE: usize = 100;
 
@@ -254,6 +257,98 @@ pub async fn show(bus: &Bus, id: &str) -> RedisResult<Option<DeadLetterEntry>> {
         .map(DeadLetterEntry::from_raw))
 }
 
+/// One page of the dead-letter stream, newest first (the dashboard's table).
+#[derive(Debug, Clone, Serialize)]
+pub struct Page {
+    pub entries: Vec<DeadLetterEntry>,
+    /// Where the next, older page starts (exclusive): pass it as `before`.
+    /// `None` when the selection has nothing older.
+    pub next_before: Option<String>,
+    /// Dead letters read to fill this page (more than `entries` when a
+    /// filter skips some).
+    pub scanned: usize,
+    /// The page stopped at the scan budget before it was full: older
+    /// matches may follow from `next_before`.
+    pub partial: bool,
+}
+
+/// What [`page`] reads: the filter's kind, channel and lower time bound
+/// (`since`), an upper bound, and where the previous page ended.
+#[derive(Debug, Clone, Default)]
+pub struct PageQuery {
+    pub filter: Filter,
+    /// Dead-lettered at or before this (a duration ago, or a stream id).
+    pub until: Option<Since>,
+    /// Only entries older than this dead-letter id (the previous page's `next_before`).
+    pub before: Option<String>,
+    /// Entries per page.
+    pub limit: usize,
+    /// Most entries read for one page when a filter skips many.
+    pub scan_budget: usize,
+}
+
+/// One page, newest first: `XREVRANGE` with `COUNT` from an exclusive start,
+/// so the cost is that of the page, however long the stream.
+pub async fn page(bus: &Bus, q: &PageQuery) -> RedisResult<Page> {
+    let now = bus.server_time_ms().await?;
+    let limit = q.limit.max(1);
+    let budget = q.scan_budget.max(limit);
+    let start = q
+        .filter
+        .since
+        .as_ref()
+        .map(|s| s.start(now))
+        .unwrap_or_else(|| "-".into());
+    let mut end = match (&q.before, &q.until) {
+        (Some(b), _) => format!("({b}"),
+        (None, Some(Since::Id(id))) => id.clone(),
+        (None, Some(Since::Ago(d))) => {
+            format!("{}-{}", now.saturating_sub(d.as_millis() as u64), u64::MAX)
+        }
+        (None, None) => "+".into(),
+    };
+    let filtered = q.filter.kind.is_some() || q.filter.channel.is_some();
+    let mut out = Page {
+        entries: Vec::with_capacity(limit),
+        next_before: None,
+        scanned: 0,
+        partial: false,
+    };
+    loop {
+        // One more than the page needs, to know whether anything is older.
+        let want = if filtered {
+            FILTERED_CHUNK.min(budget - out.scanned + 1)
+        } else {
+            limit - out.entries.len() + 1
+        };
+        let raw = bus.dlq_rev_range(&end, &start, want).await?;
+        let exhausted = raw.len() < want;
+        let Some(last) = raw.last() else {
+            out.next_before = None;
+            return Ok(out);
+        };
+        end = format!("({}", last.id.0);
+        for r in raw {
+            if out.entries.len() == limit || out.scanned == budget {
+                // Something older exists; the next page starts after the
+                // last entry read.
+                out.partial = out.entries.len() < limit;
+                return Ok(out);
+            }
+            out.scanned += 1;
+            out.next_before = Some(r.id.0.clone());
+            let e = DeadLetterEntry::from_raw(r);
+            if q.filter.matches(&e) {
+                out.entries.push(e);
+            }
+        }
+        if exhausted {
+            out.next_before = None;
+            return Ok(out);
+        }
+    }
+}
+
 /// Ids of the selection (first pass of replay and purge).
 async fn select_ids(bus: &Bus, filter: &Filter, now: u64) -> RedisResult<Vec<String>> {
     let mut pager = Pager::new(bus, filter, now);
@@ -268,6 +363,8 @@ async fn select_ids(bus: &Bus, filter: &Filter, now: u64) -> RedisResult<Vec<Str
 #[derive(Debug, Clone)]
 pub enum Selection {
     One(String),
+    /// Several dead letters by id (the dashboard's ticked rows).
+    Ids(Vec<String>),
     Filter(Filter),
 }
 
@@ -306,9 +403,9 @@ pub struct ReplayOptions {
     pub progress: bool,
 }
 
-/// The envelope a dead letter is replayed as, with its idempotency key; or
-/// why it cannot be.
-pub fn rebuild(e: &DeadLetterEntry, platform: &str) -> Result<(Vec<u8>, String), String> {
+/// The envelope of a dead letter that can be replayed, or why it cannot be
+/// (cheap: nothing is copied).
+pub fn replayable(e: &DeadLetterEntry) -> Result<&Map<String, Value>, String> {
     if e.payload.is_empty() {
         return Err(format!(
             "no payload to replay ({}: the entry was gone from the stream before delivery)",
@@ -320,6 +417,13 @@ pub fn rebuild(e: &DeadLetterEntry, platform: &str) -> Result<(Vec<u8>, String),
             "the payload is not a JSON object; it would only be dead-lettered again".into(),
         );
     };
+    Ok(env)
+}
+
+/// The envelope a dead letter is replayed as, with its idempotency key; or
+/// why it cannot be.
+pub fn rebuild(e: &DeadLetterEntry, platform: &str) -> Result<(Vec<u8>, String), String> {
+    let env = replayable(e)?;
     let mut env: Map<String, Value> = env.clone();
     let original = if e.original_id.is_empty() {
         e.id.clone()
@@ -343,6 +447,51 @@ fn bar(total: usize, show: bool, what: &str) -> Option<indicatif::ProgressBar> {
     super::progress_bar(total as u64, what)
 }
 
+/// Replay one decoded dead letter (rebuild, then move it atomically), noting
+/// the outcome in `report`.
+async fn replay_entry(
+    bus: &Bus,
+    e: DeadLetterEntry,
+    platform: &str,
+    opts: &ReplayOptions,
+    report: &mut ReplayReport,
+) -> RedisResult<()> {
+    let (payload, idem) = match rebuild(&e, platform) {
+        Ok(r) => r,
+        Err(reason) => {
+            report.skipped.push(Skipped {
+                dlq_id: e.id,
+                reason,
+            });
+            return Ok(());
+        }
+    };
+    let mut done = Replayed {
+        dlq_id: e.id.clone(),
+        original_id: e.original_id.clone(),
+        idempotency_key: idem,
+        new_id: None,
+    };
+    if !opts.dry_run {
+        let sig = opts.signing_secret.as_ref().map(|s| sign(s, &payload));
+        match bus
+            .replay_dead_letter(&e.id, &payload, sig.as_deref())
+            .await?
+        {
+            Some(new) => done.new_id = Some(new.0),
+            None => {
+                report.skipped.push(Skipped {
+                    dlq_id: e.id,
+                    reason: "gone from the dead-letter stream meanwhile".into(),
+                });
+                return Ok(());
+            }
+        }
+    }
+    report.replayed.push(done);
+    Ok(())
+}
+
 /// Replay a selection to the outbound stream (see the module doc).
 pub async fn replay(bus: &Bus, sel: &Selection, opts: &ReplayOptions) -> RedisResult<ReplayReport> {
     let now = bus.server_time_ms().await?;
@@ -351,87 +500,92 @@ pub async fn replay(bus: &Bus, sel: &Selection, opts: &ReplayOptions) -> RedisRe
         dry_run: opts.dry_run,
         ..ReplayReport::default()
     };
-    let (ids, filter) = match sel {
-        Selection::One(id) => (vec![id.clone()], None),
-        Selection::Filter(f) => (select_ids(bus, f, now).await?, Some(f)),
+    let what = if opts.dry_run {
+        "checking"
+    } else {
+        "replaying"
     };
+    let filter = match sel {
+        Selection::One(id) => return replay_ids(bus, std::slice::from_ref(id), opts, report).await,
+        Selection::Ids(ids) => return replay_ids(bus, ids, opts, report).await,
+        Selection::Filter(f) => f,
+    };
+    let ids = select_ids(bus, filter, now).await?;
     if ids.is_empty() {
         return Ok(report);
     }
     let wanted: HashSet<&str> = ids.iter().map(String::as_str).collect();
-    let pb = bar(
-        ids.len(),
-        opts.progress,
-        if opts.dry_run {
-            "checking"
-        } else {
-            "replaying"
-        },
-    );
+    let pb = bar(ids.len(), opts.progress, what);
     // Second pass over exactly the range the ids span.
     let range = Filter {
-        kind: filter.and_then(|f| f.kind.clone()),
-        channel: filter.and_then(|f| f.channel.clone()),
+        kind: filter.kind.clone(),
+        channel: filter.channel.clone(),
         since: Some(Since::Id(ids[0].clone())),
         limit: None,
     };
     let mut pager = Pager::new(bus, &range, now);
     pager.end = ids[ids.len() - 1].clone();
-    let mut seen = 0usize;
     while let Some(page) = pager.page().await? {
         for e in page {
             if !wanted.contains(e.id.as_str()) {
                 continue;
             }
-            seen += 1;
             if let Some(pb) = &pb {
                 pb.inc(1);
             }
-            let (payload, idem) = match rebuild(&e, &platform) {
-                Ok(r) => r,
-                Err(reason) => {
-                    report.skipped.push(Skipped {
-                        dlq_id: e.id,
-                        reason,
-                    });
-                    continue;
-                }
-            };
-            let mut done = Replayed {
-                dlq_id: e.id.clone(),
-                original_id: e.original_id.clone(),
-                idempotency_key: idem,
-                new_id: None,
-            };
-            if !opts.dry_run {
-                let sig = opts.signing_secret.as_ref().map(|s| sign(s, &payload));
-                match bus
-                    .replay_dead_letter(&e.id, &payload, sig.as_deref())
-                    .await?
-                {
-                    Some(new) => done.new_id = Some(new.0),
-                    None => {
-                        report.skipped.push(Skipped {
-                            dlq_id: e.id,
-                            reason: "gone from the dead-letter stream meanwhile".into(),
-                        });
-                        continue;
-                    }
-                }
-            }
-            report.replayed.push(done);
+            replay_entry(bus, e, &platform, opts, &mut report).await?;
         }
     }
     if let Some(pb) = pb {
         pb.finish_and_clear();
     }
-    if seen < ids.len() && matches!(sel, Selection::One(_)) {
-        report.skipped.push(Skipped {
-            dlq_id: ids[0].clone(),
-            reason: "no such dead letter".into(),
-        });
+    Ok(report)
+}
+
+/// Replay dead letters named by id, each looked up on its own (a sparse
+/// selection never scans the range between its ids); an id not in the
+/// stream is skipped as "no such dead letter".
+async fn replay_ids(
+    bus: &Bus,
+    ids: &[String],
+    opts: &ReplayOptions,
+    mut report: ReplayReport,
+) -> RedisResult<ReplayReport> {
+    let platform = bus.keys().platform().to_owned();
+    let pb = bar(ids.len(), opts.progress, "replaying");
+    for id in unique(ids) {
+        if let Some(pb) = &pb {
+            pb.inc(1);
+        }
+        match show(bus, id).await? {
+            Some(e) => replay_entry(bus, e, &platform, opts, &mut report).await?,
+            None => report.skipped.push(Skipped {
+                dlq_id: id.clone(),
+                reason: "no such dead letter".into(),
+            }),
+        }
+    }
+    if let Some(pb) = pb {
+        pb.finish_and_clear();
     }
     Ok(report)
+}
+
+/// `ids` without repeats, in their first order.
+fn unique(ids: &[String]) -> Vec<&String> {
+    let mut seen = HashSet::new();
+    ids.iter().filter(|id| seen.insert(id.as_str())).collect()
+}
+
+/// Which of `ids` the dead-letter stream holds (one XRANGE each).
+async fn existing(bus: &Bus, ids: &[String]) -> RedisResult<Vec<String>> {
+    let mut out = Vec::new();
+    for id in unique(ids) {
+        if !bus.dlq_range(id, id, 1).await?.is_empty() {
+            out.push(id.clone());
+        }
+    }
+    Ok(out)
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -451,12 +605,8 @@ pub async fn purge(
 ) -> RedisResult<PurgeReport> {
     let now = bus.server_time_ms().await?;
     let ids = match sel {
-        Selection::One(id) => bus
-            .dlq_range(id, id, 1)
-            .await?
-            .into_iter()
-            .map(|e| e.id.0)
-            .collect(),
+        Selection::One(id) => existing(bus, std::slice::from_ref(id)).await?,
+        Selection::Ids(ids) => existing(bus, ids).await?,
         Selection::Filter(f) => select_ids(bus, f, now).await?,
     };
     let mut report = PurgeReport {

@@ -37,6 +37,9 @@ pub struct PlatformStatus {
     pub lag: Option<u64>,
     /// Entries read and not yet acknowledged.
     pub pending: u64,
+    /// Entries the group has read since it was created (Redis ≥ 7.0); minus
+    /// `pending`, what the fleet has finished.
+    pub entries_read: Option<u64>,
     pub oldest_pending: Option<OldestPending>,
     pub consumers: Vec<ConsumerInfo>,
     pub dead_letters: u64,
@@ -61,6 +64,10 @@ pub struct GapChannelStatus {
     pub waiting_for_seq: u64,
     pub done_seq: u64,
     pub waiting_ms: u64,
+    /// Server time (Unix ms) the wait began.
+    pub since_ms: u64,
+    /// The gateway instance holding the channel (whose gate waits).
+    pub owner: Option<String>,
 }
 
 impl From<(&GapChannel, u64)> for GapChannelStatus {
@@ -70,6 +77,8 @@ impl From<(&GapChannel, u64)> for GapChannelStatus {
             waiting_for_seq: g.waiting_for,
             done_seq: g.done,
             waiting_ms: now.saturating_sub(g.since_ms),
+            since_ms: g.since_ms,
+            owner: g.owner.clone(),
         }
     }
 }
@@ -120,6 +129,7 @@ pub async fn platform_status(bus: &Bus, now_ms: u64) -> RedisResult<PlatformStat
         group_exists: group.is_some(),
         lag: group.as_ref().and_then(|g| g.lag),
         pending,
+        entries_read: group.as_ref().and_then(|g| g.entries_read),
         oldest_pending,
         consumers,
         dead_letters,
