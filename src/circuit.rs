@@ -146,10 +146,14 @@ impl Circuit {
                     return;
                 }
                 Err(e) if e.retry == Retry::Halt => {
-                    if let Some(o) = self.inner.state.borrow().as_ref() {
-                        if o.reason != e.message {
-                            warn!(platform = %platform, reason = %e.message, "credential still refused");
-                        }
+                    let changed = self
+                        .inner
+                        .state
+                        .borrow()
+                        .as_ref()
+                        .is_some_and(|o| o.reason != e.message);
+                    if changed {
+                        warn!(platform = %platform, reason = %e.message, "credential still refused");
                     }
                 }
                 Err(e) => {
