@@ -355,6 +355,16 @@ pub struct PlatformConfig {
     /// an older entry is reconciled first (see the README).
     #[serde(default = "default_nonce_window_ms")]
     pub nonce_window_ms: u64,
+    /// discord: the host whose egress IP this gateway's requests leave from
+    /// (default: the machine's host name). Discord bans an IP after 10,000
+    /// invalid requests in 10 minutes, whatever the token: gateways with the
+    /// same value share one budget (`invalid_request_limit`) in Redis.
+    #[serde(default)]
+    pub egress_host: Option<String>,
+    /// discord: the mention kinds a message may ping unless its envelope
+    /// says otherwise (`users`, `roles`, `everyone`; default `["users"]`).
+    #[serde(default = "default_allowed_mentions")]
+    pub allowed_mentions: Vec<String>,
     /// Read the reference system's layout (`sg:outbound:<name>`), so its
     /// workers can keep publishing while the gateways are replaced; not on
     /// Redis Cluster (the key has no hash tag).
@@ -409,6 +419,10 @@ fn default_toggle_label() -> String {
 
 fn default_toggle_custom_id() -> String {
     "sg:toggle_menu".into()
+}
+
+fn default_allowed_mentions() -> Vec<String> {
+    vec!["users".into()]
 }
 
 fn default_nonce_window_ms() -> u64 {
@@ -482,6 +496,15 @@ impl PlatformConfig {
         if self.session_lease_ms < 3_000 {
             return Err(err(format!(
                 "{at}.session_lease_ms must be at least 3000 (it is renewed every third of it)"
+            )));
+        }
+        if let Some(k) = self
+            .allowed_mentions
+            .iter()
+            .find(|k| !matches!(k.as_str(), "users" | "roles" | "everyone"))
+        {
+            return Err(err(format!(
+                "{at}.allowed_mentions has `{k}`; the kinds are users, roles and everyone"
             )));
         }
         if self.toggle_button {

@@ -97,6 +97,13 @@ struct Fake {
     book: Mutex<Book>,
     /// Answers forced on the next requests: (status, headers, body).
     forced: Mutex<VecDeque<Forced>>,
+    /// The bot token was reset in the developer portal: every request with
+    /// it is answered 401, as Discord does.
+    revoked: std::sync::atomic::AtomicBool,
+    /// Requests answered 401.
+    unauthorized: std::sync::atomic::AtomicU64,
+    /// `GET /users/@me` requests (the adapter's token probe).
+    probes: std::sync::atomic::AtomicU64,
 }
 
 struct Server {
@@ -156,6 +163,8 @@ impl Server {
             toggle: None,
             nonce_window: Duration::from_secs(120),
             presence: false,
+            egress_host: "test-host".into(),
+            allowed_mentions: vec!["users".into()],
         }
     }
 
@@ -329,7 +338,14 @@ async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(&format!("Bot {TOKEN}")) {
+    use std::sync::atomic::Ordering::SeqCst;
+    if uri.path().ends_with("/users/@me") {
+        f.probes.fetch_add(1, SeqCst);
+    }
+    if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(&format!("Bot {TOKEN}"))
+        || f.revoked.load(SeqCst)
+    {
+        f.unauthorized.fetch_add(1, SeqCst);
         return error(401, 0, "401: Unauthorized");
     }
     let Some(path) = uri.path().strip_prefix("/api/v10/") else {
@@ -372,6 +388,9 @@ async fn handle(
         }
     }
     match (method.clone(), segs.as_slice()) {
+        (Method::GET, ["users", "@me"]) => {
+            axum::Json(json!({"id": "1001", "username": "stargazer", "bot": true})).into_response()
+        }
         (Method::GET, ["channels", _]) => {
             *book.channel_lookups.entry(channel.clone()).or_default() += 1;
             match book.guild_of.get(&channel) {
@@ -715,7 +734,8 @@ async fn every_envelope_type_reaches_discord() {
     assert_eq!(msgs.len(), 6, "{msgs:#?}");
     let j: Vec<&Value> = msgs.iter().map(|m| &m.json).collect();
     assert_eq!(j[0]["content"], "hello @everyone");
-    assert_eq!(j[0]["allowed_mentions"], json!({"parse": []}));
+    // Users only by default: `@everyone` in the text pings nobody.
+    assert_eq!(j[0]["allowed_mentions"], json!({"parse": ["users"]}));
     assert!(j[0]["nonce"].as_str().unwrap().len() <= 25);
     assert_eq!(
         cached_id(&rig, first.message_key.as_deref().unwrap())
@@ -1467,4 +1487,101 @@ async fn presence_is_recorded_for_the_session_holder() {
     assert_eq!(v["emoji"], "✨");
     // Nothing went to the REST API.
     assert_eq!(server.book(|b| b.requests), 0);
+}
+
+/// Poll `f` every 20 ms until it is true, failing after `within`.
+async fn until(what: &str, within: Duration, mut f: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_token_stops_every_send_until_it_works_again() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let metrics = stargazer::metrics::install();
+    let server = Server::start(Limits::default()).await;
+    let rig = Rig::new().await;
+    let adapter = server.adapter(&rig);
+    let gw = rig.start("gw", adapter.clone(), fast()).await;
+    rig.publish(json!({"channel_id": "600", "text": "before"}))
+        .await;
+    rig.drained(T).await;
+    assert!(adapter.ready());
+
+    // The token is reset in the developer portal; a worker publishes 50
+    // messages over 5 channels.
+    server.fake.revoked.store(true, SeqCst);
+    let started = server.book(|b| b.requests) + server.fake.unauthorized.load(SeqCst);
+    for i in 0..50 {
+        rig.publish(json!({"channel_id": format!("6{:02}", 1 + i % 5), "text": format!("m{i}")}))
+            .await;
+    }
+    until("the circuit opens", T, async || !adapter.ready()).await;
+    // Two probes with backoff (1 s, then 2 s later), and nothing else.
+    until("two probes", T, async || {
+        server.fake.probes.load(SeqCst) >= 2
+    })
+    .await;
+    let sent_while_revoked =
+        server.book(|b| b.requests) + server.fake.unauthorized.load(SeqCst) - started;
+    let refusals = server.fake.unauthorized.load(SeqCst);
+    eprintln!(
+        "revoked: {sent_while_revoked} requests sent ({refusals} answered 401, {} probes)",
+        server.fake.probes.load(SeqCst)
+    );
+    // At most one 401 per channel in flight when the token was revoked,
+    // plus the probes.
+    assert!(
+        sent_while_revoked <= 5 + server.fake.probes.load(SeqCst),
+        "{sent_while_revoked} requests"
+    );
+    assert!(
+        rig.dlq().await.is_empty(),
+        "nothing is dead-lettered for a 401"
+    );
+    assert_eq!(
+        rig.pending().await + rig.lag().await,
+        50,
+        "all still pending"
+    );
+    let mark: Option<String> = rig
+        .cmd(&["GET", &format!("{}auth:refused", rig.keys.discord())])
+        .await;
+    assert!(
+        mark.is_some_and(|m| m.contains("401")),
+        "every gateway sees it"
+    );
+    let metrics = metrics.render();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("stargazer_discord_credential_refused")
+                && l.contains(rig.keys.platform())
+                && l.ends_with(" 1")),
+        "{metrics}"
+    );
+
+    // The token works again: everything is delivered, once, in order.
+    server.fake.revoked.store(false, SeqCst);
+    let fixed = Instant::now();
+    rig.drained(Duration::from_secs(60)).await;
+    eprintln!("resumed and drained {:?} after the fix", fixed.elapsed());
+    assert!(adapter.ready());
+    assert!(rig.dlq().await.is_empty());
+    for c in 1..=5 {
+        let texts: Vec<String> = server
+            .messages(&format!("6{c:02}"))
+            .iter()
+            .map(|m| m.json["content"].as_str().unwrap().to_owned())
+            .collect();
+        let want: Vec<String> = (0..50)
+            .filter(|i| i % 5 == c - 1)
+            .map(|i| format!("m{i}"))
+            .collect();
+        assert_eq!(texts, want, "channel 6{c:02}: once each, in order");
+    }
+    gw.shutdown().await;
 }

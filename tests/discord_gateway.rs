@@ -18,6 +18,7 @@ use axum::routing::{get, post};
 use common::Rig;
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
+use stargazer::adapters::discord::Circuit;
 use stargazer::adapters::discord::gateway::{
     DEFAULT_INTENTS, Session, SessionSettings, guilds_key, nonce_key, set_presence,
 };
@@ -371,6 +372,8 @@ fn settings(rig: &Rig, gw: &FakeGateway, owner: &str) -> SessionSettings {
 struct Running {
     owner: String,
     session: Arc<Session>,
+    /// The token's circuit the session shares with the platform's adapter.
+    circuit: Arc<Circuit>,
     stop: CancellationToken,
     task: JoinHandle<()>,
 }
@@ -389,14 +392,17 @@ impl Running {
 fn start(rig: &Rig, settings: SessionSettings) -> Running {
     let owner = settings.owner.clone();
     let client = redis::Client::open(rig.server.url()).unwrap();
+    let circuit = Arc::new(Circuit::new(rig.keys.platform()));
     let session = Arc::new(
-        Session::new(settings, client, rig.bus.conn(), &rig.keys).expect("session settings"),
+        Session::new(settings, client, rig.bus.conn(), &rig.keys, circuit.clone())
+            .expect("session settings"),
     );
     let stop = CancellationToken::new();
     let task = tokio::spawn(session.clone().run(stop.clone()));
     Running {
         owner,
         session,
+        circuit,
         stop,
         task,
     }
@@ -976,6 +982,18 @@ async fn fatal_close_code_stops_reconnecting() {
     assert_eq!(gw_a.accepted.load(Ordering::SeqCst), 1);
     assert_eq!(gw_b.accepted.load(Ordering::SeqCst), 1);
     assert!(!run_a.task.is_finished(), "run stays alive until stop");
+    // 4004 is a refused token: the circuit the adapter shares is open, with
+    // the cause, and every gateway of the fleet sees the mark in Redis.
+    assert!(!run_a.circuit.is_open(), "4014 is not about the token");
+    let why = run_b
+        .circuit
+        .reason()
+        .expect("4004 opens the token's circuit");
+    assert!(why.contains("4004"), "{why}");
+    let mark: Option<String> = rig_b
+        .cmd(&["GET", &format!("{}auth:refused", rig_b.keys.discord())])
+        .await;
+    assert!(mark.is_some_and(|m| m.contains("4004")));
     run_a.stop().await;
     run_b.stop().await;
 }

@@ -86,12 +86,25 @@ use crate::envelope::{Action, Button};
 use crate::keys::Keys;
 use crate::toggles::{TOGGLE_MENU, Toggles};
 
+pub mod circuit;
 pub mod gateway;
+pub mod render;
+pub mod typing;
+
+pub use circuit::Circuit;
+use render::FileSpec;
+use typing::{Typing, TypingRequest};
 
 /// Discord's longest message content, in characters.
 pub const MAX_CONTENT: usize = 2000;
 /// Discord's longest `nonce`.
 pub const MAX_NONCE: usize = 25;
+/// The User-Agent of every request to Discord, in the form Discord asks for.
+pub const USER_AGENT: &str = concat!(
+    "DiscordBot (https://github.com/stargazer, ",
+    env!("CARGO_PKG_VERSION"),
+    ")"
+);
 /// The default API base.
 pub const DEFAULT_API_BASE: &str = "https://discord.com/api/v10";
 /// How long to wait after a 429 that names no wait.
@@ -132,6 +145,12 @@ pub struct DiscordSettings {
     pub nonce_window: Duration,
     /// A gateway session is configured: presence updates go through it.
     pub presence: bool,
+    /// The host whose egress IP the requests leave from: gateways with the
+    /// same value share Discord's invalid-request budget (it bans by IP).
+    pub egress_host: String,
+    /// The mention kinds a message may ping unless its envelope says
+    /// (`allowed_mentions`; default `["users"]`: never @everyone or roles).
+    pub allowed_mentions: Vec<String>,
 }
 
 /// The toggle button: a secondary-style button with this label and custom id.
@@ -154,6 +173,8 @@ impl fmt::Debug for DiscordSettings {
             .field("toggle", &self.toggle)
             .field("nonce_window", &self.nonce_window)
             .field("presence", &self.presence)
+            .field("egress_host", &self.egress_host)
+            .field("allowed_mentions", &self.allowed_mentions)
             .finish()
     }
 }
@@ -191,20 +212,29 @@ pub struct Wait {
 }
 
 /// The shared rate limiter: Redis state under `sg:{P}:discord:` (see the
-/// module docs and `discord/limits.lua`).
+/// module docs and `discord/limits.lua`), and the host's invalid-request
+/// budget (`discord/invalid.lua`).
 #[derive(Clone)]
 pub struct Limiter {
     conn: ConnectionManager,
     base: String,
+    /// `sg:{discord-host:<host>}:invalid`: the sliding window of this host's
+    /// invalid requests, shared by every bot and gateway on the host.
+    host_key: String,
     global_per_second: u32,
     invalid_limit: u32,
     script: std::sync::Arc<redis::Script>,
+    invalid_script: std::sync::Arc<redis::Script>,
 }
+
+/// Discord's invalid-request window.
+pub const INVALID_WINDOW: Duration = Duration::from_secs(600);
 
 impl fmt::Debug for Limiter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Limiter")
             .field("base", &self.base)
+            .field("host_key", &self.host_key)
             .field("global_per_second", &self.global_per_second)
             .field("invalid_limit", &self.invalid_limit)
             .finish_non_exhaustive()
@@ -221,20 +251,59 @@ struct BucketHeaders {
 }
 
 impl Limiter {
-    /// A limiter over `base` (`Keys::discord()`).
+    /// A limiter over `base` (`Keys::discord()`), counting invalid requests
+    /// in `host_key` (`Keys::discord_host_invalid()`).
     pub fn new(
         conn: ConnectionManager,
         base: String,
+        host_key: String,
         global_per_second: u32,
         invalid_limit: u32,
     ) -> Limiter {
         Limiter {
             conn,
             base,
+            host_key,
             global_per_second: global_per_second.max(1),
             invalid_limit: invalid_limit.max(1),
             script: std::sync::Arc::new(redis::Script::new(include_str!("discord/limits.lua"))),
+            invalid_script: std::sync::Arc::new(redis::Script::new(include_str!(
+                "discord/invalid.lua"
+            ))),
         }
+    }
+
+    async fn run_invalid(&self, mode: &str) -> redis::RedisResult<(i64, i64)> {
+        let mut conn = self.conn.clone();
+        self.invalid_script
+            .key(&self.host_key)
+            .arg(mode)
+            .arg(self.invalid_limit)
+            .arg(INVALID_WINDOW.as_millis() as u64)
+            .arg(rand::random::<u64>())
+            .invoke_async(&mut conn)
+            .await
+    }
+
+    /// Whether this host may still send: `None`, else how long until its
+    /// oldest counted invalid request leaves the 10-minute window.
+    pub async fn host_budget(&self) -> redis::RedisResult<Option<Wait>> {
+        let (ok, wait) = self.run_invalid("check").await?;
+        Ok((ok != 1).then(|| Wait {
+            wait: Duration::from_millis(wait.max(1) as u64),
+            why: "invalid_requests".into(),
+        }))
+    }
+
+    /// Record that Discord refused the bot token: every gateway stops
+    /// sending at its next request (see [`circuit`]).
+    pub async fn refused(&self, why: &str) -> redis::RedisResult<()> {
+        self.run(&["refused", why]).await.map(|_| ())
+    }
+
+    /// The token works again.
+    pub async fn accepted(&self) -> redis::RedisResult<()> {
+        self.run(&["accepted"]).await.map(|_| ())
     }
 
     async fn run(&self, args: &[&str]) -> redis::RedisResult<(i64, i64, String)> {
@@ -246,16 +315,18 @@ impl Limiter {
         inv.invoke_async(&mut conn).await
     }
 
-    /// Take a permit for `route`: `None` when granted, else how long to wait.
-    pub async fn acquire(&self, route: &Route) -> redis::RedisResult<Option<Wait>> {
+    /// Take a permit for `route`: `None` when granted, else how long to
+    /// wait (`why` = `unauthorized:<cause>` when the token is refused; a
+    /// `probe` is not stopped by that).
+    pub async fn acquire(&self, route: &Route, probe: bool) -> redis::RedisResult<Option<Wait>> {
         let (ok, wait, why) = self
             .run(&[
                 "acquire",
                 &route.key,
                 &route.major,
                 &self.global_per_second.to_string(),
-                &self.invalid_limit.to_string(),
                 &GLOBAL_BOUNDARY_MS.to_string(),
+                if probe { "1" } else { "0" },
             ])
             .await?;
         Ok((ok != 1).then(|| Wait {
@@ -295,9 +366,10 @@ impl Limiter {
         .map(|_| ())
     }
 
-    /// Count one invalid request (401, 403, non-shared 429); the window's count.
+    /// Count one invalid request (401, 403, non-shared 429) of this host;
+    /// the count in the sliding 10-minute window.
     pub async fn invalid(&self) -> redis::RedisResult<i64> {
-        self.run(&["invalid"]).await.map(|(n, _, _)| n)
+        self.run_invalid("count").await.map(|(n, _)| n)
     }
 }
 
@@ -319,6 +391,11 @@ pub struct DiscordAdapter {
     guilds: Mutex<HashMap<String, String>>,
     nonce_window: Duration,
     presence: bool,
+    /// Open while Discord refuses the token (shared with the gateway session).
+    circuit: std::sync::Arc<Circuit>,
+    allowed_mentions: Vec<String>,
+    /// Channels whose typing indicator is kept alive.
+    typing: Typing,
 }
 
 /// How many channels' guilds are remembered in memory before starting over.
@@ -354,11 +431,17 @@ enum Body {
     Form(reqwest::multipart::Form),
 }
 
-/// A file attached to the last part of a message.
-struct Attachment<'a> {
-    data: &'a [u8],
-    filename: &'a str,
-    mimetype: &'a str,
+/// What goes on a message besides its text: on the last part when the
+/// text is split (the reply reference goes on the first).
+#[derive(Default)]
+struct Extras {
+    reply_to: Option<String>,
+    buttons: Vec<Button>,
+    /// Checked already ([`render::embeds`]).
+    embeds: Option<Value>,
+    /// Discord's `allowed_mentions` object ([`render::allowed_mentions`]).
+    mentions: Value,
+    files: Vec<FileSpec>,
 }
 
 impl DiscordAdapter {
@@ -394,11 +477,7 @@ impl DiscordAdapter {
             .timeout(settings.request_timeout)
             .connect_timeout(settings.request_timeout.min(Duration::from_secs(10)))
             .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!(
-                "DiscordBot (https://github.com/stargazer, ",
-                env!("CARGO_PKG_VERSION"),
-                ")"
-            ))
+            .user_agent(USER_AGENT)
             .build()
             .map_err(|e| format!("could not build the HTTP client: {e}"))?;
         Ok(Self {
@@ -411,6 +490,7 @@ impl DiscordAdapter {
             limiter: Limiter::new(
                 conn.clone(),
                 limits_base.clone(),
+                keys.discord_host_invalid(&settings.egress_host),
                 settings.global_per_second,
                 settings.invalid_request_limit,
             ),
@@ -421,7 +501,69 @@ impl DiscordAdapter {
             guilds: Mutex::new(HashMap::new()),
             nonce_window: settings.nonce_window,
             presence: settings.presence,
+            circuit: std::sync::Arc::new(Circuit::new(platform)),
+            allowed_mentions: settings.allowed_mentions,
+            typing: Typing::default(),
         })
+    }
+
+    /// How a typing keep-alive beat is sent.
+    fn typing_request(&self) -> TypingRequest {
+        TypingRequest {
+            client: self.client.clone(),
+            base: self.base.clone(),
+            auth: self.auth.clone(),
+        }
+    }
+
+    /// Whether `channel`'s typing indicator is being kept alive.
+    pub fn keeps_typing(&self, channel: &str) -> bool {
+        self.typing.is_kept(channel)
+    }
+
+    /// The token's circuit, shared with the gateway session.
+    pub fn circuit(&self) -> std::sync::Arc<Circuit> {
+        self.circuit.clone()
+    }
+
+    /// A send while the circuit is open: no request, unless a probe is due
+    /// and succeeds (then the circuit closes and the send goes ahead).
+    async fn through_circuit(&self) -> Result<(), AdapterError> {
+        let Some(reason) = self.circuit.reason() else {
+            return Ok(());
+        };
+        if self.circuit.take_probe() && self.probe_token().await.is_ok() {
+            return Ok(());
+        }
+        Err(AdapterError::unauthorized(format!(
+            "discord refuses the bot token ({reason}); sends are stopped until it works again"
+        )))
+    }
+
+    /// `GET /users/@me`, which no user sees: Ok closes the circuit here and
+    /// for every gateway.
+    async fn probe_token(&self) -> Result<(), AdapterError> {
+        let route = Route::new(Method::GET, "/users/@me".into(), "/users/@me", "@me");
+        match self.call_api_as(&route, &[], Body::None, true).await {
+            Ok(_) => {
+                crate::metrics::discord_probe(&self.platform, "ok");
+                if let Err(e) = self.limiter.accepted().await {
+                    warn!(platform = %self.platform, error = %e, "discord: clearing the refused-token mark failed");
+                }
+                self.circuit.close();
+                Ok(())
+            }
+            Err(e) => {
+                let result = if e.retry == Retry::Halt {
+                    "refused"
+                } else {
+                    "error"
+                };
+                crate::metrics::discord_probe(&self.platform, result);
+                debug!(platform = %self.platform, error = %e.message, "discord token probe failed");
+                Err(e)
+            }
+        }
     }
 
     /// The shared rate limiter.
@@ -431,13 +573,26 @@ impl DiscordAdapter {
 
     /// Wait for a permit of `route`: in place while the waits stay short,
     /// else hand the wait back as a rate limit.
-    async fn permit(&self, route: &Route) -> Result<(), AdapterError> {
+    async fn permit(&self, route: &Route, probe: bool) -> Result<(), AdapterError> {
+        let redis_err =
+            |e| AdapterError::transient(format!("discord rate limiter (redis) failed: {e}"));
         let mut waited = Duration::ZERO;
         loop {
-            let w = self.limiter.acquire(route).await.map_err(|e| {
-                AdapterError::transient(format!("discord rate limiter (redis) failed: {e}"))
-            })?;
+            let w = match self.limiter.host_budget().await.map_err(redis_err)? {
+                Some(w) => Some(w),
+                None => self
+                    .limiter
+                    .acquire(route, probe)
+                    .await
+                    .map_err(redis_err)?,
+            };
             let Some(w) = w else { return Ok(()) };
+            if let Some(cause) = w.why.strip_prefix("unauthorized:") {
+                self.circuit.open(cause);
+                return Err(AdapterError::unauthorized(format!(
+                    "discord refuses the bot token ({cause}); sends are stopped until it works again"
+                )));
+            }
             crate::metrics::discord_wait(&self.platform, &w.why);
             if w.why == "invalid_requests" || waited + w.wait > self.max_inline_wait {
                 return Err(AdapterError::rate_limited(
@@ -463,7 +618,18 @@ impl DiscordAdapter {
         query: &[(&str, &str)],
         body: Body,
     ) -> Result<Value, AdapterError> {
-        self.permit(route).await?;
+        self.call_api_as(route, query, body, false).await
+    }
+
+    /// [`Self::call_api`]; a `probe` goes through while the token is refused.
+    async fn call_api_as(
+        &self,
+        route: &Route,
+        query: &[(&str, &str)],
+        body: Body,
+        probe: bool,
+    ) -> Result<Value, AdapterError> {
+        self.permit(route, probe).await?;
         let mut req = self
             .client
             .request(route.method.clone(), format!("{}{}", self.base, route.path))
@@ -512,7 +678,18 @@ impl DiscordAdapter {
             if limit.scope != "shared" {
                 self.count_invalid().await;
             }
-        } else if matches!(status.as_u16(), 401 | 403) {
+        } else if status == StatusCode::UNAUTHORIZED {
+            self.count_invalid().await;
+            // A verdict on the token, not on this request: stop every send.
+            let cause = format!("{what} answered 401");
+            if !probe {
+                self.circuit.open(&cause);
+            }
+            if let Err(e) = self.limiter.refused(&cause).await {
+                warn!(platform = %self.platform, error = %e, "discord: recording the refused token failed");
+            }
+            return Err(AdapterError::unauthorized(err.message));
+        } else if status == StatusCode::FORBIDDEN {
             self.count_invalid().await;
         }
         Err(err)
@@ -531,12 +708,13 @@ impl DiscordAdapter {
     }
 
     /// `POST /channels/{c}/messages`: the new (or, for a repeated nonce, the
-    /// original) message's id.
+    /// original) message's id. Files go as `multipart/form-data`:
+    /// `payload_json` and `files[n]`, each named in `attachments` by its id.
     async fn create_message(
         &self,
         channel: &str,
         payload: Value,
-        file: Option<&Attachment<'_>>,
+        files: &[FileSpec],
     ) -> Result<String, AdapterError> {
         let route = Route::new(
             Method::POST,
@@ -544,30 +722,7 @@ impl DiscordAdapter {
             "/channels/:c/messages",
             channel,
         );
-        let body = match file {
-            None => Body::Json(payload),
-            Some(f) => {
-                let mut payload = payload;
-                payload["attachments"] = json!([{"id": 0, "filename": f.filename}]);
-                let part = reqwest::multipart::Part::bytes(f.data.to_vec())
-                    .file_name(f.filename.to_owned())
-                    .mime_str(f.mimetype)
-                    .or_else(|_| {
-                        reqwest::multipart::Part::bytes(f.data.to_vec())
-                            .file_name(f.filename.to_owned())
-                            .mime_str("application/octet-stream")
-                    })
-                    .map_err(|e| AdapterError::permanent(format!("bad file part: {e}")))?;
-                let json_part = reqwest::multipart::Part::text(payload.to_string())
-                    .mime_str("application/json")
-                    .map_err(|e| AdapterError::permanent(format!("bad payload part: {e}")))?;
-                Body::Form(
-                    reqwest::multipart::Form::new()
-                        .part("payload_json", json_part)
-                        .part("files[0]", part),
-                )
-            }
-        };
+        let body = with_files(payload, files)?;
         let v = self.call_api(&route, &[], body).await?;
         v.get("id")
             .and_then(Value::as_str)
@@ -577,42 +732,31 @@ impl DiscordAdapter {
 
     /// Send `text` as one or more ordered messages (see the module docs); the
     /// first part's message id.
-    #[allow(clippy::too_many_arguments)]
     async fn send_parts(
         &self,
         channel: &str,
         ctx: &SendCtx<'_>,
         text: &str,
-        reply_to: Option<&str>,
-        buttons: &[Button],
+        extras: Extras,
         toggle: Option<&ToggleButton>,
-        file: Option<Attachment<'_>>,
     ) -> Result<String, AdapterError> {
-        let mut components = if buttons.is_empty() {
+        let mut components = if extras.buttons.is_empty() {
             None
         } else {
-            Some(components(buttons)?)
+            Some(components(&extras.buttons)?)
         };
         if let Some(t) = toggle {
             components = with_toggle(components, t);
         }
-        let chars = text.chars().count();
-        let parts = if chars <= MAX_CONTENT {
-            vec![text.to_owned()]
-        } else {
-            match self.long_text {
-                LongText::Split => split_text(text, MAX_CONTENT),
-                LongText::DeadLetter => {
-                    return Err(AdapterError::permanent(format!(
-                        "text is {chars} characters, over Discord's {MAX_CONTENT} (long_text = \"dead_letter\")"
-                    )));
-                }
-            }
-        };
-        if parts.len() == 1 && parts[0].trim().is_empty() && components.is_none() && file.is_none()
+        let parts = self.parts_of(text)?;
+        if parts.len() == 1
+            && parts[0].trim().is_empty()
+            && components.is_none()
+            && extras.files.is_empty()
+            && extras.embeds.is_none()
         {
             return Err(AdapterError::permanent(
-                "discord cannot send an empty message (no text, buttons or file)",
+                "discord cannot send an empty message (no text, embeds, buttons or file)",
             ));
         }
         let last = parts.len() - 1;
@@ -628,30 +772,168 @@ impl DiscordAdapter {
             let mut payload = json!({
                 "nonce": nonce,
                 "enforce_nonce": true,
-                "allowed_mentions": {"parse": []},
+                "allowed_mentions": extras.mentions,
             });
             if !part.is_empty() {
                 payload["content"] = Value::from(part.as_str());
             }
             if i == 0
-                && let Some(parent) = reply_to
+                && let Some(parent) = &extras.reply_to
             {
                 payload["message_reference"] =
                     json!({"message_id": parent, "fail_if_not_exists": false});
             }
-            if i == last
-                && let Some(c) = &components
-            {
-                payload["components"] = c.clone();
+            if i == last {
+                if let Some(c) = &components {
+                    payload["components"] = c.clone();
+                }
+                if let Some(e) = &extras.embeds {
+                    payload["embeds"] = e.clone();
+                }
             }
-            let attach = if i == last { file.as_ref() } else { None };
-            let id = self.create_message(channel, payload, attach).await?;
+            let files: &[FileSpec] = if i == last { &extras.files } else { &[] };
+            let id = self.create_message(channel, payload, files).await?;
             first_id.get_or_insert(id);
         }
         Ok(first_id.unwrap_or_default())
     }
 
+    /// `text` in parts of at most 2,000 characters, or refused
+    /// (`long_text = "dead_letter"`).
+    fn parts_of(&self, text: &str) -> Result<Vec<String>, AdapterError> {
+        let chars = text.chars().count();
+        if chars <= MAX_CONTENT {
+            return Ok(vec![text.to_owned()]);
+        }
+        match self.long_text {
+            LongText::Split => Ok(split_text(text, MAX_CONTENT)),
+            LongText::DeadLetter => Err(AdapterError::permanent(format!(
+                "text is {chars} characters, over Discord's {MAX_CONTENT} (long_text = \"dead_letter\")"
+            ))),
+        }
+    }
+
+    /// The extras an envelope asks for (embeds, mentions, files, reply).
+    fn extras_of(
+        &self,
+        raw: &Map<String, Value>,
+        reply_to: Option<&str>,
+        buttons: &[Button],
+    ) -> Result<Extras, AdapterError> {
+        Ok(Extras {
+            reply_to: reply_to.map(str::to_owned),
+            buttons: buttons.to_vec(),
+            embeds: render::embeds(raw)?,
+            mentions: render::allowed_mentions(raw, &self.allowed_mentions)?,
+            files: render::files(raw)?,
+        })
+    }
+
+    /// Where a channel's message goes: the envelope's `thread_id` (a thread
+    /// is a channel of its own), the DM channel of `dm:<user id>` (opened
+    /// once with `POST /users/@me/channels`, remembered in Redis for every
+    /// gateway), else the channel itself.
+    async fn destination(
+        &self,
+        channel: &str,
+        raw: &Map<String, Value>,
+    ) -> Result<String, AdapterError> {
+        if let Some(t) = render::id_field(raw, "thread_id")? {
+            return Ok(t);
+        }
+        let Some(user) = render::dm_user(channel)? else {
+            return Ok(channel.to_owned());
+        };
+        let key = format!("{}dm", self.state_base);
+        let mut conn = self.conn.clone();
+        let known: Option<String> = conn.hget(&key, user).await.map_err(|e| {
+            AdapterError::transient(format!("reading the DM channel (redis) failed: {e}"))
+        })?;
+        if let Some(c) = known {
+            return Ok(c);
+        }
+        let route = Route::new(
+            Method::POST,
+            "/users/@me/channels".into(),
+            "/users/@me/channels",
+            "@me",
+        );
+        let v = self
+            .call_api(&route, &[], Body::Json(json!({"recipient_id": user})))
+            .await?;
+        let id = v
+            .get("id")
+            .and_then(Value::as_str)
+            .ok_or_else(|| AdapterError::transient("discord opened a DM without a channel id"))?
+            .to_owned();
+        let r: redis::RedisResult<()> = conn.hset(&key, user, &id).await;
+        if let Err(e) = r {
+            debug!(error = %e, "recording a DM channel failed");
+        }
+        Ok(id)
+    }
+
+    /// `PATCH /channels/{c}/messages/{m}`: new text (first part only: an
+    /// edit is one message), buttons and embeds.
+    async fn edit_message(
+        &self,
+        channel: &str,
+        target: &str,
+        text: &str,
+        raw: &Map<String, Value>,
+        buttons: &[Button],
+    ) -> Result<(), AdapterError> {
+        let chars = text.chars().count();
+        if chars > MAX_CONTENT {
+            return Err(AdapterError::permanent(format!(
+                "an edit's text is {chars} characters, over Discord's {MAX_CONTENT}"
+            )));
+        }
+        let mut payload = json!({
+            "content": text,
+            "allowed_mentions": render::allowed_mentions(raw, &self.allowed_mentions)?,
+        });
+        if !buttons.is_empty() {
+            payload["components"] = components(buttons)?;
+        }
+        if let Some(e) = render::embeds(raw)? {
+            payload["embeds"] = e;
+        }
+        let route = Route::new(
+            Method::PATCH,
+            format!("/channels/{}/messages/{}", seg(channel), seg(target)),
+            "/channels/:c/messages/:m",
+            channel,
+        );
+        self.call_api(&route, &[], Body::Json(payload)).await?;
+        Ok(())
+    }
+
+    /// `DELETE /channels/{c}/messages/{m}`; a message already gone (10008)
+    /// counts as deleted, so a retried delete is not dead-lettered.
+    async fn delete_message(&self, channel: &str, target: &str) -> Result<(), AdapterError> {
+        let route = Route::new(
+            Method::DELETE,
+            format!("/channels/{}/messages/{}", seg(channel), seg(target)),
+            "/channels/:c/messages/:m",
+            channel,
+        );
+        match self.call_api(&route, &[], Body::None).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.retry == Retry::Never && e.message.contains("code 10008") => {
+                debug!(
+                    channel,
+                    message_id = target,
+                    "the message was already deleted"
+                );
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     async fn deliver_inner(&self, d: &Delivery<'_>) -> Result<Delivered, AdapterError> {
+        self.through_circuit().await?;
         let env = d.envelope;
         let channel = || {
             env.channel_id
@@ -673,6 +955,7 @@ impl DiscordAdapter {
         let sent = |id: String| Delivered {
             message_id: Some(id),
         };
+        let raw = &env.raw;
         match &env.action {
             Action::Message {
                 text,
@@ -680,50 +963,83 @@ impl DiscordAdapter {
                 buttons,
             } => {
                 let c = channel()?;
-                let toggle = self.toggle_for(c, buttons).await?;
-                self.send_parts(c, &ctx, text, reply_to.as_deref(), buttons, toggle, None)
+                let extras = self.extras_of(raw, reply_to.as_deref(), buttons)?;
+                let dest = self.destination(c, raw).await?;
+                let toggle = self.toggle_for(&dest, buttons).await?;
+                self.typing.stop(c);
+                self.send_parts(&dest, &ctx, text, extras, toggle)
                     .await
                     .map(sent)
             }
-            Action::Buttons { text, buttons } => self
-                .send_parts(channel()?, &ctx, text, None, buttons, None, None)
-                .await
-                .map(sent),
+            Action::Buttons { text, buttons } => {
+                let c = channel()?;
+                let extras = self.extras_of(raw, None, buttons)?;
+                let dest = self.destination(c, raw).await?;
+                self.typing.stop(c);
+                self.send_parts(&dest, &ctx, text, extras, None)
+                    .await
+                    .map(sent)
+            }
             Action::File {
                 data,
                 filename,
                 mimetype,
                 text,
             } => {
-                let file = Attachment {
-                    data,
-                    filename,
-                    mimetype,
-                };
-                self.send_parts(
-                    channel()?,
-                    &ctx,
-                    text.as_deref().unwrap_or(""),
-                    None,
-                    &[],
-                    None,
-                    Some(file),
-                )
-                .await
-                .map(sent)
+                let c = channel()?;
+                let mut extras = self.extras_of(raw, None, &[])?;
+                extras.files.insert(
+                    0,
+                    FileSpec {
+                        data: data.clone(),
+                        filename: filename.clone(),
+                        mimetype: mimetype.clone(),
+                    },
+                );
+                if extras.files.len() > render::MAX_FILES {
+                    return Err(AdapterError::permanent(format!(
+                        "`file_data` and `files` make {} files; Discord allows {} per message",
+                        extras.files.len(),
+                        render::MAX_FILES
+                    )));
+                }
+                let dest = self.destination(c, raw).await?;
+                self.typing.stop(c);
+                self.send_parts(&dest, &ctx, text.as_deref().unwrap_or(""), extras, None)
+                    .await
+                    .map(sent)
             }
             Action::StartTyping => {
                 let c = channel()?;
-                let route = Route::new(
-                    Method::POST,
-                    format!("/channels/{}/typing", seg(c)),
-                    "/channels/:c/typing",
-                    c,
-                );
+                let dest = self.destination(c, raw).await?;
+                let route = typing_route(&dest);
                 self.call_api(&route, &[], Body::None).await?;
+                if let Some(until) = env.expires_ms {
+                    self.typing
+                        .keep(c, route, until, self.limiter.clone(), self.typing_request());
+                }
                 Ok(Delivered::default())
             }
-            Action::StopTyping => Ok(Delivered::default()),
+            Action::StopTyping => {
+                // Discord has no call to stop typing: the indicator lapses
+                // (10 s) or the message arrives; the keep-alive stops now.
+                self.typing.stop(channel()?);
+                Ok(Delivered::default())
+            }
+            Action::Edit { text, buttons, .. } => {
+                let c = channel()?;
+                let target = target_of(d)?;
+                let dest = self.destination(c, raw).await?;
+                self.edit_message(&dest, target, text, raw, buttons).await?;
+                Ok(Delivered::default())
+            }
+            Action::Delete { .. } => {
+                let c = channel()?;
+                let target = target_of(d)?;
+                let dest = self.destination(c, raw).await?;
+                self.delete_message(&dest, target).await?;
+                Ok(Delivered::default())
+            }
             Action::Reaction { message_id, emoji } => {
                 let c = channel()?;
                 let route = Route::new(
@@ -759,10 +1075,6 @@ impl DiscordAdapter {
                 })?;
                 Ok(Delivered::default())
             }
-            Action::Edit { .. } | Action::Delete { .. } => Err(AdapterError::permanent(format!(
-                "the {} adapter does not edit or delete messages yet",
-                self.kind()
-            ))),
             Action::Rpc { method, .. } => Err(AdapterError::permanent(format!(
                 "rpc_request `{method}` is answered by the gateway, not delivered to discord"
             ))),
@@ -938,10 +1250,18 @@ impl Adapter for DiscordAdapter {
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             presence: self.presence,
-            // Edits and deletes arrive with the Discord issue.
-            edits: false,
             ..Capabilities::ALL
         }
+    }
+
+    /// Not ready while Discord refuses the bot token (`/readyz` names the
+    /// platform; the ERROR log and `stargazer_discord_credential_refused` say why).
+    fn ready(&self) -> bool {
+        !self.circuit.is_open()
+    }
+
+    fn probe(&self) -> BoxFuture<'_, Result<(), AdapterError>> {
+        Box::pin(async move { self.probe_token().await })
     }
 
     fn deliver<'a>(
@@ -973,6 +1293,54 @@ impl Adapter for DiscordAdapter {
             }
         })
     }
+}
+
+/// `POST /channels/{c}/typing`.
+fn typing_route(channel: &str) -> Route {
+    Route::new(
+        Method::POST,
+        format!("/channels/{}/typing", seg(channel)),
+        "/channels/:c/typing",
+        channel,
+    )
+}
+
+/// The platform id of an edit's or delete's target (resolved by the engine).
+fn target_of<'a>(d: &Delivery<'a>) -> Result<&'a str, AdapterError> {
+    d.target.filter(|t| !t.is_empty()).ok_or_else(|| {
+        AdapterError::permanent("an edit or delete needs `message_id` or a resolved `target_key`")
+    })
+}
+
+/// The request body of a create-message: JSON, or with files
+/// `multipart/form-data` (`payload_json`, `files[n]`, and `attachments`
+/// naming each file by its index).
+fn with_files(mut payload: Value, files: &[FileSpec]) -> Result<Body, AdapterError> {
+    if files.is_empty() {
+        return Ok(Body::Json(payload));
+    }
+    payload["attachments"] = files
+        .iter()
+        .enumerate()
+        .map(|(i, f)| json!({"id": i, "filename": f.filename}))
+        .collect();
+    let json_part = reqwest::multipart::Part::text(payload.to_string())
+        .mime_str("application/json")
+        .map_err(|e| AdapterError::permanent(format!("bad payload part: {e}")))?;
+    let mut form = reqwest::multipart::Form::new().part("payload_json", json_part);
+    for (i, f) in files.iter().enumerate() {
+        let part = reqwest::multipart::Part::bytes(f.data.clone())
+            .file_name(f.filename.clone())
+            .mime_str(&f.mimetype)
+            .or_else(|_| {
+                reqwest::multipart::Part::bytes(f.data.clone())
+                    .file_name(f.filename.clone())
+                    .mime_str("application/octet-stream")
+            })
+            .map_err(|e| AdapterError::permanent(format!("bad file part: {e}")))?;
+        form = form.part(format!("files[{i}]"), part);
+    }
+    Ok(Body::Form(form))
 }
 
 /// `rows` (the message's own button rows, if any) with the toggle button

@@ -287,9 +287,20 @@ pub fn discord_from_config(
             }),
             nonce_window: Duration::from_millis(p.nonce_window_ms),
             presence: p.gateway,
+            egress_host: p.egress_host.clone().unwrap_or_else(host_name),
+            allowed_mentions: p.allowed_mentions.clone(),
         },
         conn,
     )
+}
+
+/// This machine's host name (`local` when the kernel will not say).
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "local".to_owned())
 }
 
 /// A discord platform's REST API base: its `api_base`, else Discord's.
@@ -307,6 +318,7 @@ pub fn discord_session_from_config(
     token: Option<String>,
     owner: &str,
     bus: &crate::bus::Bus,
+    circuit: Arc<discord::Circuit>,
 ) -> Result<discord::gateway::Session, String> {
     discord::gateway::Session::new(
         discord::gateway::SessionSettings {
@@ -321,6 +333,7 @@ pub fn discord_session_from_config(
         bus.client().clone(),
         bus.conn(),
         bus.keys(),
+        circuit,
     )
 }
 

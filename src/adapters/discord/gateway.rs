@@ -322,6 +322,8 @@ enum Held {
     /// The lease was lost, or Redis failed: try again later.
     Retry,
     Fatal,
+    /// Discord refused the token (close 4004, or a 401): the circuit is open.
+    Refused,
 }
 
 /// How one websocket connection ended.
@@ -329,6 +331,8 @@ enum End {
     /// Stop, or the lease was lost.
     Cancelled,
     Fatal(String),
+    /// The token was refused (close 4004, or a 401): wait for the circuit.
+    Refused(String),
     /// Connect again (resume if the session is known) after `wait`, or after
     /// the backoff when `None`. `healthy`: the connection had READY/RESUMED.
     Again {
@@ -417,6 +421,8 @@ pub struct Session {
     connected: AtomicBool,
     last_identify: Mutex<Option<Instant>>,
     gateway_cache: Mutex<Option<String>>,
+    /// The token's circuit, shared with the platform's adapter: a 4004 opens it.
+    circuit: Arc<super::Circuit>,
 }
 
 impl fmt::Debug for Session {
@@ -437,6 +443,7 @@ impl Session {
         client: redis::Client,
         conn: ConnectionManager,
         keys: &Keys,
+        circuit: Arc<super::Circuit>,
     ) -> Result<Self, String> {
         settings.token = super::bare_token(&settings.token).to_owned();
         if settings.token.is_empty() {
@@ -455,6 +462,7 @@ impl Session {
             .map_err(|e| format!("invalid Discord api_base `{}`: {e}", settings.api_base))?;
         let http = reqwest::Client::builder()
             .timeout(HTTP_TIMEOUT)
+            .user_agent(super::USER_AGENT)
             .build()
             .map_err(|e| format!("building the HTTP client: {e}"))?;
         Ok(Session {
@@ -467,6 +475,7 @@ impl Session {
             connected: AtomicBool::new(false),
             last_identify: Mutex::new(None),
             gateway_cache: Mutex::new(None),
+            circuit,
         })
     }
 
@@ -496,6 +505,12 @@ impl Session {
                             stop.cancelled().await;
                             return;
                         }
+                        Held::Refused => {
+                            tokio::select! {
+                                _ = self.wait_for_token() => {}
+                                _ = stop.cancelled() => return,
+                            }
+                        }
                         Held::Retry => {}
                     }
                 }
@@ -507,6 +522,52 @@ impl Session {
             tokio::select! {
                 _ = sleep(tick) => {}
                 _ = stop.cancelled() => return,
+            }
+        }
+    }
+
+    /// While the token is refused: probe it (`GET /users/@me`, shared
+    /// backoff with the adapter's probes) until it works, or until the
+    /// adapter's probe closes the circuit.
+    async fn wait_for_token(&self) {
+        let url = format!("{}/users/@me", self.settings.api_base.trim_end_matches('/'));
+        while self.circuit.is_open() {
+            tokio::select! {
+                _ = sleep(self.circuit.until_probe().max(Duration::from_millis(50))) => {}
+                _ = self.circuit.closed() => return,
+            }
+            if !self.circuit.take_probe() {
+                continue;
+            }
+            let r = self
+                .http
+                .get(&url)
+                .header(AUTHORIZATION, format!("Bot {}", self.settings.token))
+                .send()
+                .await;
+            match r {
+                Ok(r) if r.status().is_success() => {
+                    crate::metrics::discord_probe(&self.settings.platform, "ok");
+                    let mut conn = self.conn.clone();
+                    let d: RedisResult<()> =
+                        conn.del(super::circuit::refused_key(&self.base)).await;
+                    if let Err(e) = d {
+                        warn!(platform = %self.settings.platform, error = %e, "could not clear the refused discord token");
+                    }
+                    self.circuit.close();
+                }
+                Ok(r) => {
+                    let result = if r.status() == reqwest::StatusCode::UNAUTHORIZED {
+                        "refused"
+                    } else {
+                        "error"
+                    };
+                    crate::metrics::discord_probe(&self.settings.platform, result);
+                }
+                Err(e) => {
+                    crate::metrics::discord_probe(&self.settings.platform, "error");
+                    debug!(platform = %self.settings.platform, error = %e.without_url(), "discord token probe failed");
+                }
             }
         }
     }
@@ -628,6 +689,17 @@ impl Session {
                 End::Fatal(why) => {
                     error!(platform = %self.settings.platform, "discord gateway: {why}; not reconnecting until restarted");
                     return Held::Fatal;
+                }
+                End::Refused(why) => {
+                    self.circuit.open(&why);
+                    let mut conn = self.conn.clone();
+                    let r: RedisResult<()> = conn
+                        .set_ex(super::circuit::refused_key(&self.base), &why, 86_400)
+                        .await;
+                    if let Err(e) = r {
+                        warn!(platform = %self.settings.platform, error = %e, "could not record the refused discord token");
+                    }
+                    return Held::Refused;
                 }
                 End::Again { wait, healthy } => {
                     if resuming && !healthy {
@@ -796,9 +868,7 @@ impl Session {
         };
         let status = resp.status();
         if status == reqwest::StatusCode::UNAUTHORIZED {
-            return Err(End::Fatal(
-                "GET /gateway/bot answered 401: the bot token is invalid; set the right token and restart".into(),
-            ));
+            return Err(End::Refused("GET /gateway/bot answered 401".into()));
         }
         if !status.is_success() {
             return failed(format!("status {status}"));
@@ -1075,6 +1145,9 @@ impl Session {
     fn on_close(&self, code: Option<u16>, reason: &str, st: &mut Resume, ready: bool) -> End {
         let platform = self.settings.platform.as_str();
         if let Some(code) = code {
+            if code == 4004 {
+                return End::Refused("the gateway closed with 4004 (authentication failed)".into());
+            }
             if let Some(why) = fatal_close(code) {
                 return End::Fatal(format!("closed with {code} ({why})"));
             }
