@@ -151,6 +151,9 @@ pub struct DiscordSettings {
     /// The mention kinds a message may ping unless its envelope says
     /// (`allowed_mentions`; default `["users"]`: never @everyone or roles).
     pub allowed_mentions: Vec<String>,
+    /// How often a `start_typing` with `expires_ms` triggers the indicator
+    /// again ([`typing::BEAT`], 8 s: Discord's lasts about 10 s).
+    pub typing_beat: Duration,
 }
 
 /// The toggle button: a secondary-style button with this label and custom id.
@@ -503,7 +506,7 @@ impl DiscordAdapter {
             presence: settings.presence,
             circuit: std::sync::Arc::new(Circuit::new(platform)),
             allowed_mentions: settings.allowed_mentions,
-            typing: Typing::default(),
+            typing: Typing::new(settings.typing_beat),
         })
     }
 

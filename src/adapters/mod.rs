@@ -289,6 +289,7 @@ pub fn discord_from_config(
             presence: p.gateway,
             egress_host: p.egress_host.clone().unwrap_or_else(host_name),
             allowed_mentions: p.allowed_mentions.clone(),
+            typing_beat: discord::typing::BEAT,
         },
         conn,
     )

@@ -32,13 +32,23 @@ pub struct TypingRequest {
 }
 
 /// The channels being kept typing: channel → the generation of its keep-alive.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Typing {
     live: Arc<Mutex<HashMap<String, u64>>>,
     next: std::sync::atomic::AtomicU64,
+    /// How often the indicator is triggered again ([`BEAT`]).
+    beat: Duration,
 }
 
 impl Typing {
+    pub fn new(beat: Duration) -> Typing {
+        Typing {
+            live: Arc::default(),
+            next: Default::default(),
+            beat: beat.max(Duration::from_millis(10)),
+        }
+    }
+
     /// Keep `channel` typing until `until_ms` (Unix ms), replacing an
     /// earlier keep-alive of the channel.
     pub fn keep(
@@ -51,7 +61,8 @@ impl Typing {
     ) {
         let now = crate::now_ms();
         let until = until_ms.min(now + MAX_KEEP.as_millis() as u64);
-        if until <= now + BEAT.as_millis() as u64 {
+        let beat = self.beat;
+        if until <= now + beat.as_millis() as u64 {
             return; // The first trigger covers it.
         }
         let generation = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -64,7 +75,7 @@ impl Typing {
         tokio::spawn(async move {
             let current = || live.lock().expect("typing").get(&channel) == Some(&generation);
             loop {
-                tokio::time::sleep(BEAT).await;
+                tokio::time::sleep(beat).await;
                 if !current() || crate::now_ms() >= until {
                     break;
                 }
