@@ -1936,3 +1936,43 @@ async fn typing_is_kept_alive_until_it_expires_stops_or_a_message_arrives() {
     assert_eq!([typed("901"), typed("902"), typed("903")], counts);
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_invalid_request_budget_is_shared_by_the_bots_of_one_host() {
+    let server = Server::start(Limits::default()).await;
+    let rig = Rig::new().await;
+    let on_host = |platform: &str, host: &str| {
+        let keys = stargazer::keys::Keys::new("sg", platform);
+        let s = DiscordSettings {
+            invalid_request_limit: 2,
+            egress_host: host.into(),
+            ..server.settings()
+        };
+        Arc::new(DiscordAdapter::new(&keys, s, rig.bus.conn()).expect("adapter"))
+    };
+    // Two bots (two platforms, two tokens' budgets in Discord's eyes: one
+    // IP) on host h1, and one on h2.
+    let (a, b, c) = (
+        on_host("bot-a", "h1"),
+        on_host("bot-b", "h1"),
+        on_host("bot-c", "h2"),
+    );
+    let env = |ch: &str| envelope(json!({"channel_id": ch, "text": "hi"}));
+    for _ in 0..2 {
+        let e = deliver(&a, &env("50013"), "p").await.unwrap_err();
+        assert_eq!(e.retry, Retry::Never, "{e:?}");
+    }
+    let before = server.book(|b| b.requests);
+    let e = deliver(&b, &env("41"), "q").await.unwrap_err();
+    assert!(e.message.contains("invalid_requests"), "{}", e.message);
+    assert!(
+        matches!(e.retry, Retry::After(d) if d > Duration::from_secs(590)),
+        "waits until the oldest leaves the 10-minute window: {e:?}"
+    );
+    assert_eq!(server.book(|b| b.requests), before, "nothing was sent");
+    deliver(&c, &env("41"), "q")
+        .await
+        .expect("another host's budget");
+    let n: u64 = rig.cmd(&["ZCARD", "sg:{discord-host:h1}:invalid"]).await;
+    assert_eq!(n, 2);
+}
