@@ -177,6 +177,7 @@ impl Server {
             egress_host: "test-host".into(),
             allowed_mentions: vec!["users".into()],
             typing_beat: Duration::from_secs(8),
+            application_id: None,
         }
     }
 

@@ -366,6 +366,8 @@ fn settings(rig: &Rig, gw: &FakeGateway, owner: &str) -> SessionSettings {
         intents: DEFAULT_INTENTS,
         lease: Duration::from_millis(900),
         owner: owner.into(),
+        interaction_defer: Duration::from_millis(2000),
+        commands: Vec::new(),
     }
 }
 

@@ -88,6 +88,7 @@ use crate::toggles::{TOGGLE_MENU, Toggles};
 
 pub mod circuit;
 pub mod gateway;
+pub mod interactions;
 pub mod render;
 pub mod typing;
 
@@ -154,6 +155,9 @@ pub struct DiscordSettings {
     /// How often a `start_typing` with `expires_ms` triggers the indicator
     /// again ([`typing::BEAT`], 8 s: Discord's lasts about 10 s).
     pub typing_beat: Duration,
+    /// The bot's application id (for interaction follow-ups); `None`: from
+    /// the gateway session's READY, else `GET /applications/@me`.
+    pub application_id: Option<String>,
 }
 
 /// The toggle button: a secondary-style button with this label and custom id.
@@ -193,6 +197,10 @@ pub struct Route {
     pub key: String,
     /// The top-level resource id (channel or webhook).
     pub major: String,
+    /// Authenticated by the bot token (false for interaction callbacks and
+    /// webhook-token routes, which carry their own token in the path: a 401
+    /// there says nothing about the bot token).
+    pub bot_auth: bool,
 }
 
 impl Route {
@@ -202,7 +210,14 @@ impl Route {
             method,
             path,
             major: major.to_owned(),
+            bot_auth: true,
         }
+    }
+
+    /// A route authenticated by a token in its path (interactions).
+    fn token_in_path(mut self) -> Route {
+        self.bot_auth = false;
+        self
     }
 }
 
@@ -399,6 +414,8 @@ pub struct DiscordAdapter {
     allowed_mentions: Vec<String>,
     /// Channels whose typing indicator is kept alive.
     typing: Typing,
+    /// The bot's application id (interaction webhooks), once known.
+    application: Mutex<Option<String>>,
 }
 
 /// How many channels' guilds are remembered in memory before starting over.
@@ -507,6 +524,7 @@ impl DiscordAdapter {
             circuit: std::sync::Arc::new(Circuit::new(platform)),
             allowed_mentions: settings.allowed_mentions,
             typing: Typing::new(settings.typing_beat),
+            application: Mutex::new(settings.application_id),
         })
     }
 
@@ -635,8 +653,10 @@ impl DiscordAdapter {
         self.permit(route, probe).await?;
         let mut req = self
             .client
-            .request(route.method.clone(), format!("{}{}", self.base, route.path))
-            .header(AUTHORIZATION, self.auth.clone());
+            .request(route.method.clone(), format!("{}{}", self.base, route.path));
+        if route.bot_auth {
+            req = req.header(AUTHORIZATION, self.auth.clone());
+        }
         if !query.is_empty() {
             req = req.query(query);
         }
@@ -681,7 +701,7 @@ impl DiscordAdapter {
             if limit.scope != "shared" {
                 self.count_invalid().await;
             }
-        } else if status == StatusCode::UNAUTHORIZED {
+        } else if status == StatusCode::UNAUTHORIZED && route.bot_auth {
             self.count_invalid().await;
             // A verdict on the token, not on this request: stop every send.
             let cause = format!("{what} answered 401");
@@ -692,7 +712,7 @@ impl DiscordAdapter {
                 warn!(platform = %self.platform, error = %e, "discord: recording the refused token failed");
             }
             return Err(AdapterError::unauthorized(err.message));
-        } else if status == StatusCode::FORBIDDEN {
+        } else if matches!(status.as_u16(), 401 | 403) {
             self.count_invalid().await;
         }
         Err(err)
@@ -1078,6 +1098,7 @@ impl DiscordAdapter {
                 })?;
                 Ok(Delivered::default())
             }
+            Action::InteractionResponse(r) => self.respond(d, r).await,
             Action::Rpc { method, .. } => Err(AdapterError::permanent(format!(
                 "rpc_request `{method}` is answered by the gateway, not delivered to discord"
             ))),
@@ -1253,6 +1274,7 @@ impl Adapter for DiscordAdapter {
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             presence: self.presence,
+            interactions: true,
             ..Capabilities::ALL
         }
     }

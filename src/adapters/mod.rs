@@ -33,9 +33,12 @@ pub struct Capabilities {
     pub files: bool,
     /// `edit` and `delete` of earlier messages.
     pub edits: bool,
+    /// `interaction_response` (Discord's own; not part of [`Capabilities::ALL`]).
+    pub interactions: bool,
 }
 
 impl Capabilities {
+    /// Every platform-neutral action (interactions are Discord's alone).
     pub const ALL: Capabilities = Capabilities {
         typing: true,
         reactions: true,
@@ -43,6 +46,7 @@ impl Capabilities {
         buttons: true,
         files: true,
         edits: true,
+        interactions: false,
     };
 
     /// Whether `action` can be delivered on this platform.
@@ -56,6 +60,7 @@ impl Capabilities {
             Action::File { .. } => self.files,
             Action::Rpc { .. } => true,
             Action::Edit { .. } | Action::Delete { .. } => self.edits,
+            Action::InteractionResponse(_) => self.interactions,
         }
     }
 }
@@ -290,6 +295,7 @@ pub fn discord_from_config(
             egress_host: p.egress_host.clone().unwrap_or_else(host_name),
             allowed_mentions: p.allowed_mentions.clone(),
             typing_beat: discord::typing::BEAT,
+            application_id: p.application_id.clone(),
         },
         conn,
     )
@@ -330,6 +336,15 @@ pub fn discord_session_from_config(
             intents: p.intents.unwrap_or(discord::gateway::DEFAULT_INTENTS),
             lease: Duration::from_millis(p.session_lease_ms),
             owner: owner.to_owned(),
+            interaction_defer: Duration::from_millis(p.interaction_defer_ms),
+            commands: p
+                .commands
+                .iter()
+                .map(|c| {
+                    serde_json::to_value(c)
+                        .map_err(|e| format!("platform `{}`: commands: {e}", p.name))
+                })
+                .collect::<Result<_, _>>()?,
         },
         bus.client().clone(),
         bus.conn(),

@@ -108,6 +108,11 @@ pub struct SessionSettings {
     pub lease: Duration,
     /// This gateway's consumer name: the lease holder id.
     pub owner: String,
+    /// How long a worker has to answer an interaction before the session
+    /// defers it (`interaction_defer_ms`).
+    pub interaction_defer: Duration,
+    /// Application commands registered on READY (Discord's command objects).
+    pub commands: Vec<Value>,
 }
 
 impl SessionSettings {
@@ -122,6 +127,8 @@ impl SessionSettings {
             intents: DEFAULT_INTENTS,
             lease: DEFAULT_LEASE,
             owner: owner.to_owned(),
+            interaction_defer: Duration::from_millis(2000),
+            commands: Vec::new(),
         }
     }
 }
@@ -136,6 +143,8 @@ impl fmt::Debug for SessionSettings {
             .field("intents", &self.intents)
             .field("lease", &self.lease)
             .field("owner", &self.owner)
+            .field("interaction_defer", &self.interaction_defer)
+            .field("commands", &self.commands.len())
             .finish()
     }
 }
@@ -300,8 +309,9 @@ struct Writes {
     nonce: Option<(String, String)>,
     /// (channel id, guild id)
     guilds: Vec<(String, String)>,
-    /// (interaction id, token) to acknowledge after the event is recorded.
-    ack: Option<(String, String)>,
+    /// (interaction id, token, type) to defer after the event is recorded,
+    /// unless a worker answers first.
+    ack: Option<(String, String, u64)>,
 }
 
 impl Writes {
@@ -423,6 +433,8 @@ pub struct Session {
     gateway_cache: Mutex<Option<String>>,
     /// The token's circuit, shared with the platform's adapter: a 4004 opens it.
     circuit: Arc<super::Circuit>,
+    /// Defers interactions no worker answered in time.
+    auto_defer: super::interactions::AutoDefer,
 }
 
 impl fmt::Debug for Session {
@@ -465,6 +477,14 @@ impl Session {
             .user_agent(super::USER_AGENT)
             .build()
             .map_err(|e| format!("building the HTTP client: {e}"))?;
+        let auto_defer = super::interactions::AutoDefer {
+            http: http.clone(),
+            api_base: settings.api_base.clone(),
+            conn: conn.clone(),
+            base: keys.discord(),
+            platform: settings.platform.clone(),
+            after: settings.interaction_defer,
+        };
         Ok(Session {
             settings,
             client,
@@ -476,6 +496,7 @@ impl Session {
             last_identify: Mutex::new(None),
             gateway_cache: Mutex::new(None),
             circuit,
+            auto_defer,
         })
     }
 
@@ -1288,6 +1309,15 @@ impl Session {
                     *stored = s;
                     self.became_ready(live);
                     crate::metrics::discord_session_event(platform, "ready");
+                    if let Some(app) = str_at(d, "/application/id") {
+                        let (me, token, app) = (
+                            self.auto_defer.clone(),
+                            self.settings.token.clone(),
+                            app.to_owned(),
+                        );
+                        let commands = self.settings.commands.clone();
+                        tokio::spawn(async move { me.ready(&token, &app, &commands).await });
+                    }
                     info!(
                         %platform,
                         user_id = st.user_id.as_deref().unwrap_or(""),
@@ -1335,8 +1365,8 @@ impl Session {
         if s.is_some() {
             st.seq = s;
         }
-        if let Some((id, token)) = w.ack {
-            self.acknowledge(id, token);
+        if let Some((id, token, ty)) = w.ack {
+            self.auto_defer.schedule(id, token, ty);
         }
         Ok(Commit::Done)
     }
@@ -1346,32 +1376,8 @@ impl Session {
         live.presence_due = Some(Instant::now());
         self.connected.store(true, Ordering::SeqCst);
     }
-
-    /// Acknowledge a component interaction (deferred update), in the background.
-    fn acknowledge(&self, id: String, token: String) {
-        let url = format!(
-            "{}/interactions/{id}/{token}/callback",
-            self.settings.api_base.trim_end_matches('/')
-        );
-        let http = self.http.clone();
-        let platform = self.settings.platform.clone();
-        tokio::spawn(async move {
-            match http.post(url).json(&json!({"type": 6})).send().await {
-                Ok(r) if r.status().is_success() => {
-                    debug!(%platform, interaction_id = %id, "interaction acknowledged")
-                }
-                Ok(r) => {
-                    warn!(%platform, interaction_id = %id, status = %r.status(), "acknowledging an interaction failed")
-                }
-                Err(e) => {
-                    warn!(%platform, interaction_id = %id, error = %e.without_url(), "acknowledging an interaction failed")
-                }
-            }
-        });
-    }
 }
 
-/// Wait for op 10 Hello; its heartbeat interval.
 async fn hello(source: &mut SplitStream<Ws>) -> Result<Duration, End> {
     let unhealthy = End::Again {
         wait: None,
@@ -1611,8 +1617,12 @@ fn writes_for(platform: &str, bot_user_id: &str, t: &str, d: &Value) -> Writes {
             }
         }
         "INTERACTION_CREATE" if w.event.is_some() => {
-            if let (Some(id), Some(token)) = (str_at(d, "/id"), str_at(d, "/token")) {
-                w.ack = Some((id.to_owned(), token.to_owned()));
+            if let (Some(id), Some(token), Some(ty)) = (
+                str_at(d, "/id"),
+                str_at(d, "/token"),
+                d.get("type").and_then(Value::as_u64),
+            ) {
+                w.ack = Some((id.to_owned(), token.to_owned(), ty));
             }
         }
         _ => {}
@@ -1709,31 +1719,7 @@ pub fn to_inbound(platform: &str, bot_user_id: &str, t: &str, d: &Value) -> Opti
             ev.extra = extra;
             Some(ev)
         }
-        "INTERACTION_CREATE" => {
-            if d.get("type").and_then(Value::as_u64) != Some(3) {
-                return None;
-            }
-            let user = d
-                .pointer("/member/user")
-                .or_else(|| d.get("user"))
-                .unwrap_or(&Value::Null);
-            let user_id = str_at(user, "/id").unwrap_or("");
-            let channel = str_at(d, "/channel_id").or_else(|| str_at(d, "/channel/id"))?;
-            let id = str_at(d, "/id")?;
-            let ts = snowflake_ms(id).unwrap_or_else(crate::now_ms);
-            let mut ev = base("button", channel, user_id, user_name(user), ts);
-            ev.message_id = str_at(d, "/message/id").map(str::to_owned);
-            ev.custom_id = Some(str_at(d, "/data/custom_id")?.to_owned());
-            extra.insert("interaction_id".into(), id.into());
-            if let Some(token) = str_at(d, "/token") {
-                extra.insert("interaction_token".into(), token.into());
-            }
-            if let Some(values) = d.pointer("/data/values") {
-                extra.insert("values".into(), values.clone());
-            }
-            ev.extra = extra;
-            Some(ev)
-        }
+        "INTERACTION_CREATE" => super::interactions::interaction_event(platform, d),
         _ => None,
     }
 }
@@ -1976,7 +1962,7 @@ mod tests {
         let w = writes_for("discord", BOT, "INTERACTION_CREATE", &d);
         assert_eq!(
             w.ack,
-            Some(("846462639134605312".into(), "A_UNIQUE_TOKEN".into()))
+            Some(("846462639134605312".into(), "A_UNIQUE_TOKEN".into(), 3))
         );
 
         // In a DM the user is `user`, not `member.user`.
@@ -1988,12 +1974,50 @@ mod tests {
         let ev = to_inbound("discord", BOT, "INTERACTION_CREATE", &dm).unwrap();
         assert_eq!((ev.user_id.as_str(), ev.user_name.as_str()), ("7", "ada"));
 
-        // A slash command (type 2) is not a button, and is not acknowledged here.
-        let mut cmd = d;
+        // A select menu, a slash command, an autocomplete, a modal submit:
+        // every type is published, and deferred unless a worker answers.
+        let mut sel = d.clone();
+        sel["data"] = json!({"custom_id": "pick", "component_type": 3, "values": ["a", "b"]});
+        let ev = to_inbound("discord", BOT, "INTERACTION_CREATE", &sel).unwrap();
+        assert_eq!(
+            (ev.kind.as_str(), ev.extra["values"].clone()),
+            ("select", json!(["a", "b"]))
+        );
+        let mut cmd = d.clone();
         cmd["type"] = 2.into();
-        assert_eq!(to_inbound("discord", BOT, "INTERACTION_CREATE", &cmd), None);
+        cmd["data"] = json!({"id": "1", "name": "ask", "type": 1,
+            "options": [{"name": "question", "type": 3, "value": "why?"}]});
+        let ev = to_inbound("discord", BOT, "INTERACTION_CREATE", &cmd).unwrap();
+        assert_eq!(ev.kind, "command");
+        assert_eq!(ev.extra["command_name"], "ask");
+        assert_eq!(ev.extra["options"][0]["value"], "why?");
+        assert_eq!(ev.extra["interaction_type"], 2);
+        assert!(ev.validate().is_ok());
         assert_eq!(
             writes_for("discord", BOT, "INTERACTION_CREATE", &cmd).ack,
+            Some(("846462639134605312".into(), "A_UNIQUE_TOKEN".into(), 2))
+        );
+        let mut auto = cmd.clone();
+        auto["type"] = 4.into();
+        auto["data"]["options"][0]["focused"] = true.into();
+        let ev = to_inbound("discord", BOT, "INTERACTION_CREATE", &auto).unwrap();
+        assert_eq!(
+            (ev.kind.as_str(), ev.extra["focused"].clone()),
+            ("autocomplete", json!("question"))
+        );
+        let mut modal = d;
+        modal["type"] = 5.into();
+        modal["data"] = json!({"custom_id": "fb", "components": [{"type": 1, "components": [
+            {"type": 4, "custom_id": "what", "value": "it broke"}]}]});
+        let ev = to_inbound("discord", BOT, "INTERACTION_CREATE", &modal).unwrap();
+        assert_eq!(ev.kind, "modal_submit");
+        assert_eq!(ev.custom_id.as_deref(), Some("fb"));
+        assert_eq!(ev.extra["fields"], json!({"what": "it broke"}));
+        assert!(ev.validate().is_ok());
+        let mut ping = auto;
+        ping["type"] = 1.into();
+        assert_eq!(
+            to_inbound("discord", BOT, "INTERACTION_CREATE", &ping),
             None
         );
     }
