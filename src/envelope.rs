@@ -877,6 +877,51 @@ mod tests {
         parse_entry(&f, &rules()).result
     }
 
+    #[test]
+    fn interaction_responses_parse_and_get_a_lane_of_their_own() {
+        let e = parse(
+            r#"{"type":"interaction_response","interaction_id":"99","interaction_token":"t","kind":"message","text":"hi","ephemeral":true}"#,
+        )
+        .unwrap();
+        assert_eq!(e.channel_id, Some(ChannelId("interaction:99".into())));
+        let Action::InteractionResponse(r) = &e.action else {
+            panic!("{e:?}")
+        };
+        assert_eq!(
+            (r.kind, r.ephemeral, r.text.as_deref()),
+            (InteractionKind::Message, true, Some("hi"))
+        );
+        assert!(r.kind.is_initial() && !InteractionKind::Followup.is_initial());
+        assert_eq!(e.action.ordering(), Ordering::Strict);
+        // A channel given is kept: the answers then queue in its order.
+        let e = parse(
+            r#"{"type":"interaction_response","channel_id":"c1","interaction_id":"99","interaction_token":"t","kind":"followup"}"#,
+        )
+        .unwrap();
+        assert_eq!(e.channel_id, Some(ChannelId("c1".into())));
+        for (bad, needle) in [
+            (
+                r#"{"type":"interaction_response","interaction_token":"t","kind":"message"}"#,
+                "interaction_id",
+            ),
+            (
+                r#"{"type":"interaction_response","interaction_id":"1","interaction_token":"t","kind":"shout"}"#,
+                "shout",
+            ),
+            (
+                r#"{"type":"interaction_response","interaction_id":"1","interaction_token":"t","kind":"modal"}"#,
+                "modal",
+            ),
+            (
+                r#"{"type":"interaction_response","interaction_id":"1","interaction_token":"t","kind":"message","ephemeral":"yes"}"#,
+                "ephemeral",
+            ),
+        ] {
+            let err = parse(bad).unwrap_err();
+            assert!(err.detail.contains(needle), "{bad}: {err}");
+        }
+    }
+
     fn kind(json: &str) -> BadInputKind {
         parse(json).unwrap_err().kind
     }
