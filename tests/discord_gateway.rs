@@ -633,7 +633,8 @@ async fn identify_then_inbound_events() {
     assert_eq!(m.text.as_deref(), Some("hello bot"));
     assert_eq!(m.message_id.as_deref(), Some("334385199974967042"));
     assert_eq!(m.reply_to.as_deref(), Some("334385199974967040"));
-    assert_eq!(m.ts_ms, 1_499_794_027_299);
+    // The creation time the id (a snowflake) carries.
+    assert_eq!(m.ts_ms, 1_499_794_044_250);
     assert_eq!(m.extra["guild_id"], "G1");
     assert_eq!(m.extra["is_bot"], false);
     let r = &evs[1];
