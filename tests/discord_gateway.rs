@@ -1308,17 +1308,18 @@ async fn interactions_are_answered_by_workers_or_deferred_in_time() {
         "the follow-up",
         (!http.book.lock().unwrap().followups.is_empty()).then_some(())
     );
-    let b = http.book.lock().unwrap();
-    assert_eq!(b.originals[0].0, "tok-b");
-    assert_eq!(b.originals[0].1["content"], "sorry, slow");
-    assert_eq!(b.followups[0].0, "tok-a");
-    assert_eq!(b.followups[0].1["content"], "and more");
-    assert!(
-        b.refused.is_empty(),
-        "no 40060, no late callback: {:?}",
-        b.refused
-    );
-    drop(b);
+    {
+        let b = http.book.lock().unwrap();
+        assert_eq!(b.originals[0].0, "tok-b");
+        assert_eq!(b.originals[0].1["content"], "sorry, slow");
+        assert_eq!(b.followups[0].0, "tok-a");
+        assert_eq!(b.followups[0].1["content"], "and more");
+        assert!(
+            b.refused.is_empty(),
+            "no 40060, no late callback: {:?}",
+            b.refused
+        );
+    }
 
     // A button answered with a modal; a modal submit answered by updating.
     issue(

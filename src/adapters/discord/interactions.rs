@@ -300,7 +300,7 @@ impl DiscordAdapter {
             }
             InteractionKind::Autocomplete => {
                 let choices = raw.get("choices").cloned().unwrap_or(json!([]));
-                if !choices.as_array().is_some_and(|c| c.len() <= 25) {
+                if choices.as_array().is_none_or(|c| c.len() > 25) {
                     return Err(AdapterError::permanent(
                         "field `choices` must be a list of at most 25 {name, value}",
                     ));

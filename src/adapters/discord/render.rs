@@ -189,7 +189,7 @@ pub fn embeds(raw: &Map<String, Value>) -> Result<Option<Value>, AdapterError> {
             }
         }
         if let Some(c) = o.get("color")
-            && !c.as_u64().is_some_and(|c| c <= 0xFF_FFFF)
+            && c.as_u64().is_none_or(|c| c > 0xFF_FFFF)
         {
             return Err(AdapterError::permanent(format!(
                 "field `{}` must be an integer from 0 to 16777215 (0xRRGGBB)",
