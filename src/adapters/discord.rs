@@ -93,6 +93,7 @@ mod limiter;
 mod message;
 pub mod render;
 mod rest;
+mod secret;
 mod send;
 pub mod typing;
 
@@ -105,6 +106,7 @@ pub use rest::Route;
 
 pub use circuit::Circuit;
 use render::FileSpec;
+pub use secret::Secret;
 use typing::{Typing, TypingRequest};
 
 /// Discord's longest message content, in characters.
@@ -134,12 +136,12 @@ const GLOBAL_BOUNDARY_MS: u64 = 100;
 const DISCORD_EPOCH_MS: u64 = 1_420_070_400_000;
 
 /// What a `[[platform]]` table with `adapter = "discord"` configures.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct DiscordSettings {
     /// `https://discord.com/api/v10`, or a local fake in tests.
     pub api_base: String,
     /// The bot token (sent as `Authorization: Bot <token>`).
-    pub token: String,
+    pub token: Secret,
     pub long_text: LongText,
     /// Requests per second the bot may make across all routes (Discord: 50).
     pub global_per_second: u32,
@@ -176,25 +178,6 @@ pub struct DiscordSettings {
 pub struct ToggleButton {
     pub label: String,
     pub custom_id: String,
-}
-
-impl fmt::Debug for DiscordSettings {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DiscordSettings")
-            .field("api_base", &self.api_base)
-            .field("token", &"<redacted>")
-            .field("long_text", &self.long_text)
-            .field("global_per_second", &self.global_per_second)
-            .field("invalid_request_limit", &self.invalid_request_limit)
-            .field("request_timeout", &self.request_timeout)
-            .field("max_inline_wait", &self.max_inline_wait)
-            .field("toggle", &self.toggle)
-            .field("nonce_window", &self.nonce_window)
-            .field("presence", &self.presence)
-            .field("egress_host", &self.egress_host)
-            .field("allowed_mentions", &self.allowed_mentions)
-            .finish()
-    }
 }
 
 /// Delivers actions to Discord as one bot; see the module docs.
@@ -282,7 +265,7 @@ impl DiscordAdapter {
                 url.scheme()
             ));
         }
-        let token = bare_token(&settings.token);
+        let token = bare_token(settings.token.expose());
         if token.is_empty() {
             return Err("discord bot token is empty".into());
         }

@@ -280,7 +280,9 @@ pub fn discord_from_config(
         keys,
         discord::DiscordSettings {
             api_base: discord_api_base(p),
-            token: token.ok_or_else(|| format!("platform `{}` needs `token_env`", p.name))?,
+            token: token
+                .ok_or_else(|| format!("platform `{}` needs `token_env`", p.name))?
+                .into(),
             long_text: p.long_text,
             global_per_second: p.global_rate_limit,
             invalid_request_limit: p.invalid_request_limit,
@@ -330,7 +332,9 @@ pub fn discord_session_from_config(
     discord::gateway::Session::new(
         discord::gateway::SessionSettings {
             platform: p.name.clone(),
-            token: token.ok_or_else(|| format!("platform `{}` needs `token_env`", p.name))?,
+            token: token
+                .ok_or_else(|| format!("platform `{}` needs `token_env`", p.name))?
+                .into(),
             api_base: discord_api_base(p),
             gateway_url: p.gateway_url.clone(),
             intents: p.intents.unwrap_or(discord::gateway::DEFAULT_INTENTS),

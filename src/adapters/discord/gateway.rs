@@ -110,12 +110,12 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What a session needs to know.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct SessionSettings {
     /// The platform name (`discord`), written into inbound events.
     pub platform: String,
     /// The bot token, without `Bot `. Never logged.
-    pub token: String,
+    pub token: super::Secret,
     /// The REST base (`https://discord.com/api/v10`).
     pub api_base: String,
     /// `ws://` or `wss://`; `None` asks `GET {api_base}/gateway/bot`.
@@ -138,7 +138,7 @@ impl SessionSettings {
     pub fn new(platform: &str, token: &str, owner: &str) -> Self {
         SessionSettings {
             platform: platform.to_owned(),
-            token: token.to_owned(),
+            token: token.into(),
             api_base: super::DEFAULT_API_BASE.to_owned(),
             gateway_url: None,
             intents: DEFAULT_INTENTS,
@@ -147,22 +147,6 @@ impl SessionSettings {
             interaction_defer: Duration::from_millis(2000),
             commands: Vec::new(),
         }
-    }
-}
-
-impl fmt::Debug for SessionSettings {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SessionSettings")
-            .field("platform", &self.platform)
-            .field("token", &"<redacted>")
-            .field("api_base", &self.api_base)
-            .field("gateway_url", &self.gateway_url)
-            .field("intents", &self.intents)
-            .field("lease", &self.lease)
-            .field("owner", &self.owner)
-            .field("interaction_defer", &self.interaction_defer)
-            .field("commands", &self.commands.len())
-            .finish()
     }
 }
 
@@ -299,7 +283,7 @@ impl Session {
         keys: &Keys,
         circuit: Arc<super::Circuit>,
     ) -> Result<Self, String> {
-        settings.token = super::bare_token(&settings.token).to_owned();
+        settings.token = super::bare_token(settings.token.expose()).into();
         if settings.token.is_empty() {
             return Err("the Discord gateway needs the bot token".into());
         }
@@ -405,7 +389,10 @@ impl Session {
             let r = self
                 .http
                 .get(&url)
-                .header(AUTHORIZATION, format!("Bot {}", self.settings.token))
+                .header(
+                    AUTHORIZATION,
+                    format!("Bot {}", self.settings.token.expose()),
+                )
                 .send()
                 .await;
             match r {
@@ -705,7 +692,10 @@ impl Session {
         let answer = self
             .http
             .get(url)
-            .header(AUTHORIZATION, format!("Bot {}", self.settings.token))
+            .header(
+                AUTHORIZATION,
+                format!("Bot {}", self.settings.token.expose()),
+            )
             .send()
             .await;
         let cached = self

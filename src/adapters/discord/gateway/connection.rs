@@ -82,14 +82,14 @@ impl Session {
         };
         let first = if resume {
             Op::Resume.payload(json!({
-                "token": self.settings.token,
+                "token": self.settings.token.expose(),
                 "session_id": st.session_id,
                 "seq": st.seq,
             }))
         } else {
             st.forget();
             let mut d = json!({
-                "token": self.settings.token,
+                "token": self.settings.token.expose(),
                 "intents": self.settings.intents,
                 "properties": {
                     "os": std::env::consts::OS,
@@ -406,7 +406,7 @@ impl Session {
                     if let Some(app) = str_at(d, "/application/id") {
                         let (me, token, app) = (
                             self.auto_defer.clone(),
-                            self.settings.token.clone(),
+                            self.settings.token.expose().to_owned(),
                             app.to_owned(),
                         );
                         let commands = self.settings.commands.clone();
