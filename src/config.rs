@@ -381,6 +381,30 @@ pub struct PlatformConfig {
     /// an older entry is reconciled first (see the README).
     #[serde(default = "default_nonce_window_ms")]
     pub nonce_window_ms: u64,
+    /// discord: the host whose egress IP this gateway's requests leave from
+    /// (default: the machine's host name). Discord bans an IP after 10,000
+    /// invalid requests in 10 minutes, whatever the token: gateways with the
+    /// same value share one budget (`invalid_request_limit`) in Redis.
+    #[serde(default)]
+    pub egress_host: Option<String>,
+    /// discord: the mention kinds a message may ping unless its envelope
+    /// says otherwise (`users`, `roles`, `everyone`; default `["users"]`).
+    #[serde(default = "default_allowed_mentions")]
+    pub allowed_mentions: Vec<String>,
+    /// discord: the bot's application id (interaction follow-ups, command
+    /// registration); default: from the gateway's READY, else
+    /// `GET /applications/@me`.
+    #[serde(default)]
+    pub application_id: Option<String>,
+    /// discord: application commands registered at session start (`PUT
+    /// /applications/{app}/commands`, a bulk overwrite): Discord's command
+    /// objects, e.g. `{name = "ask", description = "Ask the bot", options = [...]}`.
+    #[serde(default)]
+    pub commands: Vec<toml::Value>,
+    /// discord: how long the gateway waits for a worker to answer an
+    /// interaction before deferring it itself (Discord allows 3 s).
+    #[serde(default = "default_interaction_defer_ms")]
+    pub interaction_defer_ms: u64,
     /// Read the reference system's layout (`sg:outbound:<name>`), so its
     /// workers can keep publishing while the gateways are replaced; not on
     /// Redis Cluster (the key has no hash tag).
@@ -435,6 +459,14 @@ fn default_toggle_label() -> String {
 
 fn default_toggle_custom_id() -> String {
     "sg:toggle_menu".into()
+}
+
+fn default_interaction_defer_ms() -> u64 {
+    2_000
+}
+
+fn default_allowed_mentions() -> Vec<String> {
+    vec!["users".into()]
 }
 
 fn default_nonce_window_ms() -> u64 {
@@ -513,6 +545,31 @@ impl PlatformConfig {
         if self.session_lease_ms < 3_000 {
             return Err(err(format!(
                 "{at}.session_lease_ms must be at least 3000 (it is renewed every third of it)"
+            )));
+        }
+        if !(100..=2_800).contains(&self.interaction_defer_ms) {
+            return Err(err(format!(
+                "{at}.interaction_defer_ms must be 100 to 2800: Discord drops an interaction not acknowledged within 3000 ms, and the automatic defer needs time to arrive"
+            )));
+        }
+        for (i, c) in self.commands.iter().enumerate() {
+            let ok = c
+                .get("name")
+                .and_then(toml::Value::as_str)
+                .is_some_and(|n| (1..=32).contains(&n.chars().count()));
+            if !ok {
+                return Err(err(format!(
+                    "{at}.commands[{i}] needs `name` (1 to 32 characters, Discord's command name)"
+                )));
+            }
+        }
+        if let Some(k) = self
+            .allowed_mentions
+            .iter()
+            .find(|k| !matches!(k.as_str(), "users" | "roles" | "everyone"))
+        {
+            return Err(err(format!(
+                "{at}.allowed_mentions has `{k}`; the kinds are users, roles and everyone"
             )));
         }
         if self.toggle_button {

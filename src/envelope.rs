@@ -102,6 +102,83 @@ pub enum Action {
     Delete {
         target: Target,
     },
+    /// Answer a Discord interaction (a slash command, a button press, a
+    /// select menu, a modal submit, an autocomplete).
+    InteractionResponse(Box<InteractionResponse>),
+}
+
+/// An `interaction_response` envelope (Discord).
+#[derive(Debug, Clone, PartialEq)]
+pub struct InteractionResponse {
+    pub interaction_id: String,
+    pub interaction_token: String,
+    pub kind: InteractionKind,
+    pub text: Option<String>,
+    /// Only the user who interacted sees the answer.
+    pub ephemeral: bool,
+    pub buttons: Vec<Button>,
+    /// For `modal`: `{custom_id, title, components | inputs}`, checked by the adapter.
+    pub modal: Option<Value>,
+}
+
+/// How an interaction is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum InteractionKind {
+    /// Answer with a message.
+    Message,
+    /// Acknowledge now, answer later (`followup` / `edit_original`).
+    Defer,
+    /// Replace the message the component is on.
+    Update,
+    /// Open a modal (only as the first answer).
+    Modal,
+    /// Another message, after the first answer (15 minutes at most).
+    Followup,
+    /// Replace the first answer (the deferred "thinking…" included).
+    EditOriginal,
+    /// Autocomplete choices (`choices`).
+    Autocomplete,
+}
+
+impl InteractionKind {
+    pub fn parse(s: &str) -> Option<InteractionKind> {
+        Some(match s {
+            "message" => InteractionKind::Message,
+            "defer" => InteractionKind::Defer,
+            "update" => InteractionKind::Update,
+            "modal" => InteractionKind::Modal,
+            "followup" => InteractionKind::Followup,
+            "edit_original" => InteractionKind::EditOriginal,
+            "autocomplete" => InteractionKind::Autocomplete,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InteractionKind::Message => "message",
+            InteractionKind::Defer => "defer",
+            InteractionKind::Update => "update",
+            InteractionKind::Modal => "modal",
+            InteractionKind::Followup => "followup",
+            InteractionKind::EditOriginal => "edit_original",
+            InteractionKind::Autocomplete => "autocomplete",
+        }
+    }
+
+    /// Whether this is the interaction's first answer (a callback), which
+    /// Discord takes once, within 3 s.
+    pub fn is_initial(self) -> bool {
+        matches!(
+            self,
+            InteractionKind::Message
+                | InteractionKind::Defer
+                | InteractionKind::Update
+                | InteractionKind::Modal
+                | InteractionKind::Autocomplete
+        )
+    }
 }
 
 /// The message an `edit` or `delete` acts on.
@@ -139,6 +216,7 @@ impl Action {
             Action::Rpc { .. } => "rpc_request",
             Action::Edit { .. } => "edit",
             Action::Delete { .. } => "delete",
+            Action::InteractionResponse(_) => "interaction_response",
         }
     }
 
@@ -389,7 +467,10 @@ fn as_whole(n: &serde_json::Number) -> Option<u64> {
 
 fn routing_of(obj: &Map<String, Value>) -> Routing {
     Routing {
-        channel_id: channel_of(obj).ok().flatten(),
+        channel_id: channel_of(obj)
+            .ok()
+            .flatten()
+            .or_else(|| interaction_lane(obj)),
         seq: match obj.get("seq") {
             Some(Value::Number(n)) => as_whole(n).filter(|s| (1..=MAX_SEQ).contains(s)),
             _ => None,
@@ -406,6 +487,20 @@ fn json_kind(v: &Value) -> &'static str {
         Value::String(_) => "string",
         Value::Array(_) => "array",
         Value::Object(_) => "object",
+    }
+}
+
+/// The lane of an `interaction_response` without `channel_id`:
+/// `interaction:<interaction_id>`, so the answers to one interaction keep
+/// their order and never wait behind a channel's messages.
+fn interaction_lane(obj: &Map<String, Value>) -> Option<ChannelId> {
+    if obj.get("type").and_then(Value::as_str) != Some("interaction_response") {
+        return None;
+    }
+    match obj.get("interaction_id") {
+        Some(Value::String(s)) if !s.is_empty() => Some(ChannelId(format!("interaction:{s}"))),
+        Some(Value::Number(n)) => Some(ChannelId(format!("interaction:{n}"))),
+        _ => None,
     }
 }
 
@@ -564,7 +659,7 @@ fn target_of(f: &Fields<'_>, ty: &str, rules: &ParseRules) -> Result<Target, Bad
 fn envelope_from(obj: Map<String, Value>, rules: &ParseRules) -> Result<Envelope, BadInput> {
     let f = Fields(&obj);
     let ty = f.opt_str("type")?.unwrap_or_else(|| "message".to_owned());
-    let channel_id = channel_of(&obj)?;
+    let channel_id = channel_of(&obj)?.or_else(|| interaction_lane(&obj));
     let needs_channel = |ty: &str| {
         channel_id.clone().ok_or_else(|| {
             bad(
@@ -637,6 +732,56 @@ fn envelope_from(obj: Map<String, Value>, rules: &ParseRules) -> Result<Envelope
             Action::Delete {
                 target: target_of(&f, "delete", rules)?,
             }
+        }
+        "interaction_response" => {
+            let t = "interaction_response";
+            let kind = f.req_str("kind", t)?;
+            let kind = InteractionKind::parse(&kind).ok_or_else(|| {
+                bad(
+                    BadInputKind::BadField,
+                    format!(
+                        "field `kind` is `{kind}`; it is one of message, defer, update, modal, followup, edit_original, autocomplete"
+                    ),
+                )
+            })?;
+            let ephemeral = match obj.get("ephemeral") {
+                None | Some(Value::Null) => false,
+                Some(Value::Bool(b)) => *b,
+                Some(v) => {
+                    return Err(bad(
+                        BadInputKind::BadField,
+                        format!(
+                            "field `ephemeral` must be a boolean, found {}",
+                            json_kind(v)
+                        ),
+                    ));
+                }
+            };
+            let modal = match obj.get("modal") {
+                None | Some(Value::Null) => None,
+                Some(v @ Value::Object(_)) => Some(v.clone()),
+                Some(v) => {
+                    return Err(bad(
+                        BadInputKind::BadField,
+                        format!("field `modal` must be an object, found {}", json_kind(v)),
+                    ));
+                }
+            };
+            if kind == InteractionKind::Modal && modal.is_none() {
+                return Err(bad(
+                    BadInputKind::MissingField,
+                    "an `interaction_response` of kind `modal` needs the field `modal`",
+                ));
+            }
+            Action::InteractionResponse(Box::new(InteractionResponse {
+                interaction_id: f.req_str("interaction_id", t)?,
+                interaction_token: f.req_str("interaction_token", t)?,
+                kind,
+                text: f.opt_str("text")?,
+                ephemeral,
+                buttons: f.buttons(t, false)?,
+                modal,
+            }))
         }
         "presence" => Action::Presence {
             text: f.opt_str("text")?,
@@ -730,6 +875,51 @@ mod tests {
         let mut f = HashMap::new();
         f.insert("payload".to_owned(), json.as_bytes().to_vec());
         parse_entry(&f, &rules()).result
+    }
+
+    #[test]
+    fn interaction_responses_parse_and_get_a_lane_of_their_own() {
+        let e = parse(
+            r#"{"type":"interaction_response","interaction_id":"99","interaction_token":"t","kind":"message","text":"hi","ephemeral":true}"#,
+        )
+        .unwrap();
+        assert_eq!(e.channel_id, Some(ChannelId("interaction:99".into())));
+        let Action::InteractionResponse(r) = &e.action else {
+            panic!("{e:?}")
+        };
+        assert_eq!(
+            (r.kind, r.ephemeral, r.text.as_deref()),
+            (InteractionKind::Message, true, Some("hi"))
+        );
+        assert!(r.kind.is_initial() && !InteractionKind::Followup.is_initial());
+        assert_eq!(e.action.ordering(), Ordering::Strict);
+        // A channel given is kept: the answers then queue in its order.
+        let e = parse(
+            r#"{"type":"interaction_response","channel_id":"c1","interaction_id":"99","interaction_token":"t","kind":"followup"}"#,
+        )
+        .unwrap();
+        assert_eq!(e.channel_id, Some(ChannelId("c1".into())));
+        for (bad, needle) in [
+            (
+                r#"{"type":"interaction_response","interaction_token":"t","kind":"message"}"#,
+                "interaction_id",
+            ),
+            (
+                r#"{"type":"interaction_response","interaction_id":"1","interaction_token":"t","kind":"shout"}"#,
+                "shout",
+            ),
+            (
+                r#"{"type":"interaction_response","interaction_id":"1","interaction_token":"t","kind":"modal"}"#,
+                "modal",
+            ),
+            (
+                r#"{"type":"interaction_response","interaction_id":"1","interaction_token":"t","kind":"message","ephemeral":"yes"}"#,
+                "ephemeral",
+            ),
+        ] {
+            let err = parse(bad).unwrap_err();
+            assert!(err.detail.contains(needle), "{bad}: {err}");
+        }
     }
 
     fn kind(json: &str) -> BadInputKind {

@@ -164,6 +164,7 @@ pub async fn run(
                         secret.clone(),
                         &consumer_name,
                         &bus,
+                        discord.circuit(),
                     )
                     .map_err(adapter_err)?;
                     ops_tasks.push(tokio::spawn(Arc::new(session).run(ops_stop.clone())));

@@ -38,7 +38,8 @@ use crate::keys::Keys;
 /// One thing a platform said.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct InboundEvent {
-    /// `message`, `reaction`, `button` or `invite`.
+    /// `message`, `reaction`, `button` or `invite`; from Discord also
+    /// `command`, `select`, `autocomplete` and `modal_submit`.
     #[serde(rename = "type")]
     pub kind: String,
     /// Filled in by the gateway when an HTTP poster leaves it out.
@@ -99,9 +100,14 @@ impl InboundEvent {
             "button" if self.custom_id.is_none() => {
                 Err("a `button` event needs `custom_id`".into())
             }
-            "message" | "reaction" | "button" | "invite" => Ok(()),
+            "select" | "modal_submit" if self.custom_id.is_none() => {
+                Err(format!("a `{}` event needs `custom_id`", self.kind))
+            }
+            // Discord interactions: `command`, `select`, `autocomplete`, `modal_submit`.
+            "message" | "reaction" | "button" | "invite" | "command" | "select"
+            | "autocomplete" | "modal_submit" => Ok(()),
             other => Err(format!(
-                "unknown inbound event type `{other}` (message, reaction, button, invite)"
+                "unknown inbound event type `{other}` (message, reaction, button, invite, command, select, autocomplete, modal_submit)"
             )),
         }
     }

@@ -103,6 +103,14 @@ impl Keys {
         format!("{}:{{{}}}:discord:", self.prefix, self.platform)
     }
 
+    /// `sg:{discord-host:<host>}:invalid` — the sliding window of Discord
+    /// invalid requests (401/403/429) sent from `host`, shared by every
+    /// Discord platform and gateway there: Discord bans by IP, not by token.
+    /// Its own hash tag: it belongs to no one platform.
+    pub fn discord_host_invalid(&self, host: &str) -> String {
+        format!("{}:{{discord-host:{host}}}:invalid", self.prefix)
+    }
+
     /// `sg:{P}:toggles:<feature>` — a hash of per-channel and per-guild
     /// switches of one feature (`channel:<id>` / `guild:<id>` → `on` | `off`).
     pub fn toggles(&self, feature: &str) -> String {

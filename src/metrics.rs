@@ -111,6 +111,10 @@ defs! {
         "Auto-join attempts of invited Matrix rooms, by result: joined, retry (failed for now; tried again with backoff) or refused (for good).";
     MATRIX_DUPLICATE_REACTIONS = "stargazer_matrix_duplicate_reactions_total", Counter, [PLATFORM],
         "Matrix reactions the server already had (M_DUPLICATE_ANNOTATION), counted as delivered.";
+    DISCORD_REFUSED = "stargazer_discord_credential_refused", Gauge, [PLATFORM],
+        "1 while Discord refuses the bot token (a 401, or gateway close 4004): every send of the platform is stopped, entries stay pending; 0 once a probe (GET /users/@me) succeeds.";
+    DISCORD_PROBES = "stargazer_discord_token_probes_total", Counter, [PLATFORM, RESULT],
+        "Probes of a refused Discord bot token (GET /users/@me), by result: ok (sends resume), refused, error.";
 }
 
 /// Buckets of the adapter latency histogram, in seconds.
@@ -242,6 +246,17 @@ pub fn discord_unknown_outcome(platform: &str, result: &str) {
 /// A Discord gateway session event (see DISCORD_SESSION_EVENTS).
 pub fn discord_session_event(platform: &str, kind: &str) {
     counter!(DISCORD_SESSION_EVENTS.name, PLATFORM => platform.to_owned(), KIND => kind.to_owned())
+        .increment(1);
+}
+
+/// Whether Discord refuses the bot token (see DISCORD_REFUSED).
+pub fn discord_credential_refused(platform: &str, refused: bool) {
+    gauge!(DISCORD_REFUSED.name, &p(platform)).set(if refused { 1.0 } else { 0.0 });
+}
+
+/// One probe of a refused token (see DISCORD_PROBES).
+pub fn discord_probe(platform: &str, result: &str) {
+    counter!(DISCORD_PROBES.name, PLATFORM => platform.to_owned(), RESULT => result.to_owned())
         .increment(1);
 }
 

@@ -47,6 +47,8 @@ struct Limits {
     window: Duration,
     /// How long a nonce is remembered (`enforce_nonce`).
     nonce_window: Duration,
+    /// Message edits per channel per window (Discord: about 5 per 5 s).
+    edits_per_channel: u32,
 }
 
 impl Default for Limits {
@@ -56,6 +58,7 @@ impl Default for Limits {
             per_channel: 1000,
             window: Duration::from_secs(1),
             nonce_window: Duration::from_secs(600),
+            edits_per_channel: 1000,
         }
     }
 }
@@ -83,6 +86,14 @@ struct Book {
     buckets: HashMap<String, (Instant, u32)>,
     /// When each create-message was accepted.
     created_at: Vec<Instant>,
+    /// Edit requests accepted (PATCH of a message).
+    edits: u64,
+    /// Messages deleted: (channel, message id).
+    deleted: Vec<(String, String)>,
+    /// DM channels opened: recipient → channel id.
+    dms: HashMap<String, String>,
+    /// `POST /users/@me/channels` calls.
+    dm_opens: u32,
 }
 
 /// A forced answer: status, headers, body.
@@ -97,6 +108,13 @@ struct Fake {
     book: Mutex<Book>,
     /// Answers forced on the next requests: (status, headers, body).
     forced: Mutex<VecDeque<Forced>>,
+    /// The bot token was reset in the developer portal: every request with
+    /// it is answered 401, as Discord does.
+    revoked: std::sync::atomic::AtomicBool,
+    /// Requests answered 401.
+    unauthorized: std::sync::atomic::AtomicU64,
+    /// `GET /users/@me` requests (the adapter's token probe).
+    probes: std::sync::atomic::AtomicU64,
 }
 
 struct Server {
@@ -156,6 +174,10 @@ impl Server {
             toggle: None,
             nonce_window: Duration::from_secs(120),
             presence: false,
+            egress_host: "test-host".into(),
+            allowed_mentions: vec!["users".into()],
+            typing_beat: Duration::from_secs(8),
+            application_id: None,
         }
     }
 
@@ -315,6 +337,28 @@ fn check_components(c: &Value) -> Option<Value> {
     None
 }
 
+/// What is wrong with `embeds`, Discord-style (at most 10, 6,000
+/// characters in all, title 256, description 4,096), if anything.
+fn check_embeds(e: &Value) -> Option<Value> {
+    let Some(list) = e.as_array() else {
+        return (!e.is_null())
+            .then(|| json!({"embeds": {"_errors": [{"code": "BASE_TYPE_ARRAY"}]}}));
+    };
+    if list.len() > 10 {
+        return Some(json!({"embeds": {"_errors": [{"code": "BASE_TYPE_MAX_LENGTH"}]}}));
+    }
+    let len = |v: &Value| v.as_str().map_or(0, |s| s.chars().count());
+    let mut total = 0;
+    for x in list {
+        let (t, d) = (len(&x["title"]), len(&x["description"]));
+        if t > 256 || d > 4096 {
+            return Some(json!({"embeds": {"_errors": [{"code": "BASE_TYPE_MAX_LENGTH"}]}}));
+        }
+        total += t + d;
+    }
+    (total > 6000).then(|| json!({"embeds": {"_errors": [{"code": "MAX_EMBED_SIZE_EXCEEDED"}]}}))
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -329,7 +373,14 @@ async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(&format!("Bot {TOKEN}")) {
+    use std::sync::atomic::Ordering::SeqCst;
+    if uri.path().ends_with("/users/@me") {
+        f.probes.fetch_add(1, SeqCst);
+    }
+    if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(&format!("Bot {TOKEN}"))
+        || f.revoked.load(SeqCst)
+    {
+        f.unauthorized.fetch_add(1, SeqCst);
         return error(401, 0, "401: Unauthorized");
     }
     let Some(path) = uri.path().strip_prefix("/api/v10/") else {
@@ -372,6 +423,9 @@ async fn handle(
         }
     }
     match (method.clone(), segs.as_slice()) {
+        (Method::GET, ["users", "@me"]) => {
+            axum::Json(json!({"id": "1001", "username": "stargazer", "bot": true})).into_response()
+        }
         (Method::GET, ["channels", _]) => {
             *book.channel_lookups.entry(channel.clone()).or_default() += 1;
             match book.guild_of.get(&channel) {
@@ -433,6 +487,70 @@ async fn handle(
                 .unwrap_or_default();
             axum::Json(Value::Array(list)).into_response()
         }
+        (Method::PATCH, ["channels", _, "messages", m]) => {
+            // The edit route's bucket, per channel.
+            let now = Instant::now();
+            let (limit, window) = (f.limits.edits_per_channel, f.limits.window);
+            let entry = book
+                .buckets
+                .entry(format!("edit:{channel}"))
+                .or_insert((now, 0));
+            if now.duration_since(entry.0) >= window {
+                *entry = (now, 0);
+            }
+            let reset_after = window.saturating_sub(now.duration_since(entry.0));
+            if entry.1 >= limit {
+                book.too_many += 1;
+                book.too_many_scopes.push("user");
+                return too_many(
+                    reset_after,
+                    false,
+                    "user",
+                    vec![("x-ratelimit-bucket", "edit-message".into())],
+                );
+            }
+            entry.1 += 1;
+            let rl = [
+                ("x-ratelimit-bucket", "edit-message".to_owned()),
+                ("x-ratelimit-limit", limit.to_string()),
+                ("x-ratelimit-remaining", (limit - entry.1).to_string()),
+                (
+                    "x-ratelimit-reset-after",
+                    format!("{:.3}", reset_after.as_secs_f64()),
+                ),
+            ];
+            let mut r = edit(&mut book, &channel, m, &body);
+            for (k, v) in rl {
+                r.headers_mut().insert(k, v.parse().unwrap());
+            }
+            r
+        }
+        (Method::DELETE, ["channels", _, "messages", m]) => {
+            let Some(ms) = book.messages.get_mut(&channel) else {
+                return error(404, 10008, "Unknown Message");
+            };
+            let before = ms.len();
+            ms.retain(|x| x.json["id"] != *m);
+            if ms.len() == before {
+                return error(404, 10008, "Unknown Message");
+            }
+            book.deleted.push((channel, m.to_string()));
+            StatusCode::NO_CONTENT.into_response()
+        }
+        (Method::POST, ["users", "@me", "channels"]) => {
+            let Ok(payload) = serde_json::from_slice::<Value>(&body) else {
+                return error(400, 50109, "The request body contains invalid JSON.");
+            };
+            let Some(user) = payload["recipient_id"].as_str() else {
+                return invalid_form(
+                    json!({"recipient_id": {"_errors": [{"code": "BASE_TYPE_REQUIRED"}]}}),
+                );
+            };
+            book.dm_opens += 1;
+            let id = format!("9{user}");
+            book.dms.insert(user.to_owned(), id.clone());
+            axum::Json(json!({"id": id, "type": 1, "recipients": [{"id": user}]})).into_response()
+        }
         (Method::POST, ["channels", _, "typing"]) => {
             book.typing.push(channel);
             StatusCode::NO_CONTENT.into_response()
@@ -464,6 +582,38 @@ async fn handle(
         }
         _ => error(404, 0, "404: Not Found"),
     }
+}
+
+/// `PATCH /channels/{c}/messages/{m}`: validate, edit.
+fn edit(book: &mut Book, channel: &str, m: &str, body: &[u8]) -> Response {
+    let Ok(payload) = serde_json::from_slice::<Value>(body) else {
+        return error(400, 50109, "The request body contains invalid JSON.");
+    };
+    if payload["content"]
+        .as_str()
+        .is_some_and(|c| c.chars().count() > 2000)
+    {
+        return invalid_form(json!({"content": {"_errors": [{"code": "BASE_TYPE_MAX_LENGTH"}]}}));
+    }
+    if let Some(e) = check_embeds(&payload["embeds"]) {
+        return invalid_form(e);
+    }
+    let Some(msg) = book
+        .messages
+        .get_mut(channel)
+        .and_then(|ms| ms.iter_mut().find(|x| x.json["id"] == m))
+    else {
+        return error(404, 10008, "Unknown Message");
+    };
+    for k in ["content", "components", "embeds", "allowed_mentions"] {
+        if !payload[k].is_null() {
+            msg.json[k] = payload[k].clone();
+        }
+    }
+    msg.json["edited_timestamp"] = json!(now_ms());
+    let out = msg.json.clone();
+    book.edits += 1;
+    axum::Json(out).into_response()
 }
 
 /// `POST /channels/{c}/messages`: validate, de-duplicate by nonce, create.
@@ -523,7 +673,28 @@ fn create(
     {
         return invalid_form(errors);
     }
-    if content.is_empty() && payload["components"].is_null() && files.is_empty() {
+    if let Some(e) = check_embeds(&payload["embeds"]) {
+        return invalid_form(e);
+    }
+    // Every attachment names a file part by its index, and every file part
+    // is named.
+    if !files.is_empty() {
+        let ids: Vec<u64> = payload["attachments"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|x| x["id"].as_u64()).collect())
+            .unwrap_or_default();
+        let want: Vec<u64> = (0..files.len() as u64).collect();
+        if ids != want {
+            return invalid_form(
+                json!({"attachments": {"_errors": [{"code": "ATTACHMENT_NOT_FOUND"}]}}),
+            );
+        }
+    }
+    if content.is_empty()
+        && payload["components"].is_null()
+        && payload["embeds"].is_null()
+        && files.is_empty()
+    {
         return error(400, 50006, "Cannot send an empty message");
     }
     if payload["enforce_nonce"] == true
@@ -543,6 +714,7 @@ fn create(
         "nonce": payload["nonce"],
         "allowed_mentions": payload["allowed_mentions"],
         "components": payload["components"],
+        "embeds": payload["embeds"],
         "attachments": files.iter().map(|(n, ct, d)| json!({"filename": n, "content_type": ct, "size": d.len()})).collect::<Vec<_>>(),
     });
     if let Some(r) = payload["message_reference"].get("message_id") {
@@ -715,7 +887,8 @@ async fn every_envelope_type_reaches_discord() {
     assert_eq!(msgs.len(), 6, "{msgs:#?}");
     let j: Vec<&Value> = msgs.iter().map(|m| &m.json).collect();
     assert_eq!(j[0]["content"], "hello @everyone");
-    assert_eq!(j[0]["allowed_mentions"], json!({"parse": []}));
+    // Users only by default: `@everyone` in the text pings nobody.
+    assert_eq!(j[0]["allowed_mentions"], json!({"parse": ["users"]}));
     assert!(j[0]["nonce"].as_str().unwrap().len() <= 25);
     assert_eq!(
         cached_id(&rig, first.message_key.as_deref().unwrap())
@@ -1467,4 +1640,340 @@ async fn presence_is_recorded_for_the_session_holder() {
     assert_eq!(v["emoji"], "✨");
     // Nothing went to the REST API.
     assert_eq!(server.book(|b| b.requests), 0);
+}
+
+/// Poll `f` every 20 ms until it is true, failing after `within`.
+async fn until(what: &str, within: Duration, mut f: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_token_stops_every_send_until_it_works_again() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let metrics = stargazer::metrics::install();
+    let server = Server::start(Limits::default()).await;
+    let rig = Rig::new().await;
+    let adapter = server.adapter(&rig);
+    let gw = rig.start("gw", adapter.clone(), fast()).await;
+    rig.publish(json!({"channel_id": "600", "text": "before"}))
+        .await;
+    rig.drained(T).await;
+    assert!(adapter.ready());
+
+    // The token is reset in the developer portal; a worker publishes 50
+    // messages over 5 channels.
+    server.fake.revoked.store(true, SeqCst);
+    let started = server.book(|b| b.requests) + server.fake.unauthorized.load(SeqCst);
+    for i in 0..50 {
+        rig.publish(json!({"channel_id": format!("6{:02}", 1 + i % 5), "text": format!("m{i}")}))
+            .await;
+    }
+    until("the circuit opens", T, async || !adapter.ready()).await;
+    // Two probes with backoff (1 s, then 2 s later), and nothing else.
+    until("two probes", T, async || {
+        server.fake.probes.load(SeqCst) >= 2
+    })
+    .await;
+    let sent_while_revoked =
+        server.book(|b| b.requests) + server.fake.unauthorized.load(SeqCst) - started;
+    let refusals = server.fake.unauthorized.load(SeqCst);
+    eprintln!(
+        "revoked: {sent_while_revoked} requests sent ({refusals} answered 401, {} probes)",
+        server.fake.probes.load(SeqCst)
+    );
+    // At most one 401 per channel in flight when the token was revoked,
+    // plus the probes.
+    assert!(
+        sent_while_revoked <= 5 + server.fake.probes.load(SeqCst),
+        "{sent_while_revoked} requests"
+    );
+    assert!(
+        rig.dlq().await.is_empty(),
+        "nothing is dead-lettered for a 401"
+    );
+    assert_eq!(
+        rig.pending().await + rig.lag().await,
+        50,
+        "all still pending"
+    );
+    let mark: Option<String> = rig
+        .cmd(&["GET", &format!("{}auth:refused", rig.keys.discord())])
+        .await;
+    assert!(
+        mark.is_some_and(|m| m.contains("401")),
+        "every gateway sees it"
+    );
+    let metrics = metrics.render();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("stargazer_discord_credential_refused")
+                && l.contains(rig.keys.platform())
+                && l.ends_with(" 1")),
+        "{metrics}"
+    );
+
+    // The token works again: everything is delivered, once, in order.
+    server.fake.revoked.store(false, SeqCst);
+    let fixed = Instant::now();
+    rig.drained(Duration::from_secs(60)).await;
+    eprintln!("resumed and drained {:?} after the fix", fixed.elapsed());
+    assert!(adapter.ready());
+    assert!(rig.dlq().await.is_empty());
+    for c in 1..=5 {
+        let texts: Vec<String> = server
+            .messages(&format!("6{c:02}"))
+            .iter()
+            .map(|m| m.json["content"].as_str().unwrap().to_owned())
+            .collect();
+        let want: Vec<String> = (0..50)
+            .filter(|i| i % 5 == c - 1)
+            .map(|i| format!("m{i}"))
+            .collect();
+        assert_eq!(texts, want, "channel 6{c:02}: once each, in order");
+    }
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edits_deletes_embeds_mentions_threads_dms_and_files() {
+    use base64::Engine as _;
+    let server = Server::start(Limits::default()).await;
+    let rig = Rig::new().await;
+    let adapter = server.adapter(&rig);
+    let gw = rig.start("gw", adapter.clone(), fast()).await;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let c = "700";
+    let draft = rig
+        .publish(json!({"channel_id": c, "text": "draft", "message_key": "sg:msg:draft"}))
+        .await;
+    rig.publish(
+        json!({"type": "edit", "channel_id": c, "target_key": "sg:msg:draft",
+        "text": "final", "embeds": [{"title": "Result", "color": 3066993}]}),
+    )
+    .await;
+    rig.publish(json!({"channel_id": c, "text": "to be deleted", "message_key": "sg:msg:gone"}))
+        .await;
+    rig.publish(json!({"type": "delete", "channel_id": c, "target_key": "sg:msg:gone"}))
+        .await;
+    rig.publish(json!({"channel_id": c, "text": "@everyone look",
+        "allowed_mentions": ["everyone"], "embeds": [{"description": "an embed"}]}))
+        .await;
+    rig.publish(json!({"channel_id": c, "text": "in the thread", "thread_id": "7001"}))
+        .await;
+    rig.publish(json!({"channel_id": "dm:555", "text": "a DM"}))
+        .await;
+    rig.publish(json!({"channel_id": "dm:555", "text": "another DM"}))
+        .await;
+    rig.publish(
+        json!({"type": "file", "channel_id": c, "file_data": b64("one"),
+        "filename": "1.txt", "files": [
+            {"file_data": b64("two"), "filename": "2.txt", "mimetype": "text/plain"},
+            {"file_data": b64("three"), "filename": "3.png", "mimetype": "image/png"}]}),
+    )
+    .await;
+    // Bad input is dead-lettered naming the field; the channel flows on.
+    rig.publish(json!({"channel_id": c, "text": "x", "embeds": [{"title": "t".repeat(300)}]}))
+        .await;
+    rig.publish(json!({"channel_id": c, "text": "x", "allowed_mentions": ["here"]}))
+        .await;
+    rig.publish(json!({"channel_id": c, "text": "last"})).await;
+    rig.drained(T).await;
+
+    let dlq = rig.dlq().await;
+    assert_eq!(dlq.len(), 2, "{dlq:?}");
+    assert!(dlq[0]["error"].contains("embeds[0].title"), "{dlq:?}");
+    assert!(dlq[1]["error"].contains("allowed_mentions"), "{dlq:?}");
+    assert!(dlq.iter().all(|d| d["error_kind"] == "rejected"));
+
+    let msgs = server.messages(c);
+    let texts: Vec<&str> = msgs
+        .iter()
+        .map(|m| m.json["content"].as_str().unwrap())
+        .collect();
+    // "to be deleted" is gone; the draft was edited in place.
+    assert_eq!(texts, vec!["final", "@everyone look", "", "last"]);
+    let first = &msgs[0].json;
+    assert_eq!(
+        first["id"].as_str(),
+        cached_id(&rig, draft.message_key.as_deref().unwrap())
+            .await
+            .as_deref()
+    );
+    assert_eq!(first["embeds"][0]["title"], "Result");
+    assert!(first["edited_timestamp"].is_number());
+    assert_eq!(server.book(|b| b.deleted.len()), 1);
+    assert_eq!(
+        msgs[1].json["allowed_mentions"],
+        json!({"parse": ["everyone"]})
+    );
+    assert_eq!(msgs[1].json["embeds"][0]["description"], "an embed");
+    assert_eq!(
+        msgs[3].json["allowed_mentions"],
+        json!({"parse": ["users"]})
+    );
+    // Three files in one message, each named by its attachment id.
+    let files: Vec<(String, String, Vec<u8>)> = msgs[2].files.clone();
+    assert_eq!(
+        files
+            .iter()
+            .map(|(n, ct, d)| (
+                n.as_str(),
+                ct.as_str(),
+                String::from_utf8_lossy(d).to_string()
+            ))
+            .collect::<Vec<_>>(),
+        vec![
+            ("1.txt", "application/octet-stream", "one".to_owned()),
+            ("2.txt", "text/plain", "two".to_owned()),
+            ("3.png", "image/png", "three".to_owned())
+        ]
+    );
+    // A thread is a channel of its own; a DM is opened once, then remembered.
+    assert_eq!(server.messages("7001")[0].json["content"], "in the thread");
+    let dm: Vec<Value> = server
+        .messages("9555")
+        .iter()
+        .map(|m| m.json["content"].clone())
+        .collect();
+    assert_eq!(dm, vec![json!("a DM"), json!("another DM")]);
+    assert_eq!(server.book(|b| b.dm_opens), 1);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_reply_is_edited_in_place_and_coalesced() {
+    // Discord lets a channel's messages be edited about 5 times per 5 s: an
+    // LLM reply streamed as 40 edits cannot all be sent, and need not be.
+    let server = Server::start(Limits {
+        edits_per_channel: 5,
+        window: Duration::from_secs(1),
+        ..Limits::default()
+    })
+    .await;
+    let rig = Rig::new().await;
+    let adapter = server.adapter(&rig);
+    let gw = rig.start("gw", adapter.clone(), fast()).await;
+    let channels = 5;
+    let edits = 40;
+    for c in 0..channels {
+        let ch = format!("80{c}");
+        let key = format!("sg:msg:reply-{c}");
+        rig.publish(json!({"channel_id": ch, "text": "…", "message_key": key}))
+            .await;
+        let mut text = String::new();
+        for i in 0..edits {
+            text.push_str(&format!("token{i} "));
+            rig.publish(json!({"type": "edit", "channel_id": ch, "target_key": key, "text": text}))
+                .await;
+        }
+    }
+    rig.drained(Duration::from_secs(60)).await;
+    assert!(rig.dlq().await.is_empty(), "{:?}", rig.dlq().await);
+    let sent = server.book(|b| b.edits);
+    let coalesced = gw
+        .stats()
+        .coalesced
+        .load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!(
+        "streamed: {channels} messages, {} edits published, {sent} sent, {coalesced} coalesced",
+        channels * edits
+    );
+    assert_eq!(sent + coalesced, (channels * edits) as u64);
+    assert!(coalesced > 0, "edits behind the rate limit are coalesced");
+    let last: String = (0..edits).map(|i| format!("token{i} ")).collect();
+    for c in 0..channels {
+        let m = server.messages(&format!("80{c}"));
+        assert_eq!(m.len(), 1, "one message per reply");
+        assert_eq!(m[0].json["content"], last.as_str(), "the final text won");
+    }
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typing_is_kept_alive_until_it_expires_stops_or_a_message_arrives() {
+    let server = Server::start(Limits::default()).await;
+    let rig = Rig::new().await;
+    let adapter = server.adapter_with(
+        &rig,
+        DiscordSettings {
+            typing_beat: Duration::from_millis(150),
+            ..server.settings()
+        },
+    );
+    let gw = rig.start("gw", adapter.clone(), fast()).await;
+    let typed = |c: &str| server.book(|b| b.typing.iter().filter(|t| *t == c).count());
+    let now = stargazer::now_ms();
+    // Until expires_ms: triggered again each beat, then no more.
+    rig.publish(json!({"type": "start_typing", "channel_id": "901", "expires_ms": now + 800}))
+        .await;
+    // Stopped by stop_typing, and by a message.
+    rig.publish(json!({"type": "start_typing", "channel_id": "902", "expires_ms": now + 60_000}))
+        .await;
+    rig.publish(json!({"type": "start_typing", "channel_id": "903", "expires_ms": now + 60_000}))
+        .await;
+    until("beats", T, async || typed("902") >= 3 && typed("903") >= 3).await;
+    rig.publish(json!({"type": "stop_typing", "channel_id": "902"}))
+        .await;
+    rig.publish(json!({"channel_id": "903", "text": "here it is"}))
+        .await;
+    rig.drained(T).await;
+    until("keep-alives end", T, async || {
+        !adapter.keeps_typing("901") && !adapter.keeps_typing("902") && !adapter.keeps_typing("903")
+    })
+    .await;
+    let counts = [typed("901"), typed("902"), typed("903")];
+    assert!(
+        (3..=7).contains(&counts[0]),
+        "901 typed {} times",
+        counts[0]
+    );
+    // Nothing more once stopped (a beat already past its check may land).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!([typed("901"), typed("902"), typed("903")], counts);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_invalid_request_budget_is_shared_by_the_bots_of_one_host() {
+    let server = Server::start(Limits::default()).await;
+    let rig = Rig::new().await;
+    let on_host = |platform: &str, host: &str| {
+        let keys = stargazer::keys::Keys::new("sg", platform);
+        let s = DiscordSettings {
+            invalid_request_limit: 2,
+            egress_host: host.into(),
+            ..server.settings()
+        };
+        Arc::new(DiscordAdapter::new(&keys, s, rig.bus.conn()).expect("adapter"))
+    };
+    // Two bots (two platforms, two tokens' budgets in Discord's eyes: one
+    // IP) on host h1, and one on h2.
+    let (a, b, c) = (
+        on_host("bot-a", "h1"),
+        on_host("bot-b", "h1"),
+        on_host("bot-c", "h2"),
+    );
+    let env = |ch: &str| envelope(json!({"channel_id": ch, "text": "hi"}));
+    for _ in 0..2 {
+        let e = deliver(&a, &env("50013"), "p").await.unwrap_err();
+        assert_eq!(e.retry, Retry::Never, "{e:?}");
+    }
+    let before = server.book(|b| b.requests);
+    let e = deliver(&b, &env("41"), "q").await.unwrap_err();
+    assert!(e.message.contains("invalid_requests"), "{}", e.message);
+    assert!(
+        matches!(e.retry, Retry::After(d) if d > Duration::from_secs(590)),
+        "waits until the oldest leaves the 10-minute window: {e:?}"
+    );
+    assert_eq!(server.book(|b| b.requests), before, "nothing was sent");
+    deliver(&c, &env("41"), "q")
+        .await
+        .expect("another host's budget");
+    let n: u64 = rig.cmd(&["ZCARD", "sg:{discord-host:h1}:invalid"]).await;
+    assert_eq!(n, 2);
 }

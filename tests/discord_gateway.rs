@@ -18,6 +18,7 @@ use axum::routing::{get, post};
 use common::Rig;
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
+use stargazer::adapters::discord::Circuit;
 use stargazer::adapters::discord::gateway::{
     DEFAULT_INTENTS, Session, SessionSettings, guilds_key, nonce_key, set_presence,
 };
@@ -303,8 +304,26 @@ async fn serve(
 #[derive(Default)]
 struct HttpBook {
     gateway_bot_auth: Vec<String>,
-    /// (interaction id, token, body)
+    /// (interaction id, token, body) of every callback Discord took.
     callbacks: Vec<(String, String, Value)>,
+    /// When each interaction was created (dispatched), by id: Discord takes
+    /// one callback per interaction, within 3 s of it.
+    issued: std::collections::HashMap<String, Instant>,
+    /// Interaction tokens whose callback was taken: their webhook works.
+    acked_tokens: std::collections::HashSet<String>,
+    /// Callbacks refused, as (interaction id, Discord's code).
+    refused: Vec<(String, u64)>,
+    /// (token, body) of follow-up messages.
+    followups: Vec<(String, Value)>,
+    /// (token, body) of edits of the original answer.
+    originals: Vec<(String, Value)>,
+    /// (application id, commands) of each registration.
+    commands: Vec<(String, Value)>,
+}
+
+fn discord_error(status: StatusCode, code: u64, message: &str) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    (status, Json(json!({"code": code, "message": message}))).into_response()
 }
 
 struct FakeHttp {
@@ -317,6 +336,7 @@ impl FakeHttp {
         let book = Arc::new(Mutex::new(HttpBook::default()));
         let b1 = book.clone();
         let b2 = book.clone();
+        let (b3, b4, b5) = (book.clone(), book.clone(), book.clone());
         let app = Router::new()
             .route(
                 "/api/v10/gateway/bot",
@@ -338,10 +358,57 @@ impl FakeHttp {
                 "/api/v10/interactions/{id}/{token}/callback",
                 post(
                     move |Path((id, token)): Path<(String, String)>, Json(body): Json<Value>| async move {
-                        b2.lock().unwrap().callbacks.push((id, token, body));
-                        StatusCode::NO_CONTENT
+                        use axum::response::IntoResponse;
+                        let mut b = b2.lock().unwrap();
+                        let late = b.issued.get(&id).is_some_and(|at| at.elapsed() > Duration::from_secs(3));
+                        if late {
+                            b.refused.push((id, 10062));
+                            return discord_error(StatusCode::NOT_FOUND, 10062, "Unknown interaction");
+                        }
+                        if b.callbacks.iter().any(|(i, _, _)| *i == id) {
+                            b.refused.push((id, 40060));
+                            return discord_error(StatusCode::BAD_REQUEST, 40060, "Interaction has already been acknowledged.");
+                        }
+                        b.acked_tokens.insert(token.clone());
+                        b.callbacks.push((id, token, body));
+                        StatusCode::NO_CONTENT.into_response()
                     },
                 ),
+            )
+            .route(
+                "/api/v10/webhooks/{app}/{token}",
+                post(move |Path((app, token)): Path<(String, String)>, Json(body): Json<Value>| async move {
+                    use axum::response::IntoResponse;
+                    let mut b = b3.lock().unwrap();
+                    if app != BOT || !b.acked_tokens.contains(&token) {
+                        return discord_error(StatusCode::NOT_FOUND, 10015, "Unknown Webhook");
+                    }
+                    b.followups.push((token, body));
+                    Json(json!({"id": format!("F{}", b.followups.len())})).into_response()
+                }),
+            )
+            .route(
+                "/api/v10/webhooks/{app}/{token}/messages/@original",
+                axum::routing::patch(move |Path((app, token)): Path<(String, String)>, Json(body): Json<Value>| async move {
+                    use axum::response::IntoResponse;
+                    let mut b = b4.lock().unwrap();
+                    if app != BOT || !b.acked_tokens.contains(&token) {
+                        return discord_error(StatusCode::NOT_FOUND, 10015, "Unknown Webhook");
+                    }
+                    b.originals.push((token, body));
+                    Json(json!({"id": "ORIG"})).into_response()
+                }),
+            )
+            .route(
+                "/api/v10/applications/{app}/commands",
+                axum::routing::put(move |Path(app): Path<String>, Json(body): Json<Value>| async move {
+                    b5.lock().unwrap().commands.push((app, body.clone()));
+                    Json(body)
+                }),
+            )
+            .route(
+                "/api/v10/users/@me",
+                get(|| async { Json(json!({"id": BOT, "username": "stargazer", "bot": true})) }),
             );
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -365,12 +432,16 @@ fn settings(rig: &Rig, gw: &FakeGateway, owner: &str) -> SessionSettings {
         intents: DEFAULT_INTENTS,
         lease: Duration::from_millis(900),
         owner: owner.into(),
+        interaction_defer: Duration::from_millis(2000),
+        commands: Vec::new(),
     }
 }
 
 struct Running {
     owner: String,
     session: Arc<Session>,
+    /// The token's circuit the session shares with the platform's adapter.
+    circuit: Arc<Circuit>,
     stop: CancellationToken,
     task: JoinHandle<()>,
 }
@@ -389,14 +460,17 @@ impl Running {
 fn start(rig: &Rig, settings: SessionSettings) -> Running {
     let owner = settings.owner.clone();
     let client = redis::Client::open(rig.server.url()).unwrap();
+    let circuit = Arc::new(Circuit::new(rig.keys.platform()));
     let session = Arc::new(
-        Session::new(settings, client, rig.bus.conn(), &rig.keys).expect("session settings"),
+        Session::new(settings, client, rig.bus.conn(), &rig.keys, circuit.clone())
+            .expect("session settings"),
     );
     let stop = CancellationToken::new();
     let task = tokio::spawn(session.clone().run(stop.clone()));
     Running {
         owner,
         session,
+        circuit,
         stop,
         task,
     }
@@ -525,7 +599,8 @@ async fn identify_then_inbound_events() {
         }),
     );
 
-    // The last event recorded (its seq stored with it) and acknowledged.
+    // The last event recorded (its seq stored with it) and, with no worker
+    // answering within interaction_defer_ms, deferred by the session.
     eventually!(
         "seq 6",
         (session_field(&rig, "seq").await.as_deref() == Some("6")).then_some(())
@@ -558,7 +633,8 @@ async fn identify_then_inbound_events() {
     assert_eq!(m.text.as_deref(), Some("hello bot"));
     assert_eq!(m.message_id.as_deref(), Some("334385199974967042"));
     assert_eq!(m.reply_to.as_deref(), Some("334385199974967040"));
-    assert_eq!(m.ts_ms, 1_499_794_027_299);
+    // The creation time the id (a snowflake) carries.
+    assert_eq!(m.ts_ms, 1_499_794_044_250);
     assert_eq!(m.extra["guild_id"], "G1");
     assert_eq!(m.extra["is_bot"], false);
     let r = &evs[1];
@@ -976,6 +1052,18 @@ async fn fatal_close_code_stops_reconnecting() {
     assert_eq!(gw_a.accepted.load(Ordering::SeqCst), 1);
     assert_eq!(gw_b.accepted.load(Ordering::SeqCst), 1);
     assert!(!run_a.task.is_finished(), "run stays alive until stop");
+    // 4004 is a refused token: the circuit the adapter shares is open, with
+    // the cause, and every gateway of the fleet sees the mark in Redis.
+    assert!(!run_a.circuit.is_open(), "4014 is not about the token");
+    let why = run_b
+        .circuit
+        .reason()
+        .expect("4004 opens the token's circuit");
+    assert!(why.contains("4004"), "{why}");
+    let mark: Option<String> = rig_b
+        .cmd(&["GET", &format!("{}auth:refused", rig_b.keys.discord())])
+        .await;
+    assert!(mark.is_some_and(|m| m.contains("4004")));
     run_a.stop().await;
     run_b.stop().await;
 }
@@ -1070,4 +1158,223 @@ session_lease_ms = 3000
         .await
         .expect("the gateway stops")
         .unwrap();
+}
+
+/// An INTERACTION_CREATE as Discord sends it.
+fn interaction(id: &str, token: &str, ty: u64, data: Value) -> Value {
+    json!({
+        "id": id, "application_id": BOT, "type": ty, "token": token,
+        "guild_id": "G1", "channel_id": "C1", "version": 1, "data": data,
+        "member": {"user": {"id": USER, "username": "mason", "global_name": "Mason"}},
+        "message": {"id": "M-bot", "channel_id": "C1"}
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interactions_are_answered_by_workers_or_deferred_in_time() {
+    use stargazer::adapters::discord::{DiscordAdapter, DiscordSettings};
+    let rig = Rig::new().await;
+    let mut gw = FakeGateway::start().await;
+    let http = FakeHttp::start(gw.url()).await;
+    let mut s = settings(&rig, &gw, "gw-1");
+    s.api_base = http.api_base.clone();
+    s.lease = Duration::from_secs(5);
+    s.commands = vec![json!({"name": "ask", "description": "Ask the bot",
+        "options": [{"name": "question", "type": 3, "description": "what", "required": true}]})];
+    let run = start(&rig, s);
+    let adapter = DiscordAdapter::new(
+        &rig.keys,
+        DiscordSettings {
+            api_base: http.api_base.clone(),
+            token: TOKEN.into(),
+            long_text: stargazer::config::LongText::Split,
+            global_per_second: 50,
+            invalid_request_limit: 9000,
+            request_timeout: Duration::from_secs(5),
+            max_inline_wait: Duration::from_secs(1),
+            toggle: None,
+            nonce_window: Duration::from_secs(120),
+            presence: true,
+            egress_host: "test-host".into(),
+            allowed_mentions: vec!["users".into()],
+            typing_beat: Duration::from_secs(8),
+            application_id: None,
+        },
+        rig.bus.conn(),
+    )
+    .expect("adapter");
+    let consumer = rig.start("gw-1", Arc::new(adapter), common::fast()).await;
+    let mut p = gw.next_peer().await;
+    identify(&mut p, 45_000, "sess-i", &gw.resume_url()).await;
+    // READY names the application: the configured commands are registered.
+    eventually!(
+        "commands registered",
+        (!http.book.lock().unwrap().commands.is_empty()).then_some(())
+    );
+    let (app, cmds) = http.book.lock().unwrap().commands[0].clone();
+    assert_eq!((app.as_str(), cmds[0]["name"].clone()), (BOT, json!("ask")));
+
+    let issue = |id: &str, token: &str, ty: u64, data: Value, s: u64| {
+        http.book
+            .lock()
+            .unwrap()
+            .issued
+            .insert(id.to_owned(), Instant::now());
+        p.dispatch("INTERACTION_CREATE", s, interaction(id, token, ty, data));
+        Instant::now()
+    };
+    let callback = |id: &str| {
+        http.book
+            .lock()
+            .unwrap()
+            .callbacks
+            .iter()
+            .filter(|(i, _, _)| i == id)
+            .map(|(_, _, b)| b.clone())
+            .collect::<Vec<_>>()
+    };
+    let answer = |id: &str, token: &str, kind: &str, extra: Value| {
+        let mut v = json!({"type": "interaction_response", "interaction_id": id,
+            "interaction_token": token, "kind": kind});
+        v.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        v
+    };
+
+    // A slash command, answered by a worker inside the deadline.
+    let ask = json!({"id": "1", "name": "ask", "type": 1,
+        "options": [{"name": "question", "type": 3, "value": "meaning of life?"}]});
+    let a_at = issue("1001", "tok-a", 2, ask.clone(), 2);
+    let ev = eventually!(
+        "the command inbound",
+        inbound(&rig)
+            .await
+            .into_iter()
+            .find(|e| e.kind == "command")
+    );
+    assert_eq!(ev.extra["command_name"], "ask");
+    assert_eq!(ev.extra["options"][0]["value"], "meaning of life?");
+    let token = ev.extra["interaction_token"].as_str().unwrap().to_owned();
+    rig.publish(answer(
+        "1001",
+        &token,
+        "message",
+        json!({"text": "42", "ephemeral": true}),
+    ))
+    .await;
+    eventually!("the answer", (!callback("1001").is_empty()).then_some(()));
+    let answered_in = a_at.elapsed();
+    assert_eq!(
+        callback("1001")[0],
+        json!({"type": 4, "data": {"content": "42", "flags": 64, "allowed_mentions": {"parse": ["users"]}}})
+    );
+
+    // A slash command nobody answers in time: deferred by the session
+    // after interaction_defer_ms (2 s), inside Discord's 3 s.
+    let b_at = issue("1002", "tok-b", 2, ask, 3);
+    eventually!(
+        "the automatic defer",
+        (!callback("1002").is_empty()).then_some(())
+    );
+    let deferred_in = b_at.elapsed();
+    assert_eq!(callback("1002"), vec![json!({"type": 5})]);
+    assert!(
+        deferred_in >= Duration::from_millis(2000) && deferred_in < Duration::from_millis(3000),
+        "{deferred_in:?}"
+    );
+    // The first command's timer has run out too: it was not deferred again.
+    assert_eq!(callback("1001").len(), 1, "answered once");
+    // The worker's late answer replaces the "thinking…" placeholder.
+    rig.publish(answer(
+        "1002",
+        "tok-b",
+        "message",
+        json!({"text": "sorry, slow"}),
+    ))
+    .await;
+    rig.publish(answer(
+        "1001",
+        &token,
+        "followup",
+        json!({"text": "and more"}),
+    ))
+    .await;
+    eventually!(
+        "the edit of the original",
+        (!http.book.lock().unwrap().originals.is_empty()).then_some(())
+    );
+    eventually!(
+        "the follow-up",
+        (!http.book.lock().unwrap().followups.is_empty()).then_some(())
+    );
+    {
+        let b = http.book.lock().unwrap();
+        assert_eq!(b.originals[0].0, "tok-b");
+        assert_eq!(b.originals[0].1["content"], "sorry, slow");
+        assert_eq!(b.followups[0].0, "tok-a");
+        assert_eq!(b.followups[0].1["content"], "and more");
+        assert!(
+            b.refused.is_empty(),
+            "no 40060, no late callback: {:?}",
+            b.refused
+        );
+    }
+
+    // A button answered with a modal; a modal submit answered by updating.
+    issue(
+        "1003",
+        "tok-c",
+        3,
+        json!({"custom_id": "feedback", "component_type": 2}),
+        4,
+    );
+    eventually!(
+        "the button inbound",
+        inbound(&rig).await.into_iter().find(|e| e.kind == "button")
+    );
+    rig.publish(answer(
+        "1003",
+        "tok-c",
+        "modal",
+        json!({"modal": {"custom_id": "fb", "title": "Feedback",
+        "inputs": [{"custom_id": "what", "label": "What happened?", "style": "paragraph"}]}}),
+    ))
+    .await;
+    eventually!("the modal", (!callback("1003").is_empty()).then_some(()));
+    assert_eq!(callback("1003")[0]["type"], 9);
+    assert_eq!(
+        callback("1003")[0]["data"]["components"][0]["components"][0]["custom_id"],
+        "what"
+    );
+
+    // A modal answer that comes after the automatic defer cannot be sent:
+    // dead-lettered, naming the deadline.
+    let d_at = issue(
+        "1004",
+        "tok-d",
+        3,
+        json!({"custom_id": "slow", "component_type": 2}),
+        5,
+    );
+    eventually!("deferred", (!callback("1004").is_empty()).then_some(()));
+    assert!(d_at.elapsed() < Duration::from_secs(3));
+    assert_eq!(callback("1004"), vec![json!({"type": 6})]);
+    rig.publish(answer(
+        "1004",
+        "tok-d",
+        "modal",
+        json!({"modal": {"custom_id": "fb", "title": "T",
+        "inputs": [{"custom_id": "a", "label": "b"}]}}),
+    ))
+    .await;
+    rig.drained(T).await;
+    let dlq = rig.dlq().await;
+    assert_eq!(dlq.len(), 1, "{dlq:?}");
+    assert!(dlq[0]["error"].contains("too late"), "{dlq:?}");
+    eprintln!(
+        "interactions: answered by the worker {answered_in:?} after the command; deferred automatically {deferred_in:?} after it"
+    );
+    consumer.shutdown().await;
+    run.stop().await;
 }

@@ -186,6 +186,13 @@ fn describe(platform: &str, envelope: &Envelope, delivery_target: Option<&str>) 
             " delete{seq} of {}",
             one_line(delivery_target.unwrap_or("?"))
         ),
+        Action::InteractionResponse(r) => write!(
+            line,
+            " interaction_response {} to {}: {}",
+            r.kind.as_str(),
+            one_line(&r.interaction_id),
+            one_line(r.text.as_deref().unwrap_or(""))
+        ),
     };
     line
 }

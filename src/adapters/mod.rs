@@ -33,9 +33,12 @@ pub struct Capabilities {
     pub files: bool,
     /// `edit` and `delete` of earlier messages.
     pub edits: bool,
+    /// `interaction_response` (Discord's own; not part of [`Capabilities::ALL`]).
+    pub interactions: bool,
 }
 
 impl Capabilities {
+    /// Every platform-neutral action (interactions are Discord's alone).
     pub const ALL: Capabilities = Capabilities {
         typing: true,
         reactions: true,
@@ -43,6 +46,7 @@ impl Capabilities {
         buttons: true,
         files: true,
         edits: true,
+        interactions: false,
     };
 
     /// Whether `action` can be delivered on this platform.
@@ -56,6 +60,7 @@ impl Capabilities {
             Action::File { .. } => self.files,
             Action::Rpc { .. } => true,
             Action::Edit { .. } | Action::Delete { .. } => self.edits,
+            Action::InteractionResponse(_) => self.interactions,
         }
     }
 }
@@ -280,7 +285,9 @@ pub fn discord_from_config(
         keys,
         discord::DiscordSettings {
             api_base: discord_api_base(p),
-            token: token.ok_or_else(|| format!("platform `{}` needs `token_env`", p.name))?,
+            token: token
+                .ok_or_else(|| format!("platform `{}` needs `token_env`", p.name))?
+                .into(),
             long_text: p.long_text,
             global_per_second: p.global_rate_limit,
             invalid_request_limit: p.invalid_request_limit,
@@ -292,9 +299,22 @@ pub fn discord_from_config(
             }),
             nonce_window: Duration::from_millis(p.nonce_window_ms),
             presence: p.gateway,
+            egress_host: p.egress_host.clone().unwrap_or_else(host_name),
+            allowed_mentions: p.allowed_mentions.clone(),
+            typing_beat: discord::typing::BEAT,
+            application_id: p.application_id.clone(),
         },
         conn,
     )
+}
+
+/// This machine's host name (`local` when the kernel will not say).
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "local".to_owned())
 }
 
 /// A discord platform's REST API base: its `api_base`, else Discord's.
@@ -312,20 +332,33 @@ pub fn discord_session_from_config(
     token: Option<String>,
     owner: &str,
     bus: &crate::bus::Bus,
+    circuit: Arc<discord::Circuit>,
 ) -> Result<discord::gateway::Session, String> {
     discord::gateway::Session::new(
         discord::gateway::SessionSettings {
             platform: p.name.clone(),
-            token: token.ok_or_else(|| format!("platform `{}` needs `token_env`", p.name))?,
+            token: token
+                .ok_or_else(|| format!("platform `{}` needs `token_env`", p.name))?
+                .into(),
             api_base: discord_api_base(p),
             gateway_url: p.gateway_url.clone(),
             intents: p.intents.unwrap_or(discord::gateway::DEFAULT_INTENTS),
             lease: Duration::from_millis(p.session_lease_ms),
             owner: owner.to_owned(),
+            interaction_defer: Duration::from_millis(p.interaction_defer_ms),
+            commands: p
+                .commands
+                .iter()
+                .map(|c| {
+                    serde_json::to_value(c)
+                        .map_err(|e| format!("platform `{}`: commands: {e}", p.name))
+                })
+                .collect::<Result<_, _>>()?,
         },
         bus.client().clone(),
         bus.conn(),
         bus.keys(),
+        circuit,
     )
 }
 

@@ -221,6 +221,11 @@ impl WebhookAdapter {
                      to a webhook"
                 )));
             }
+            Action::InteractionResponse(_) => {
+                return Err(AdapterError::permanent(
+                    "interaction_response is Discord's; a webhook has no interactions",
+                ));
+            }
         };
         body.insert("action".into(), Value::from(action));
         body.insert("platform".into(), Value::from(self.platform.as_str()));

@@ -786,6 +786,9 @@ impl MatrixAdapter {
             Action::Rpc { method, .. } => Err(AdapterError::permanent(format!(
                 "rpc_request `{method}` is answered by the gateway, not delivered to matrix"
             ))),
+            Action::InteractionResponse(_) => Err(AdapterError::permanent(
+                "interaction_response is Discord's; matrix has no interactions",
+            )),
         }
     }
 

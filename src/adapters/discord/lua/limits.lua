@@ -11,7 +11,10 @@
 --   bucket:r:<route>:<major>   -> the same, while the bucket hash is unknown
 --   global:<unix second>       -> requests counted in that second (all routes)
 --   global_until               -> ms until which a global 429 stops everything
---   invalid:<10-minute window> -> 401/403/429 answers counted in that window
+--   auth:refused               -> why Discord refused the bot token (a 401):
+--                                 while set, no gateway sends (probes aside)
+--
+-- The invalid-request budget is per host, not per token: see invalid.lua.
 --
 -- Every mode returns {n, wait_ms, why}.
 
@@ -29,16 +32,16 @@ local function bucket_key(route, major)
 end
 
 if mode == 'acquire' then
-  -- ARGV: route, major, global limit per second, invalid-request limit,
-  -- boundary ms.
+  -- ARGV: route, major, global limit per second, boundary ms, probe ('1':
+  -- the request checks a refused token, so the refusal does not stop it).
   -- Check every limit, then take one permit of each, in one step.
   local route, major = ARGV[2], ARGV[3]
   local global_limit = tonumber(ARGV[4])
-  local invalid_limit = tonumber(ARGV[5])
-  local win = math.floor(now / 600000)
-  local invalid = tonumber(redis.call('GET', base .. 'invalid:' .. win) or '0')
-  if invalid >= invalid_limit then
-    return {0, (win + 1) * 600000 - now, 'invalid_requests'}
+  if ARGV[6] ~= '1' then
+    local refused = redis.call('GET', base .. 'auth:refused')
+    if refused then
+      return {0, 0, 'unauthorized:' .. refused}
+    end
   end
   local blocked = tonumber(redis.call('GET', base .. 'global_until') or '0')
   if blocked > now then
@@ -60,7 +63,7 @@ if mode == 'acquire' then
   end
   -- A request taken in the last `boundary` ms of a second may reach Discord
   -- in the next one: count it in both.
-  local boundary = tonumber(ARGV[6])
+  local boundary = tonumber(ARGV[5])
   if now % 1000 >= 1000 - boundary then
     local nkey = base .. 'global:' .. (sec + 1)
     if tonumber(redis.call('GET', nkey) or '0') >= global_limit then
@@ -126,11 +129,11 @@ elseif mode == 'limited' then
     redis.call('PEXPIRE', bkey, after + 60000)
   end
   return {1, after, 'limited'}
-elseif mode == 'invalid' then
-  local win = math.floor(now / 600000)
-  local k = base .. 'invalid:' .. win
-  local n = redis.call('INCR', k)
-  redis.call('PEXPIRE', k, 660000)
-  return {n, 0, 'invalid'}
+elseif mode == 'refused' then
+  -- ARGV: why. Kept a day at most: a gateway that starts later probes anew.
+  redis.call('SET', base .. 'auth:refused', ARGV[2], 'PX', 86400000)
+  return {1, 0, 'refused'}
+elseif mode == 'accepted' then
+  return {redis.call('DEL', base .. 'auth:refused'), 0, 'accepted'}
 end
 return redis.error_reply('unknown mode ' .. tostring(mode))
