@@ -46,15 +46,113 @@ pub struct RedisConfig {
     pub prefix: String,
     /// A `message_key` must start with this, or the envelope is bad input.
     pub cache_prefix: String,
+    /// Redis Cluster: seed nodes (`redis://` or `rediss://`), instead of
+    /// `url`. In the environment: one comma-separated string.
+    #[serde(deserialize_with = "list_or_csv")]
+    pub cluster: Vec<String>,
+    /// PEM file of the CA that signed the server's certificate (`rediss://`);
+    /// default: the built-in web roots.
+    pub tls_ca_file: Option<String>,
+    /// PEM client certificate (chain), for a server that requires one; with `tls_key_file`.
+    pub tls_cert_file: Option<String>,
+    /// PEM private key of `tls_cert_file`.
+    pub tls_key_file: Option<String>,
+    /// Name of an environment variable holding the password (of the URL's
+    /// user, or of `default`); wins over a password in the URL.
+    pub password_env: Option<String>,
+    /// Replicas every commit waits for (`WAIT`); 0 = do not wait.
+    pub wait_replicas: u32,
+    /// How long a commit waits for them; a shorter answer is counted, not an error.
+    pub wait_timeout_ms: u64,
 }
+
+/// The URL `redis.url` has when the file does not set it.
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
 
 impl Default for RedisConfig {
     fn default() -> Self {
         Self {
-            url: "redis://127.0.0.1:6379".into(),
+            url: DEFAULT_REDIS_URL.into(),
             prefix: "sg".into(),
             cache_prefix: "sg:msg:".into(),
+            cluster: Vec::new(),
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+            password_env: None,
+            wait_replicas: 0,
+            wait_timeout_ms: 1_000,
         }
+    }
+}
+
+/// A list of strings, or one comma-separated string (an environment override).
+fn list_or_csv<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        List(Vec<String>),
+        Csv(String),
+    }
+    Ok(match Either::deserialize(d)? {
+        Either::List(v) => v,
+        Either::Csv(s) => s
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect(),
+    })
+}
+
+impl RedisConfig {
+    /// Every URL this config connects to (`url`, or the cluster's seeds).
+    pub fn urls(&self) -> Vec<&str> {
+        if self.cluster.is_empty() {
+            vec![self.url.as_str()]
+        } else {
+            self.cluster.iter().map(String::as_str).collect()
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !self.cluster.is_empty() && self.url != DEFAULT_REDIS_URL {
+            return Err(err(
+                "redis.url and redis.cluster are both set: name the cluster's seed nodes in \
+                 redis.cluster only",
+            ));
+        }
+        for u in self.urls() {
+            let shown = crate::bus::conn::redact(u);
+            if !self.cluster.is_empty() && !(u.starts_with("redis://") || u.starts_with("rediss://")) {
+                return Err(err(format!(
+                    "redis.cluster: `{shown}` must start with redis:// or rediss://"
+                )));
+            }
+            if let Err(e) = redis::IntoConnectionInfo::into_connection_info(u) {
+                let key = if self.cluster.is_empty() { "redis.url" } else { "redis.cluster" };
+                return Err(err(format!("{key}: `{shown}` is not a Redis URL: {e}")));
+            }
+            let tls_files = self.tls_ca_file.is_some() || self.tls_cert_file.is_some();
+            if tls_files && !u.starts_with("rediss://") {
+                return Err(err(format!(
+                    "redis.tls_ca_file / redis.tls_cert_file are set but `{shown}` is not a \
+                     rediss:// URL (TLS would not be used)"
+                )));
+            }
+        }
+        if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
+            return Err(err(
+                "redis.tls_cert_file and redis.tls_key_file go together: set both or neither",
+            ));
+        }
+        if self.wait_replicas > 0 && self.wait_timeout_ms == 0 {
+            return Err(err(
+                "redis.wait_timeout_ms must be greater than 0 when redis.wait_replicas is set \
+                 (WAIT with 0 would block a commit forever)",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -554,6 +652,11 @@ const STRING_KEYS: &[&str] = &[
     "unknown_outcome",
     "signing_secret",
     "tools_dir",
+    "cluster",
+    "tls_ca_file",
+    "tls_cert_file",
+    "tls_key_file",
+    "password_env",
 ];
 
 impl Config {
@@ -613,6 +716,7 @@ impl Config {
                 "redis.prefix must be non-empty and free of `{` and `}`",
             ));
         }
+        self.redis.validate()?;
         self.consumer.validate("consumer")?;
         // The message cache must never reach Stargazer's own keys (SPEC §2).
         let cp = &self.redis.cache_prefix;
@@ -638,6 +742,13 @@ impl Config {
             if p.legacy_reply_prefix.is_some() && !p.legacy_layout {
                 return Err(err(format!(
                     "{at}.legacy_reply_prefix is set but {at}.legacy_layout is not"
+                )));
+            }
+            if p.legacy_layout && !self.redis.cluster.is_empty() {
+                return Err(err(format!(
+                    "{at}.legacy_layout cannot be used with redis.cluster: the reference's \
+                     stream `{}` carries no hash tag",
+                    p.keys(&self.redis.prefix).outbound()
                 )));
             }
             if p.legacy_layout {

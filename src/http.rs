@@ -21,7 +21,6 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use metrics_exporter_prometheus::PrometheusHandle;
-use redis::AsyncConnectionConfig;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -48,11 +47,12 @@ impl InboundRoutes {
 /// How long a readiness check may wait for Redis.
 pub const READY_TIMEOUT: Duration = Duration::from_millis(500);
 
-/// What `/readyz` checks: Redis at `redis_url`, and the adapters once the
-/// gateway has started them (until then: not ready, "starting").
+/// What `/readyz` checks: Redis at `redis` (one server or a cluster, with
+/// its TLS and credentials), and the adapters once the gateway has started
+/// them (until then: not ready, "starting").
 #[derive(Debug, Clone)]
 pub struct Readiness {
-    redis_url: String,
+    redis: crate::bus::Target,
     adapters: Arc<RwLock<Option<Vec<Platform>>>>,
 }
 
@@ -61,8 +61,13 @@ type Platform = (String, SharedAdapter);
 
 impl Readiness {
     pub fn new(redis_url: &str) -> Readiness {
+        Self::for_target(crate::bus::Target::url(redis_url))
+    }
+
+    /// Readiness of a gateway that reaches Redis through `target`.
+    pub fn for_target(target: crate::bus::Target) -> Readiness {
         Readiness {
-            redis_url: redis_url.to_owned(),
+            redis: target,
             adapters: Arc::new(RwLock::new(None)),
         }
     }
@@ -74,7 +79,7 @@ impl Readiness {
 
     /// `Ok` when ready, else the reason.
     pub async fn check(&self) -> Result<(), String> {
-        ping(&self.redis_url).await?;
+        ping(&self.redis).await?;
         let adapters = self.adapters.read().expect("readiness lock poisoned");
         let Some(adapters) = adapters.as_ref() else {
             return Err("starting: the platforms are not running yet".into());
@@ -92,23 +97,19 @@ impl Readiness {
     }
 }
 
-/// PING Redis over a connection of its own, within [`READY_TIMEOUT`].
-async fn ping(url: &str) -> Result<(), String> {
-    let client = redis::Client::open(url).map_err(|e| format!("redis url: {e}"))?;
-    let config = AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(READY_TIMEOUT))
-        .set_response_timeout(Some(READY_TIMEOUT));
+/// PING Redis over a connection of its own, within [`READY_TIMEOUT`] (on a
+/// cluster, every primary: PING goes to all of them).
+async fn ping(target: &crate::bus::Target) -> Result<(), String> {
     let attempt = async {
-        let mut conn = client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await?;
+        let mut conn = target.probe(READY_TIMEOUT).await?;
         redis::cmd("PING").query_async::<String>(&mut conn).await
     };
     match tokio::time::timeout(READY_TIMEOUT, attempt).await {
         Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => Err(format!("redis does not answer PING: {e}")),
+        Ok(Err(e)) => Err(format!("redis ({}) does not answer PING: {e}", target.describe())),
         Err(_) => Err(format!(
-            "redis does not answer PING within {} ms",
+            "redis ({}) does not answer PING within {} ms",
+            target.describe(),
             READY_TIMEOUT.as_millis()
         )),
     }

@@ -99,6 +99,8 @@ defs! {
         "Discord create-message resends whose earlier try may have landed, by result: reconciled (the gateway session saw the original; not resent), nonce_window (resent inside Discord's nonce de-duplication window) or unverified (resent past it with no record: may duplicate).";
     DISCORD_SESSION_EVENTS = "stargazer_discord_gateway_events_total", Counter, [PLATFORM, KIND],
         "Discord gateway session events, by kind: ready, resumed, reconnect, invalid_session, zombie, published.";
+    REPLICAS_SHORT = "stargazer_commit_replicas_short_total", Counter, [PLATFORM],
+        "Commits that `redis.wait_replicas` replicas did not acknowledge within `redis.wait_timeout_ms` (or whose WAIT failed); the commit stands.";
 }
 
 /// Buckets of the adapter latency histogram, in seconds.
@@ -191,6 +193,10 @@ pub fn unknown_outcome_resend(platform: &str) {
 
 pub fn lock_renew_failed(platform: &str) {
     counter!(LOCK_RENEW_FAILURES.name, &p(platform)).increment(1);
+}
+
+pub fn replicas_short(platform: &str) {
+    counter!(REPLICAS_SHORT.name, &p(platform)).increment(1);
 }
 
 pub fn lock_lost(platform: &str) {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
-use stargazer::bus::Bus;
+use stargazer::bus::{Bus, Target as RedisTarget};
 use stargazer::config::Config;
 use stargazer::keys::Keys;
 use stargazer::ops::dlq::{self, Filter, ReplayOptions, Selection, Since};
@@ -28,6 +28,9 @@ pub struct Target {
         default_value = "redis://127.0.0.1:6379"
     )]
     redis_url: String,
+    /// Redis Cluster seed nodes (comma-separated) when no config is given, instead of --redis-url.
+    #[arg(long, env = "STARGAZER_REDIS_CLUSTER", value_delimiter = ',')]
+    cluster: Vec<String>,
     /// Key prefix when no config is given.
     #[arg(long, default_value = "sg")]
     prefix: String,
@@ -67,13 +70,19 @@ impl Target {
             Some(path) => Some(Config::load(path, std::env::vars())?),
             None => None,
         };
-        let (url, prefix) = match &config {
-            Some(c) => (c.redis.url.clone(), c.redis.prefix.clone()),
-            None => (self.redis_url.clone(), self.prefix.clone()),
+        let (target, prefix) = match &config {
+            Some(c) => (
+                RedisTarget::from_config(&c.redis, &std::env::vars().collect())?,
+                c.redis.prefix.clone(),
+            ),
+            None if !self.cluster.is_empty() => {
+                (RedisTarget::cluster(self.cluster.clone()), self.prefix.clone())
+            }
+            None => (RedisTarget::url(&self.redis_url), self.prefix.clone()),
         };
-        let bus = Bus::connect(&url, Keys::new(&prefix, platform))
+        let bus = Bus::connect_to(&target, Keys::new(&prefix, platform))
             .await
-            .with_context(|| format!("connecting to {url}"))?;
+            .with_context(|| format!("connecting to {}", target.describe()))?;
         Ok(Resolved {
             bus,
             prefix,

@@ -2,7 +2,7 @@
 //! next `seq` from its state hash (HINCRBY), `created_ms`, a `message_key`,
 //! and the `sig` field when signing is configured.
 
-use redis::aio::ConnectionManager;
+use crate::bus::Conn;
 use redis::{AsyncCommands, RedisResult};
 use serde_json::{Map, Value};
 
@@ -12,7 +12,7 @@ use crate::keys::Keys;
 /// Publishes to one platform's outbound stream.
 #[derive(Clone)]
 pub struct Publisher {
-    conn: ConnectionManager,
+    conn: Conn,
     keys: Keys,
     cache_prefix: String,
     secret: Option<Vec<u8>>,
@@ -47,7 +47,7 @@ fn is_sequenced(ty: &str) -> bool {
 
 impl Publisher {
     pub fn new(
-        conn: ConnectionManager,
+        conn: Conn,
         keys: Keys,
         cache_prefix: &str,
         secret: Option<Vec<u8>>,

@@ -66,7 +66,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use crate::bus::Conn;
 use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue, RETRY_AFTER};
 use reqwest::{Method, StatusCode, Url};
 use serde_json::{Map, Value, json};
@@ -194,7 +194,7 @@ pub struct Wait {
 /// module docs and `discord/limits.lua`).
 #[derive(Clone)]
 pub struct Limiter {
-    conn: ConnectionManager,
+    conn: Conn,
     base: String,
     global_per_second: u32,
     invalid_limit: u32,
@@ -223,7 +223,7 @@ struct BucketHeaders {
 impl Limiter {
     /// A limiter over `base` (`Keys::discord()`).
     pub fn new(
-        conn: ConnectionManager,
+        conn: Conn,
         base: String,
         global_per_second: u32,
         invalid_limit: u32,
@@ -312,7 +312,7 @@ pub struct DiscordAdapter {
     limiter: Limiter,
     /// `sg:{P}:discord:`, the base of the session's keys (guilds, nonces, presence).
     state_base: String,
-    conn: ConnectionManager,
+    conn: Conn,
     toggle: Option<ToggleButton>,
     toggles: Toggles,
     /// Channel → its guild (`""`: not in a guild), as learned.
@@ -368,7 +368,7 @@ impl DiscordAdapter {
     pub fn new(
         keys: &Keys,
         settings: DiscordSettings,
-        conn: ConnectionManager,
+        conn: Conn,
     ) -> Result<Self, String> {
         let platform = keys.platform();
         let limits_base = keys.discord();

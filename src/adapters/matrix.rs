@@ -40,7 +40,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use redis::AsyncCommands;
-use redis::aio::ConnectionManager;
+use crate::bus::Conn;
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use reqwest::{Method, StatusCode, Url};
 use serde_json::{Map, Value, json};
@@ -545,7 +545,7 @@ impl MatrixAdapter {
     pub async fn run_sync(
         self: std::sync::Arc<Self>,
         inbound: InboundPublisher,
-        mut conn: ConnectionManager,
+        mut conn: Conn,
         since_key: String,
         stop: CancellationToken,
     ) {

@@ -48,7 +48,7 @@ use std::time::Duration;
 
 use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
-use redis::aio::ConnectionManager;
+use crate::bus::Conn;
 use redis::{AsyncCommands, RedisResult, Script};
 use reqwest::Url;
 use reqwest::header::AUTHORIZATION;
@@ -166,7 +166,7 @@ fn presence_key(base: &str) -> String {
 /// Record the desired presence (latest wins) for the whole platform and
 /// notify the session holder, wherever it runs.
 pub async fn set_presence(
-    conn: &mut ConnectionManager,
+    conn: &mut impl redis::aio::ConnectionLike,
     base: &str,
     text: Option<&str>,
     emoji: Option<&str>,
@@ -408,7 +408,7 @@ struct Live {
 pub struct Session {
     settings: SessionSettings,
     client: redis::Client,
-    conn: ConnectionManager,
+    conn: Conn,
     /// `sg:{P}:discord:`, the base of the session's keys.
     base: String,
     /// `sg:{P}:inbound`: written in the same script as the event's seq.
@@ -435,7 +435,7 @@ impl Session {
     pub fn new(
         mut settings: SessionSettings,
         client: redis::Client,
-        conn: ConnectionManager,
+        conn: Conn,
         keys: &Keys,
     ) -> Result<Self, String> {
         settings.token = super::bare_token(&settings.token).to_owned();
