@@ -124,13 +124,19 @@ impl RedisConfig {
         }
         for u in self.urls() {
             let shown = crate::bus::conn::redact(u);
-            if !self.cluster.is_empty() && !(u.starts_with("redis://") || u.starts_with("rediss://")) {
+            if !self.cluster.is_empty()
+                && !(u.starts_with("redis://") || u.starts_with("rediss://"))
+            {
                 return Err(err(format!(
                     "redis.cluster: `{shown}` must start with redis:// or rediss://"
                 )));
             }
             if let Err(e) = redis::IntoConnectionInfo::into_connection_info(u) {
-                let key = if self.cluster.is_empty() { "redis.url" } else { "redis.cluster" };
+                let key = if self.cluster.is_empty() {
+                    "redis.url"
+                } else {
+                    "redis.cluster"
+                };
                 return Err(err(format!("{key}: `{shown}` is not a Redis URL: {e}")));
             }
             let tls_files = self.tls_ca_file.is_some() || self.tls_cert_file.is_some();

@@ -106,7 +106,10 @@ async fn ping(target: &crate::bus::Target) -> Result<(), String> {
     };
     match tokio::time::timeout(READY_TIMEOUT, attempt).await {
         Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => Err(format!("redis ({}) does not answer PING: {e}", target.describe())),
+        Ok(Err(e)) => Err(format!(
+            "redis ({}) does not answer PING: {e}",
+            target.describe()
+        )),
         Err(_) => Err(format!(
             "redis ({}) does not answer PING within {} ms",
             target.describe(),

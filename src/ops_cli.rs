@@ -75,9 +75,10 @@ impl Target {
                 RedisTarget::from_config(&c.redis, &std::env::vars().collect())?,
                 c.redis.prefix.clone(),
             ),
-            None if !self.cluster.is_empty() => {
-                (RedisTarget::cluster(self.cluster.clone()), self.prefix.clone())
-            }
+            None if !self.cluster.is_empty() => (
+                RedisTarget::cluster(self.cluster.clone()),
+                self.prefix.clone(),
+            ),
             None => (RedisTarget::url(&self.redis_url), self.prefix.clone()),
         };
         let bus = Bus::connect_to(&target, Keys::new(&prefix, platform))
@@ -519,5 +520,50 @@ pub async fn toggle(a: ToggleArgs) -> Result<()> {
         None => "cleared",
     };
     println!("{} on {}: {scope} {now}", a.feature, a.platform);
+    Ok(())
+}
+
+/// The role of `stargazer acl`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum AclRole {
+    /// A gateway node (also enough for status and dlq).
+    Gateway,
+    /// A bot worker: publish, RPC, inbound events; no ack, claim or delete.
+    Worker,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct AclArgs {
+    role: AclRole,
+    /// The ACL user's name (default: sg-gateway or sg-worker).
+    #[arg(long)]
+    user: Option<String>,
+    /// Only this platform's keys (default: every platform, `{*}`).
+    #[arg(long)]
+    platform: Option<String>,
+    /// Key prefix.
+    #[arg(long, default_value = "sg")]
+    prefix: String,
+    /// The message cache prefix (default: `<prefix>:msg:`).
+    #[arg(long)]
+    cache_prefix: Option<String>,
+}
+
+pub fn acl(a: AclArgs) -> Result<()> {
+    use stargazer::bus::acl::{Role, rules, setuser};
+    let (role, user) = match a.role {
+        AclRole::Gateway => (Role::Gateway, "sg-gateway"),
+        AclRole::Worker => (Role::Worker, "sg-worker"),
+    };
+    let user = a.user.as_deref().unwrap_or(user);
+    let cache = a
+        .cache_prefix
+        .clone()
+        .unwrap_or_else(|| format!("{}:msg:", a.prefix));
+    let r = rules(role, &a.prefix, &cache, a.platform.as_deref());
+    println!("{}", setuser(user, &r));
+    println!(
+        "# then give it a password: ACL SETUSER {user} >PASSWORD (and ACL SAVE, or CONFIG REWRITE)"
+    );
     Ok(())
 }

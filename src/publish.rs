@@ -46,12 +46,7 @@ fn is_sequenced(ty: &str) -> bool {
 }
 
 impl Publisher {
-    pub fn new(
-        conn: Conn,
-        keys: Keys,
-        cache_prefix: &str,
-        secret: Option<Vec<u8>>,
-    ) -> Self {
+    pub fn new(conn: Conn, keys: Keys, cache_prefix: &str, secret: Option<Vec<u8>>) -> Self {
         Publisher {
             conn,
             keys,

@@ -20,8 +20,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use base64::Engine as _;
 use crate::bus::Conn;
+use base64::Engine as _;
 use serde_json::{Map, Value, json};
 
 use crate::adapters::{Adapter, AdapterError, BoxFuture, Capabilities, Delivered, Delivery};

@@ -8,8 +8,8 @@
 
 use std::fmt;
 
-use redis::AsyncCommands;
 use crate::bus::Conn;
+use redis::AsyncCommands;
 
 use crate::keys::Keys;
 

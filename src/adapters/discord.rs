@@ -222,12 +222,7 @@ struct BucketHeaders {
 
 impl Limiter {
     /// A limiter over `base` (`Keys::discord()`).
-    pub fn new(
-        conn: Conn,
-        base: String,
-        global_per_second: u32,
-        invalid_limit: u32,
-    ) -> Limiter {
+    pub fn new(conn: Conn, base: String, global_per_second: u32, invalid_limit: u32) -> Limiter {
         Limiter {
             conn,
             base,
@@ -365,11 +360,7 @@ impl DiscordAdapter {
     /// An adapter for the platform of `keys`; `conn` holds the state shared
     /// by every gateway (rate limits, toggles, what the gateway session
     /// records). Fails, naming the problem, on a bad API base or an empty token.
-    pub fn new(
-        keys: &Keys,
-        settings: DiscordSettings,
-        conn: Conn,
-    ) -> Result<Self, String> {
+    pub fn new(keys: &Keys, settings: DiscordSettings, conn: Conn) -> Result<Self, String> {
         let platform = keys.platform();
         let limits_base = keys.discord();
         let url = Url::parse(&settings.api_base)

@@ -306,9 +306,8 @@ impl Bus {
                 .arg("TYPE")
                 .arg("hash");
             // On a cluster: the node of the platform's slot holds them all.
-            let (next, keys): (u64, Vec<String>) = redis::from_redis_value(
-                conn.on_node_of(&self.keys.outbound(), &scan).await?,
-            )?;
+            let (next, keys): (u64, Vec<String>) =
+                redis::from_redis_value(conn.on_node_of(&self.keys.outbound(), &scan).await?)?;
             if !keys.is_empty() {
                 let mut pipe = redis::pipe();
                 for k in &keys {

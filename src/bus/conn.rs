@@ -19,7 +19,9 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::aio::{
+    ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection,
+};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
@@ -252,7 +254,11 @@ impl Target {
             Kind::Single(u) => redact(u),
             Kind::Cluster(seeds) => format!(
                 "cluster [{}]",
-                seeds.iter().map(|s| redact(s)).collect::<Vec<_>>().join(", ")
+                seeds
+                    .iter()
+                    .map(|s| redact(s))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         }
     }
@@ -287,7 +293,9 @@ impl Target {
     pub fn client(&self) -> RedisResult<Client> {
         match &self.kind {
             Kind::Single(u) => self.client_for(u),
-            Kind::Cluster(seeds) => self.client_for(seeds.first().map(String::as_str).unwrap_or("")),
+            Kind::Cluster(seeds) => {
+                self.client_for(seeds.first().map(String::as_str).unwrap_or(""))
+            }
         }
     }
 

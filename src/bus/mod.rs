@@ -17,12 +17,13 @@ use redis::{Client, RedisResult, Value};
 use crate::envelope::StreamId;
 use crate::keys::Keys;
 
+pub mod acl;
 pub mod admin;
 pub mod conn;
 mod engine;
 mod scripts;
-pub use engine::*;
 pub use conn::{Conn, Target};
+pub use engine::*;
 pub use scripts::Scripts;
 
 /// A stream entry as read: its id and raw fields.

@@ -46,9 +46,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
+use crate::bus::Conn;
 use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
-use crate::bus::Conn;
 use redis::{AsyncCommands, RedisResult, Script};
 use reqwest::Url;
 use reqwest::header::AUTHORIZATION;
