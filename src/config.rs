@@ -956,6 +956,52 @@ url = "http://127.0.0.1:8080/deliver"
     }
 
     #[test]
+    fn redis_deployments_are_checked_with_the_key_named() {
+        let load = |redis: &str| Config::from_toml(&format!("[redis]\n{redis}\n"), []);
+        let c = load("cluster = [\"redis://10.0.0.1:7000\", \"redis://10.0.0.2:7000\"]").unwrap();
+        assert_eq!(c.redis.urls().len(), 2);
+        // From the environment: one comma-separated string.
+        let env = [(
+            "STARGAZER_REDIS_CLUSTER".to_owned(),
+            "redis://a:7000, redis://b:7000".to_owned(),
+        )];
+        let c = Config::from_toml("", env).unwrap();
+        assert_eq!(c.redis.cluster, ["redis://a:7000", "redis://b:7000"]);
+        for (redis, says) in [
+            (
+                "url = \"redis://h:1\"\ncluster = [\"redis://h:2\"]",
+                "redis.url and redis.cluster",
+            ),
+            ("cluster = [\"redis+unix:///tmp/r.sock\"]", "redis.cluster"),
+            ("url = \"http://h:1\"", "redis.url"),
+            ("tls_ca_file = \"/ca.pem\"", "not a rediss:// URL"),
+            (
+                "url = \"rediss://h:1\"\ntls_cert_file = \"/c.pem\"",
+                "redis.tls_cert_file and redis.tls_key_file",
+            ),
+            (
+                "wait_replicas = 1\nwait_timeout_ms = 0",
+                "redis.wait_timeout_ms",
+            ),
+        ] {
+            let e = load(redis).unwrap_err();
+            assert!(e.0.contains(says), "{redis}: {e}");
+        }
+        let e = Config::from_toml(
+            "[redis]\ncluster = [\"redis://h:1\"]\n[[platform]]\nname = \"old\"\nadapter = \"null\"\nlegacy_layout = true\n",
+            [],
+        )
+        .unwrap_err();
+        assert!(
+            e.0.contains("platform[0].legacy_layout") && e.0.contains("redis.cluster"),
+            "{e}"
+        );
+        // A password in the URL never shows in an error.
+        let e = load("cluster = [\"http://u:hunter2@h:1\"]").unwrap_err();
+        assert!(!e.0.contains("hunter2"), "{e}");
+    }
+
+    #[test]
     fn platform_overrides_apply() {
         let c = Config::from_toml(
             "[consumer]\nmax_attempts = 3\n[[platform]]\nname = \"a\"\nadapter = \"null\"\n[platform.consumer]\nmax_attempts = 7\n",

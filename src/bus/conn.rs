@@ -385,6 +385,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_config_names_the_missing_file_and_variable() {
+        let c = crate::config::Config::from_toml(
+            "[redis]\nurl = \"rediss://h:1\"\ntls_ca_file = \"/nonexistent/ca.pem\"\n",
+            [],
+        )
+        .unwrap();
+        let e = Target::from_config(&c.redis, &HashMap::new()).unwrap_err();
+        assert!(
+            e.0.contains("redis.tls_ca_file") && e.0.contains("/nonexistent/ca.pem"),
+            "{e}"
+        );
+        let c =
+            crate::config::Config::from_toml("[redis]\npassword_env = \"SG_PW\"\n", []).unwrap();
+        let e = Target::from_config(&c.redis, &HashMap::new()).unwrap_err();
+        assert!(
+            e.0.contains("redis.password_env") && e.0.contains("SG_PW"),
+            "{e}"
+        );
+        let env = [("SG_PW".to_owned(), "pw".to_owned())].into();
+        assert!(Target::from_config(&c.redis, &env).is_ok());
+    }
+
+    #[test]
     fn passwords_never_show() {
         assert_eq!(
             redact("rediss://gw:s3cret@db.example:6380/0"),
