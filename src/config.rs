@@ -50,6 +50,8 @@ pub struct RedisConfig {
     /// `url`. In the environment: one comma-separated string.
     #[serde(deserialize_with = "list_or_csv")]
     pub cluster: Vec<String>,
+    /// A Sentinel-managed primary, instead of `url`: `{ master, urls }`.
+    pub sentinel: Option<SentinelConfig>,
     /// PEM file of the CA that signed the server's certificate (`rediss://`);
     /// default: the built-in web roots.
     pub tls_ca_file: Option<String>,
@@ -76,6 +78,7 @@ impl Default for RedisConfig {
             prefix: "sg".into(),
             cache_prefix: "sg:msg:".into(),
             cluster: Vec::new(),
+            sentinel: None,
             tls_ca_file: None,
             tls_cert_file: None,
             tls_key_file: None,
@@ -84,6 +87,17 @@ impl Default for RedisConfig {
             wait_timeout_ms: 1_000,
         }
     }
+}
+
+/// `[redis] sentinel = { master = "sg", urls = ["redis://10.0.0.1:26379"] }`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SentinelConfig {
+    /// The name the Sentinels monitor the primary under (`sentinel monitor <name> …`).
+    pub master: String,
+    /// The Sentinels (`redis://host:port`); the first that answers is asked.
+    #[serde(deserialize_with = "list_or_csv")]
+    pub urls: Vec<String>,
 }
 
 /// A list of strings, or one comma-separated string (an environment override).
@@ -116,6 +130,31 @@ impl RedisConfig {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(s) = &self.sentinel {
+            if self.url != DEFAULT_REDIS_URL || !self.cluster.is_empty() {
+                return Err(err(
+                    "redis.sentinel takes the place of redis.url and redis.cluster: set only one",
+                ));
+            }
+            if s.master.is_empty() || s.urls.is_empty() {
+                return Err(err(
+                    "redis.sentinel needs `master` (the monitored name) and at least one of `urls`",
+                ));
+            }
+            if self.tls_ca_file.is_some() || self.tls_cert_file.is_some() {
+                return Err(err(
+                    "redis.tls_ca_file / redis.tls_cert_file are not supported with redis.sentinel yet",
+                ));
+            }
+            for u in &s.urls {
+                if !u.starts_with("redis://") {
+                    return Err(err(format!(
+                        "redis.sentinel.urls: `{}` must start with redis://",
+                        crate::bus::conn::redact(u)
+                    )));
+                }
+            }
+        }
         if !self.cluster.is_empty() && self.url != DEFAULT_REDIS_URL {
             return Err(err(
                 "redis.url and redis.cluster are both set: name the cluster's seed nodes in \

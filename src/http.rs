@@ -79,7 +79,13 @@ impl Readiness {
 
     /// `Ok` when ready, else the reason.
     pub async fn check(&self) -> Result<(), String> {
-        ping(&self.redis).await?;
+        self.check_detail().await.map(|_| ())
+    }
+
+    /// `Ok` with what `/readyz` adds to "ready" (under Sentinel: the
+    /// primary in use), else the reason.
+    pub async fn check_detail(&self) -> Result<String, String> {
+        let detail = ping(&self.redis).await?;
         let adapters = self.adapters.read().expect("readiness lock poisoned");
         let Some(adapters) = adapters.as_ref() else {
             return Err("starting: the platforms are not running yet".into());
@@ -90,7 +96,7 @@ impl Readiness {
             .map(|(p, _)| p.as_str())
             .collect();
         if not_ready.is_empty() {
-            Ok(())
+            Ok(detail)
         } else {
             Err(format!("adapter not ready: {}", not_ready.join(", ")))
         }
@@ -98,14 +104,26 @@ impl Readiness {
 }
 
 /// PING Redis over a connection of its own, within [`READY_TIMEOUT`] (on a
-/// cluster, every primary: PING goes to all of them).
-async fn ping(target: &crate::bus::Target) -> Result<(), String> {
+/// cluster, every primary: PING goes to all of them; under Sentinel, the
+/// primary the Sentinels name now, which is returned).
+async fn ping(target: &crate::bus::Target) -> Result<String, String> {
     let attempt = async {
+        let primary = match target.resolve_primary().await? {
+            Some((addr, _)) => format!(" (redis primary {addr}, from {})", target.describe()),
+            None => String::new(),
+        };
         let mut conn = target.probe(READY_TIMEOUT).await?;
-        redis::cmd("PING").query_async::<String>(&mut conn).await
+        redis::cmd("PING").query_async::<String>(&mut conn).await?;
+        Ok::<_, redis::RedisError>(primary)
     };
-    match tokio::time::timeout(READY_TIMEOUT, attempt).await {
-        Ok(Ok(_)) => Ok(()),
+    // Under Sentinel, two hops: the Sentinels, then the primary.
+    let within = if target.is_sentinel() {
+        READY_TIMEOUT * 3
+    } else {
+        READY_TIMEOUT
+    };
+    match tokio::time::timeout(within, attempt).await {
+        Ok(Ok(detail)) => Ok(detail),
         Ok(Err(e)) => Err(format!(
             "redis ({}) does not answer PING: {e}",
             target.describe()
@@ -113,7 +131,7 @@ async fn ping(target: &crate::bus::Target) -> Result<(), String> {
         Err(_) => Err(format!(
             "redis ({}) does not answer PING within {} ms",
             target.describe(),
-            READY_TIMEOUT.as_millis()
+            within.as_millis()
         )),
     }
 }
@@ -189,8 +207,8 @@ async fn inbound(
 }
 
 async fn readyz(State(st): State<AppState>) -> impl IntoResponse {
-    match st.readiness.check().await {
-        Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
+    match st.readiness.check_detail().await {
+        Ok(detail) => (StatusCode::OK, format!("ready{detail}\n")),
         Err(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("not ready: {reason}\n"),

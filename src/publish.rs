@@ -16,6 +16,8 @@ pub struct Publisher {
     keys: Keys,
     cache_prefix: String,
     secret: Option<Vec<u8>>,
+    /// Replicas each write must reach before it counts (`WAIT`), and how long to wait.
+    wait: Option<(u32, std::time::Duration)>,
 }
 
 impl std::fmt::Debug for Publisher {
@@ -52,7 +54,36 @@ impl Publisher {
             keys,
             cache_prefix: cache_prefix.to_owned(),
             secret,
+            wait: None,
         }
+    }
+
+    /// Count a publish (and a `seq` taken) as done only once `replicas`
+    /// replicas have it (`WAIT replicas timeout`); fewer within `timeout` is
+    /// an error, so the caller publishes the same envelope again — a copy
+    /// that did land is skipped by its idempotency key (docs/reliability.md).
+    pub fn with_wait_replicas(mut self, replicas: u32, timeout: std::time::Duration) -> Self {
+        self.wait = (replicas > 0).then_some((replicas, timeout));
+        self
+    }
+
+    async fn replicated(&self) -> RedisResult<()> {
+        let Some((n, timeout)) = self.wait else {
+            return Ok(());
+        };
+        let mut conn = self.conn.clone();
+        let mut cmd = redis::cmd("WAIT");
+        cmd.arg(n).arg(timeout.as_millis() as u64);
+        let got: i64 =
+            redis::from_redis_value(conn.on_node_of(&self.keys.outbound(), &cmd).await?)?;
+        if got < i64::from(n) {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::Io,
+                "write not replicated in time",
+                format!("{got} of {n} replicas acknowledged within {timeout:?}"),
+            )));
+        }
+        Ok(())
     }
 
     pub fn keys(&self) -> &Keys {
@@ -69,6 +100,7 @@ impl Publisher {
             .ignore()
             .query_async(&mut conn)
             .await?;
+        self.replicated().await?;
         Ok(seq)
     }
 
@@ -139,6 +171,7 @@ impl Publisher {
                     .await?
             }
         };
+        self.replicated().await?;
         Ok(StreamId(id))
     }
 }

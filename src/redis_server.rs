@@ -108,6 +108,65 @@ impl RedisServer {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// Start a Sentinel on a free port that monitors the primary on
+    /// `primary_port` as `name` with `quorum`, quick to act (down after 1 s).
+    pub fn start_sentinel(
+        binary: Option<&str>,
+        name: &str,
+        primary_port: u16,
+        quorum: u32,
+    ) -> std::io::Result<RedisServer> {
+        let binary = binary.unwrap_or("redis-server");
+        let dir = std::env::temp_dir().join(format!(
+            "stargazer-sentinel-{}-{:x}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        std::fs::create_dir_all(&dir)?;
+        let dir = TempDir(dir);
+        for _ in 0..5 {
+            let port = free_port()?;
+            let conf = dir.0.join("sentinel.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "port {port}\nbind 127.0.0.1\ndir {}\n\
+                     sentinel monitor {name} 127.0.0.1 {primary_port} {quorum}\n\
+                     sentinel down-after-milliseconds {name} 1000\n\
+                     sentinel failover-timeout {name} 10000\n\
+                     sentinel parallel-syncs {name} 1\n",
+                    dir.0.display()
+                ),
+            )?;
+            let mut child = Command::new(binary)
+                .arg(&conf)
+                .arg("--sentinel")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()?;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                if ping(port) {
+                    return Ok(RedisServer {
+                        child,
+                        port,
+                        _dir: Some(dir),
+                    });
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Err(std::io::Error::other("redis-sentinel did not come up"))
+    }
+
     /// Kill the server (tests of Redis outages).
     pub fn kill(&mut self) {
         let _ = self.child.kill();

@@ -698,7 +698,12 @@ async fn publish_resilient(
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     };
-    let publisher = w.publisher().clone();
+    // A write counts once a replica has it: one a failover took away is
+    // published again (the same envelope; a copy that did land is skipped).
+    let publisher = w
+        .publisher()
+        .clone()
+        .with_wait_replicas(1, Duration::from_millis(500));
     let mut confirmed = Vec::new();
     for i in 0..per_channel {
         for c in 0..channels {
@@ -799,33 +804,24 @@ struct Outcome {
     lost: usize,
 }
 
-/// Run 10 platforms × `per_platform` through a gateway on `cluster` while
+/// Run 10 platforms × `per_platform` through a gateway configured with
+/// `redis` (the `[redis]` table; `target` reaches the same Redis) while
 /// `fault` runs once a third has been delivered; account for every message.
-async fn cluster_scenario<F, Fut>(
-    cluster: &mut RedisCluster,
+async fn scenario<F, Fut>(
+    redis: &str,
+    target: Target,
     per_platform: usize,
-    extra_redis: &str,
+    extra: &str,
     fault: F,
 ) -> Outcome
 where
-    F: FnOnce(&mut RedisCluster) -> Fut,
+    F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
     let (sink, sink_url) = Sink::start().await;
     let platforms: Vec<String> = (0..10).map(|i| format!("p{i}")).collect();
-    let seeds = cluster
-        .urls()
-        .iter()
-        .map(|u| format!("\"{u}\""))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let toml = config(
-        &format!("cluster = [{seeds}]\n{extra_redis}"),
-        &platforms,
-        &sink_url,
-    );
+    let toml = format!("{}{extra}", config(redis, &platforms, &sink_url));
     let gw = Gateway::start(&toml, HashMap::new());
-    let target = Target::cluster(cluster.urls());
     let producers: Vec<_> = platforms
         .iter()
         .map(|p| {
@@ -840,7 +836,7 @@ where
     let total = platforms.len() * per_platform;
     sink.wait_distinct(total / 3, Duration::from_secs(120))
         .await;
-    fault(cluster).await;
+    fault().await;
     let mut published = Vec::new();
     for p in producers {
         published.extend(p.await.unwrap());
@@ -904,8 +900,10 @@ where
 async fn a_cluster_primary_killed_mid_run_loses_and_reorders_nothing() {
     let mut cluster = RedisCluster::start(server_bin().as_deref(), cli_bin().as_deref(), 3, 1)
         .expect("3 primaries with a replica each");
-    let o = cluster_scenario(&mut cluster, 1000, "wait_replicas = 1", |cluster| {
-        let victim = primary_of(cluster, "sg:{p0}:outbound");
+    let victim = primary_of(&cluster, "sg:{p0}:outbound");
+    let redis = format!("cluster = [{}]\nwait_replicas = 1", quoted(&cluster.urls()));
+    let target = Target::cluster(cluster.urls());
+    let o = scenario(&redis, target, 1000, "", || {
         cluster.nodes[victim].kill();
         eprintln!("killed primary {victim} (holding p0)");
         async move {}
@@ -916,4 +914,147 @@ async fn a_cluster_primary_killed_mid_run_loses_and_reorders_nothing() {
     assert_eq!((o.lost, o.out_of_order), (0, 0), "{o:?}");
     assert_eq!(o.published, 10_000, "{o:?}");
     assert_eq!(o.delivered + o.dead_lettered, 10_000, "{o:?}");
+}
+
+fn quoted(urls: &[String]) -> String {
+    urls.iter()
+        .map(|u| format!("\"{u}\""))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+// ---------------------------------------------------------------- Sentinel
+
+/// A primary, its replica and three Sentinels watching it as `sg`.
+struct SentinelSet {
+    primary: RedisServer,
+    replica: RedisServer,
+    sentinels: Vec<RedisServer>,
+}
+
+/// `field`'s value in a flat RESP reply read as lines (`SENTINEL MASTER`).
+fn resp_field(reply: &str, field: &str) -> Option<String> {
+    let mut lines = reply.lines();
+    while let Some(l) = lines.next() {
+        if l == field {
+            lines.next();
+            return lines.next().map(str::to_owned);
+        }
+    }
+    None
+}
+
+impl SentinelSet {
+    async fn start() -> SentinelSet {
+        let bin = server_bin();
+        let primary = RedisServer::start(bin.as_deref()).unwrap();
+        let pport = primary.port();
+        let replica = RedisServer::start_with(bin.as_deref(), move |_, _| {
+            vec!["--replicaof".into(), "127.0.0.1".into(), pport.to_string()]
+        })
+        .unwrap();
+        let sentinels = (0..3)
+            .map(|_| {
+                RedisServer::start_sentinel(bin.as_deref(), "sg", pport, 2).expect("a sentinel")
+            })
+            .collect();
+        let set = SentinelSet {
+            primary,
+            replica,
+            sentinels,
+        };
+        // Ready for a failover: every Sentinel knows the replica and the
+        // two other Sentinels.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ready = set.sentinels.iter().all(|s| {
+                let m =
+                    stargazer::redis_server::raw_command(s.port(), &["SENTINEL", "MASTER", "sg"])
+                        .unwrap_or_default();
+                resp_field(&m, "num-slaves").as_deref() == Some("1")
+                    && resp_field(&m, "num-other-sentinels").as_deref() == Some("2")
+            });
+            if ready {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the Sentinels did not find each other"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        set
+    }
+
+    fn urls(&self) -> Vec<String> {
+        self.sentinels.iter().map(RedisServer::url).collect()
+    }
+
+    /// The primary's port the first Sentinel names.
+    fn named_primary(&self) -> Option<u16> {
+        let r = stargazer::redis_server::raw_command(
+            self.sentinels[0].port(),
+            &["SENTINEL", "GET-MASTER-ADDR-BY-NAME", "sg"],
+        )?;
+        r.lines().nth(4)?.trim().parse().ok()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sentinel_failover_mid_run_loses_and_reorders_nothing() {
+    let set = SentinelSet::start().await;
+    assert_eq!(set.named_primary(), Some(set.primary.port()));
+    let http = free_port().unwrap();
+    let redis = format!(
+        "sentinel = {{ master = \"sg\", urls = [{}] }}\nwait_replicas = 1",
+        quoted(&set.urls())
+    );
+    let target = Target::sentinel("sg", set.urls());
+    let readyz = format!("http://127.0.0.1:{http}/readyz");
+    let first = format!("redis primary 127.0.0.1:{}", set.primary.port());
+    let then = format!("redis primary 127.0.0.1:{}", set.replica.port());
+    let sentinel_port = set.sentinels[1].port();
+    let o = scenario(
+        &redis,
+        target,
+        500,
+        &format!("[http]\nlisten = \"127.0.0.1:{http}\"\n"),
+        || async move {
+            let says = |want: String| {
+                let readyz = readyz.clone();
+                async move {
+                    let deadline = Instant::now() + Duration::from_secs(60);
+                    loop {
+                        let body = match reqwest::get(&readyz).await {
+                            Ok(r) => r.text().await.unwrap_or_default(),
+                            Err(_) => String::new(),
+                        };
+                        if body.starts_with("ready") && body.contains(&want) {
+                            return;
+                        }
+                        assert!(Instant::now() < deadline, "/readyz still says: {body}");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            };
+            says(first).await;
+            let r = stargazer::redis_server::raw_command(
+                sentinel_port,
+                &["SENTINEL", "FAILOVER", "sg"],
+            );
+            assert_eq!(r.as_deref(), Some("+OK\r\n"), "SENTINEL FAILOVER");
+            eprintln!("SENTINEL FAILOVER sent");
+            // /readyz names the new primary once the Sentinels switched.
+            says(then).await;
+        },
+    )
+    .await;
+    assert_eq!(
+        set.named_primary(),
+        Some(set.replica.port()),
+        "the replica was promoted"
+    );
+    assert_eq!((o.lost, o.out_of_order), (0, 0), "{o:?}");
+    assert_eq!(o.published, 5_000, "{o:?}");
+    assert_eq!(o.delivered + o.dead_lettered, 5_000, "{o:?}");
 }

@@ -109,10 +109,21 @@ pub fn rules(role: Role, prefix: &str, cache_prefix: &str, platform: Option<&str
     out
 }
 
-/// `ACL SETUSER <user> on <rules…>`: the user is created without a password
-/// (it cannot log in until one is added with `>password`).
+/// `ACL SETUSER <user> on <rules…>` as `redis-cli` takes it (a selector,
+/// which holds spaces, in double quotes): the user is created without a
+/// password (it cannot log in until one is added with `>password`).
 pub fn setuser(user: &str, rules: &[String]) -> String {
-    format!("ACL SETUSER {user} on {}", rules.join(" "))
+    let args: Vec<String> = rules
+        .iter()
+        .map(|r| {
+            if r.contains(' ') {
+                format!("\"{r}\"")
+            } else {
+                r.clone()
+            }
+        })
+        .collect();
+    format!("ACL SETUSER {user} on {}", args.join(" "))
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@
 //! it); the caller bounds each blocking call with `tokio::time::timeout`.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::{
@@ -25,6 +26,7 @@ use redis::aio::{
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+use redis::sentinel::SentinelClient;
 use redis::{
     AsyncConnectionConfig, Client, ClientTlsConfig, Cmd, ConnectionAddr, ConnectionInfo,
     IntoConnectionInfo, Pipeline, RedisFuture, RedisResult, TlsCertificates, Value,
@@ -51,6 +53,59 @@ pub enum Conn {
     Cluster(ClusterConnection),
     /// A connection of its own to one server (blocking readers).
     Direct(MultiplexedConnection),
+    /// The primary a set of Sentinels names, asked again after a failover.
+    Sentinel(Arc<SentinelConn>),
+}
+
+/// The shared connection to a Sentinel-managed primary: a
+/// `ConnectionManager` to the primary the Sentinels name, dropped at the
+/// first sign of a failover (the node gone, or answering `READONLY` as a
+/// demoted replica) so the next command asks the Sentinels again. The
+/// failing command's error goes to its caller, which retries it (G10).
+pub struct SentinelConn {
+    sentinel: tokio::sync::Mutex<SentinelClient>,
+    current: std::sync::Mutex<Option<(String, ConnectionManager)>>,
+}
+
+impl SentinelConn {
+    /// The primary's connection, asking the Sentinels when there is none.
+    async fn primary(&self) -> RedisResult<ConnectionManager> {
+        if let Some((_, c)) = self.current.lock().expect("sentinel state").as_ref() {
+            return Ok(c.clone());
+        }
+        let mut sentinel = self.sentinel.lock().await;
+        if let Some((_, c)) = self.current.lock().expect("sentinel state").as_ref() {
+            return Ok(c.clone());
+        }
+        let client = sentinel.async_get_client().await?;
+        let addr = client.get_connection_info().addr().to_string();
+        let config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(SHARED_RESPONSE_TIMEOUT))
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_number_of_retries(1);
+        let c = ConnectionManager::new_with_config(client, config).await?;
+        tracing::info!(primary = %addr, "connected to the primary the Sentinels name");
+        *self.current.lock().expect("sentinel state") = Some((addr, c.clone()));
+        Ok(c)
+    }
+
+    /// Forget the primary after an error that may mean a failover.
+    fn check(&self, e: &redis::RedisError) {
+        if super::transient(e) || e.code() == Some("READONLY") {
+            if let Some((addr, _)) = self.current.lock().expect("sentinel state").take() {
+                tracing::warn!(primary = %addr, error = %e, "the primary failed; asking the Sentinels again");
+            }
+        }
+    }
+
+    /// The primary in use (`host:port`), if connected.
+    pub fn primary_addr(&self) -> Option<String> {
+        self.current
+            .lock()
+            .expect("sentinel state")
+            .as_ref()
+            .map(|(a, _)| a.clone())
+    }
 }
 
 impl Conn {
@@ -81,6 +136,14 @@ impl ConnectionLike for Conn {
             Conn::Single(c) => c.req_packed_command(cmd),
             Conn::Cluster(c) => c.req_packed_command(cmd),
             Conn::Direct(c) => c.req_packed_command(cmd),
+            Conn::Sentinel(s) => Box::pin(async move {
+                let mut c = s.primary().await?;
+                let r = c.req_packed_command(cmd).await;
+                if let Err(e) = &r {
+                    s.check(e);
+                }
+                r
+            }),
         }
     }
 
@@ -94,6 +157,14 @@ impl ConnectionLike for Conn {
             Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
             Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
             Conn::Direct(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Sentinel(s) => Box::pin(async move {
+                let mut c = s.primary().await?;
+                let r = c.req_packed_commands(pipeline, offset, count).await;
+                if let Err(e) = &r {
+                    s.check(e);
+                }
+                r
+            }),
         }
     }
 
@@ -102,6 +173,7 @@ impl ConnectionLike for Conn {
             Conn::Single(c) => c.get_db(),
             Conn::Cluster(c) => c.get_db(),
             Conn::Direct(c) => c.get_db(),
+            Conn::Sentinel(_) => 0,
         }
     }
 }
@@ -144,6 +216,7 @@ pub struct Target {
 enum Kind {
     Single(String),
     Cluster(Vec<String>),
+    Sentinel { master: String, urls: Vec<String> },
 }
 
 impl std::fmt::Debug for Target {
@@ -204,10 +277,10 @@ impl Target {
                 ))
             })?),
         };
-        let target = if c.cluster.is_empty() {
-            Target::url(&c.url)
-        } else {
-            Target::cluster(c.cluster.clone())
+        let target = match (&c.sentinel, c.cluster.is_empty()) {
+            (Some(s), _) => Target::sentinel(&s.master, s.urls.clone()),
+            (None, true) => Target::url(&c.url),
+            (None, false) => Target::cluster(c.cluster.clone()),
         };
         Ok(target.with_tls(tls).with_password(password))
     }
@@ -229,6 +302,55 @@ impl Target {
             tls: Tls::default(),
             password: None,
         }
+    }
+
+    /// The primary that the Sentinels at `urls` monitor as `master`,
+    /// followed through failovers.
+    pub fn sentinel(master: &str, urls: Vec<String>) -> Target {
+        Target {
+            kind: Kind::Sentinel {
+                master: master.to_owned(),
+                urls,
+            },
+            tls: Tls::default(),
+            password: None,
+        }
+    }
+
+    /// Whether the primary is found through Sentinels.
+    pub fn is_sentinel(&self) -> bool {
+        matches!(self.kind, Kind::Sentinel { .. })
+    }
+
+    /// A Sentinel client for the primary (with this target's password for it).
+    fn sentinel_client(&self, master: &str, urls: &[String]) -> RedisResult<SentinelClient> {
+        let mut node = redis::RedisConnectionInfo::default();
+        if let Some(p) = &self.password {
+            node = node.set_password(p.clone());
+        }
+        let info =
+            redis::sentinel::SentinelNodeConnectionInfo::default().set_redis_connection_info(node);
+        SentinelClient::build(
+            urls.to_vec(),
+            master.to_owned(),
+            Some(info),
+            redis::sentinel::SentinelServerType::Master,
+        )
+    }
+
+    /// Ask the Sentinels for the primary now: its address and a client.
+    pub async fn resolve_primary(&self) -> RedisResult<Option<(String, Client)>> {
+        let Kind::Sentinel { master, urls } = &self.kind else {
+            return Ok(None);
+        };
+        let client = self
+            .sentinel_client(master, urls)?
+            .async_get_client()
+            .await?;
+        Ok(Some((
+            client.get_connection_info().addr().to_string(),
+            client,
+        )))
     }
 
     /// The same target with TLS material (needs `rediss://` URLs).
@@ -256,6 +378,13 @@ impl Target {
                 "cluster [{}]",
                 seeds
                     .iter()
+                    .map(|s| redact(s))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            Kind::Sentinel { master, urls } => format!(
+                "sentinel `{master}` [{}]",
+                urls.iter()
                     .map(|s| redact(s))
                     .collect::<Vec<_>>()
                     .join(", ")
@@ -290,8 +419,9 @@ impl Target {
 
     /// A plain client of one node (the first seed on a cluster): for
     /// subscriptions, which a cluster broadcasts to every node.
-    pub fn client(&self) -> RedisResult<Client> {
+    pub async fn client(&self) -> RedisResult<Client> {
         match &self.kind {
+            Kind::Sentinel { .. } => Ok(self.resolve_primary().await?.expect("sentinel").1),
             Kind::Single(u) => self.client_for(u),
             Kind::Cluster(seeds) => {
                 self.client_for(seeds.first().map(String::as_str).unwrap_or(""))
@@ -333,6 +463,14 @@ impl Target {
                     .get_async_connection()
                     .await?,
             )),
+            Kind::Sentinel { master, urls } => {
+                let s = SentinelConn {
+                    sentinel: tokio::sync::Mutex::new(self.sentinel_client(master, urls)?),
+                    current: std::sync::Mutex::new(None),
+                };
+                s.primary().await?;
+                Ok(Conn::Sentinel(Arc::new(s)))
+            }
         }
     }
 
@@ -355,6 +493,17 @@ impl Target {
                     .get_async_connection()
                     .await?,
             )),
+            Kind::Sentinel { .. } => {
+                let config = AsyncConnectionConfig::new()
+                    .set_response_timeout(None)
+                    .set_connection_timeout(Some(CONNECT_TIMEOUT));
+                let (_, client) = self.resolve_primary().await?.expect("sentinel");
+                Ok(Conn::Direct(
+                    client
+                        .get_multiplexed_async_connection_with_config(&config)
+                        .await?,
+                ))
+            }
         }
     }
 
@@ -376,6 +525,17 @@ impl Target {
                     .get_async_connection()
                     .await?,
             )),
+            Kind::Sentinel { .. } => {
+                let config = AsyncConnectionConfig::new()
+                    .set_response_timeout(Some(timeout))
+                    .set_connection_timeout(Some(timeout));
+                let (_, client) = self.resolve_primary().await?.expect("sentinel");
+                Ok(Conn::Direct(
+                    client
+                        .get_multiplexed_async_connection_with_config(&config)
+                        .await?,
+                ))
+            }
         }
     }
 }

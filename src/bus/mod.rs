@@ -64,7 +64,7 @@ impl Bus {
     /// Connect to `target` (one server or a cluster, TLS, an ACL user) for
     /// the platform described by `keys`.
     pub async fn connect_to(target: &Target, keys: Keys) -> RedisResult<Bus> {
-        let client = target.client()?;
+        let client = target.client().await?;
         let conn = target.shared().await?;
         Ok(Bus {
             keys,
@@ -299,7 +299,15 @@ pub fn transient(e: &redis::RedisError) -> bool {
         || e.is_connection_refusal()
         || matches!(
             e.code(),
-            Some("LOADING" | "BUSY" | "TRYAGAIN" | "CLUSTERDOWN" | "MASTERDOWN")
+            Some(
+                "LOADING"
+                    | "BUSY"
+                    | "TRYAGAIN"
+                    | "CLUSTERDOWN"
+                    | "MASTERDOWN"
+                    | "READONLY"
+                    | "UNBLOCKED"
+            )
         )
 }
 
