@@ -1,7 +1,8 @@
 //! Where Redis is and how to reach it: one server (`redis://`, `rediss://`,
-//! `redis+unix://`), a Redis Cluster (seed nodes), with TLS (a CA file, an
-//! optional client certificate) and an ACL user — and [`Conn`], the one
-//! connection type the rest of the crate speaks through, whichever it is.
+//! `redis+unix://`), a Redis Cluster (seed nodes), a Sentinel-managed
+//! primary (followed through failovers), with TLS (a CA file, an optional
+//! client certificate) and an ACL user — and [`Conn`], the one connection
+//! type the rest of the crate speaks through, whichever it is.
 //!
 //! [`Conn`] implements [`redis::aio::ConnectionLike`] by delegation, so every
 //! command, pipeline and script works unchanged on either deployment; on a
@@ -91,10 +92,10 @@ impl SentinelConn {
 
     /// Forget the primary after an error that may mean a failover.
     fn check(&self, e: &redis::RedisError) {
-        if super::transient(e) || e.code() == Some("READONLY") {
-            if let Some((addr, _)) = self.current.lock().expect("sentinel state").take() {
-                tracing::warn!(primary = %addr, error = %e, "the primary failed; asking the Sentinels again");
-            }
+        if (super::transient(e) || e.code() == Some("READONLY"))
+            && let Some((addr, _)) = self.current.lock().expect("sentinel state").take()
+        {
+            tracing::warn!(primary = %addr, error = %e, "the primary failed; asking the Sentinels again");
         }
     }
 
