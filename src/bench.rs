@@ -1808,6 +1808,42 @@ fn write_json(path: &Path, version: &str, outcomes: &[Outcome], peer: Option<&Pe
         .with_context(|| format!("writing {}", path.display()))
 }
 
+/// `n` replicas of the server on `port`, each in sync before this returns.
+async fn start_replicas(
+    bin: Option<&str>,
+    port: u16,
+    n: u32,
+    conn: &mut redis::aio::MultiplexedConnection,
+) -> Result<Vec<crate::redis_server::RedisServer>> {
+    let mut replicas = Vec::new();
+    for _ in 0..n {
+        let r = crate::redis_server::RedisServer::start_with(bin, |_, _| {
+            vec!["--replicaof".into(), "127.0.0.1".into(), port.to_string()]
+        })?;
+        replicas.push(r);
+    }
+    if n == 0 {
+        return Ok(replicas);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let info: String = redis::cmd("INFO")
+            .arg("replication")
+            .query_async(conn)
+            .await?;
+        let online = info.matches("state=online").count();
+        if online >= n as usize {
+            eprintln!("{n} replica(s) online; every commit waits for them");
+            return Ok(replicas);
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "replicas did not come online: {info}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1857,6 +1893,7 @@ mod tests {
             json: None,
             smoke: false,
             timeout_s: 600,
+            wait_replicas: 0,
         };
         let ws = workloads_of(&args).unwrap();
         assert_eq!(ws.len(), 2);
@@ -2055,41 +2092,5 @@ mod tests {
     fn percentiles_nearest_rank() {
         let l = Latency::of((1..=100).map(|i| i * 1000).collect());
         assert_eq!((l.p50, l.p95, l.p99, l.max), (50.0, 95.0, 99.0, 100.0));
-    }
-}
-
-/// `n` replicas of the server on `port`, each in sync before this returns.
-async fn start_replicas(
-    bin: Option<&str>,
-    port: u16,
-    n: u32,
-    conn: &mut redis::aio::MultiplexedConnection,
-) -> Result<Vec<crate::redis_server::RedisServer>> {
-    let mut replicas = Vec::new();
-    for _ in 0..n {
-        let r = crate::redis_server::RedisServer::start_with(bin, |_, _| {
-            vec!["--replicaof".into(), "127.0.0.1".into(), port.to_string()]
-        })?;
-        replicas.push(r);
-    }
-    if n == 0 {
-        return Ok(replicas);
-    }
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let info: String = redis::cmd("INFO")
-            .arg("replication")
-            .query_async(conn)
-            .await?;
-        let online = info.matches("state=online").count();
-        if online >= n as usize {
-            eprintln!("{n} replica(s) online; every commit waits for them");
-            return Ok(replicas);
-        }
-        anyhow::ensure!(
-            std::time::Instant::now() < deadline,
-            "replicas did not come online: {info}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

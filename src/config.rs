@@ -163,8 +163,7 @@ impl RedisConfig {
         }
         for u in self.urls() {
             let shown = crate::bus::conn::redact(u);
-            if !self.cluster.is_empty()
-                && !(u.starts_with("redis://") || u.starts_with("rediss://"))
+            if !(self.cluster.is_empty() || u.starts_with("redis://") || u.starts_with("rediss://"))
             {
                 return Err(err(format!(
                     "redis.cluster: `{shown}` must start with redis:// or rediss://"

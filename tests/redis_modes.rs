@@ -451,8 +451,7 @@ async fn tls_refuses_an_unknown_server_and_a_missing_client_certificate() {
     let wrong = Target::url(&redis.url()).with_tls(redis.tls("other-ca.crt", true));
     let e = Bus::connect_to(&wrong, keys.clone())
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert!(
         format!("{e}").to_lowercase().contains("certificate"),
         "names the certificate: {e}"

@@ -477,26 +477,6 @@ impl Bus {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ids_step_and_compare_numerically() {
-        assert_eq!(next_id("5-3"), "5-4");
-        assert_eq!(next_id("0-0"), "0-1");
-        assert_eq!(next_id(&format!("7-{}", u64::MAX)), "8-0");
-        assert!(id_key("10-0") > id_key("9-5"));
-        assert!(id_key("9-10") > id_key("9-9"));
-    }
-
-    #[test]
-    fn scan_patterns_escape_globs() {
-        assert_eq!(glob_escape("sg:{a*b}:chan:"), "sg:{a\\*b}:chan:");
-        assert_eq!(glob_escape("sg:{x[1]}"), "sg:{x\\[1\\]}");
-    }
-}
-
 /// `CLUSTER SLOTS`: every slot range with its primary (`host:port`).
 async fn primaries(conn: &mut super::Conn) -> RedisResult<Vec<(u64, u64, String)>> {
     let v: Value = redis::cmd("CLUSTER").arg("SLOTS").query_async(conn).await?;
@@ -517,4 +497,24 @@ async fn primaries(conn: &mut super::Conn) -> RedisResult<Vec<(u64, u64, String)
             Some((lo, hi, format!("{host}:{port}")))
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_step_and_compare_numerically() {
+        assert_eq!(next_id("5-3"), "5-4");
+        assert_eq!(next_id("0-0"), "0-1");
+        assert_eq!(next_id(&format!("7-{}", u64::MAX)), "8-0");
+        assert!(id_key("10-0") > id_key("9-5"));
+        assert!(id_key("9-10") > id_key("9-9"));
+    }
+
+    #[test]
+    fn scan_patterns_escape_globs() {
+        assert_eq!(glob_escape("sg:{a*b}:chan:"), "sg:{a\\*b}:chan:");
+        assert_eq!(glob_escape("sg:{x[1]}"), "sg:{x\\[1\\]}");
+    }
 }

@@ -333,7 +333,7 @@ impl Target {
             redis::sentinel::SentinelNodeConnectionInfo::default().set_redis_connection_info(node);
         SentinelClient::build(
             urls.to_vec(),
-            master.to_owned(),
+            master,
             Some(info),
             redis::sentinel::SentinelServerType::Master,
         )
