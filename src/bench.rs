@@ -100,6 +100,10 @@ pub struct BenchArgs {
     /// Give up on a workload that has not finished after this many seconds.
     #[arg(long, default_value_t = 600)]
     pub timeout_s: u64,
+    /// Start this many replicas of the private server and make every commit
+    /// wait for them (`redis.wait_replicas`), to measure what WAIT costs.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub wait_replicas: u32,
 }
 
 /// `stargazer bench-node` arguments (spawned by `stargazer bench`).
@@ -125,6 +129,9 @@ pub struct NodeArgs {
     /// checking adapter (W6; the harness's sink checks what arrives).
     #[arg(long)]
     pub webhook: Option<String>,
+    /// Every commit waits for this many replicas (`redis.wait_replicas`).
+    #[arg(long, default_value_t = 0)]
+    pub wait_replicas: u32,
 }
 
 /// One workload's shape.
@@ -146,6 +153,8 @@ pub struct Workload {
     pub edits: u64,
     /// W6: the webhook sink's time per request.
     pub sink_ms: u64,
+    /// `redis.wait_replicas` of the nodes (`--wait-replicas`).
+    pub wait_replicas: u32,
 }
 
 impl Workload {
@@ -238,6 +247,7 @@ impl Workload {
             lean: name == "Q",
             edits: 0,
             sink_ms: 0,
+            wait_replicas: 0,
         })
     }
 
@@ -260,6 +270,7 @@ impl Workload {
             lean: false,
             edits,
             sink_ms: 20,
+            wait_replicas: 0,
         }
     }
 
@@ -479,7 +490,8 @@ pub async fn run_node(a: NodeArgs) -> Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let bus = Bus::connect(&a.redis_url, Keys::new(PREFIX, PLATFORM))
         .await
-        .with_context(|| format!("connecting to {}", a.redis_url))?;
+        .with_context(|| format!("connecting to {}", a.redis_url))?
+        .with_wait_replicas(a.wait_replicas, Duration::from_secs(1));
     let mut checking = CheckingAdapter::new(Duration::from_millis(a.delay_ms));
     if a.lean {
         checking = checking.lean();
@@ -924,6 +936,7 @@ async fn spawn_node(url: &str, name: &str, w: &Workload, webhook: Option<&str>) 
         .args(["--delay-ms", &w.delay_ms.to_string()])
         .args(w.lean.then_some("--lean"))
         .args(webhook.into_iter().flat_map(|u| ["--webhook", u]))
+        .args(["--wait-replicas", &w.wait_replicas.to_string()])
         .arg("--report")
         .arg(&report)
         .stdin(Stdio::piped())
@@ -1665,6 +1678,13 @@ fn workloads_of(args: &BenchArgs) -> Result<Vec<Workload>> {
                 );
             }
             w.lean |= args.lean;
+            if args.wait_replicas > 0 {
+                w.wait_replicas = args.wait_replicas;
+                w.what = format!(
+                    "{}, commits wait for {} replica(s)",
+                    w.what, args.wait_replicas
+                );
+            }
             if let Some(k) = args.nodes.filter(|k| *k > 0) {
                 w.nodes = k;
                 w.what = format!("{}, {k} gateway nodes", w.what);
@@ -1696,6 +1716,9 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     let mut conn = client.get_multiplexed_async_connection().await?;
     let version = redis_version(&mut conn).await.unwrap_or_default();
     eprintln!("private redis-server {version} at {url}");
+    let _replicas = start_replicas(bin.as_deref(), server.port(), args.wait_replicas, &mut conn)
+        .await
+        .context("starting replicas for --wait-replicas")?;
     let mut outcomes = Vec::new();
     for w in &workloads {
         eprintln!("{}: {} …", w.name, w.what);
@@ -1785,6 +1808,42 @@ fn write_json(path: &Path, version: &str, outcomes: &[Outcome], peer: Option<&Pe
         .with_context(|| format!("writing {}", path.display()))
 }
 
+/// `n` replicas of the server on `port`, each in sync before this returns.
+async fn start_replicas(
+    bin: Option<&str>,
+    port: u16,
+    n: u32,
+    conn: &mut redis::aio::MultiplexedConnection,
+) -> Result<Vec<crate::redis_server::RedisServer>> {
+    let mut replicas = Vec::new();
+    for _ in 0..n {
+        let r = crate::redis_server::RedisServer::start_with(bin, |_, _| {
+            vec!["--replicaof".into(), "127.0.0.1".into(), port.to_string()]
+        })?;
+        replicas.push(r);
+    }
+    if n == 0 {
+        return Ok(replicas);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let info: String = redis::cmd("INFO")
+            .arg("replication")
+            .query_async(conn)
+            .await?;
+        let online = info.matches("state=online").count();
+        if online >= n as usize {
+            eprintln!("{n} replica(s) online; every commit waits for them");
+            return Ok(replicas);
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "replicas did not come online: {info}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1834,6 +1893,7 @@ mod tests {
             json: None,
             smoke: false,
             timeout_s: 600,
+            wait_replicas: 0,
         };
         let ws = workloads_of(&args).unwrap();
         assert_eq!(ws.len(), 2);

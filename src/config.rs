@@ -46,15 +46,157 @@ pub struct RedisConfig {
     pub prefix: String,
     /// A `message_key` must start with this, or the envelope is bad input.
     pub cache_prefix: String,
+    /// Redis Cluster: seed nodes (`redis://` or `rediss://`), instead of
+    /// `url`. In the environment: one comma-separated string.
+    #[serde(deserialize_with = "list_or_csv")]
+    pub cluster: Vec<String>,
+    /// A Sentinel-managed primary, instead of `url`: `{ master, urls }`.
+    pub sentinel: Option<SentinelConfig>,
+    /// PEM file of the CA that signed the server's certificate (`rediss://`);
+    /// default: the built-in web roots.
+    pub tls_ca_file: Option<String>,
+    /// PEM client certificate (chain), for a server that requires one; with `tls_key_file`.
+    pub tls_cert_file: Option<String>,
+    /// PEM private key of `tls_cert_file`.
+    pub tls_key_file: Option<String>,
+    /// Name of an environment variable holding the password (of the URL's
+    /// user, or of `default`); wins over a password in the URL.
+    pub password_env: Option<String>,
+    /// Replicas every commit waits for (`WAIT`); 0 = do not wait.
+    pub wait_replicas: u32,
+    /// How long a commit waits for them; a shorter answer is counted, not an error.
+    pub wait_timeout_ms: u64,
 }
+
+/// The URL `redis.url` has when the file does not set it.
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
 
 impl Default for RedisConfig {
     fn default() -> Self {
         Self {
-            url: "redis://127.0.0.1:6379".into(),
+            url: DEFAULT_REDIS_URL.into(),
             prefix: "sg".into(),
             cache_prefix: "sg:msg:".into(),
+            cluster: Vec::new(),
+            sentinel: None,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+            password_env: None,
+            wait_replicas: 0,
+            wait_timeout_ms: 1_000,
         }
+    }
+}
+
+/// `[redis] sentinel = { master = "sg", urls = ["redis://10.0.0.1:26379"] }`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SentinelConfig {
+    /// The name the Sentinels monitor the primary under (`sentinel monitor <name> …`).
+    pub master: String,
+    /// The Sentinels (`redis://host:port`); the first that answers is asked.
+    #[serde(deserialize_with = "list_or_csv")]
+    pub urls: Vec<String>,
+}
+
+/// A list of strings, or one comma-separated string (an environment override).
+fn list_or_csv<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        List(Vec<String>),
+        Csv(String),
+    }
+    Ok(match Either::deserialize(d)? {
+        Either::List(v) => v,
+        Either::Csv(s) => s
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect(),
+    })
+}
+
+impl RedisConfig {
+    /// Every URL this config connects to (`url`, or the cluster's seeds).
+    pub fn urls(&self) -> Vec<&str> {
+        if self.cluster.is_empty() {
+            vec![self.url.as_str()]
+        } else {
+            self.cluster.iter().map(String::as_str).collect()
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(s) = &self.sentinel {
+            if self.url != DEFAULT_REDIS_URL || !self.cluster.is_empty() {
+                return Err(err(
+                    "redis.sentinel takes the place of redis.url and redis.cluster: set only one",
+                ));
+            }
+            if s.master.is_empty() || s.urls.is_empty() {
+                return Err(err(
+                    "redis.sentinel needs `master` (the monitored name) and at least one of `urls`",
+                ));
+            }
+            if self.tls_ca_file.is_some() || self.tls_cert_file.is_some() {
+                return Err(err(
+                    "redis.tls_ca_file / redis.tls_cert_file are not supported with redis.sentinel yet",
+                ));
+            }
+            for u in &s.urls {
+                if !u.starts_with("redis://") {
+                    return Err(err(format!(
+                        "redis.sentinel.urls: `{}` must start with redis://",
+                        crate::bus::conn::redact(u)
+                    )));
+                }
+            }
+        }
+        if !self.cluster.is_empty() && self.url != DEFAULT_REDIS_URL {
+            return Err(err(
+                "redis.url and redis.cluster are both set: name the cluster's seed nodes in \
+                 redis.cluster only",
+            ));
+        }
+        for u in self.urls() {
+            let shown = crate::bus::conn::redact(u);
+            if !(self.cluster.is_empty() || u.starts_with("redis://") || u.starts_with("rediss://"))
+            {
+                return Err(err(format!(
+                    "redis.cluster: `{shown}` must start with redis:// or rediss://"
+                )));
+            }
+            if let Err(e) = redis::IntoConnectionInfo::into_connection_info(u) {
+                let key = if self.cluster.is_empty() {
+                    "redis.url"
+                } else {
+                    "redis.cluster"
+                };
+                return Err(err(format!("{key}: `{shown}` is not a Redis URL: {e}")));
+            }
+            let tls_files = self.tls_ca_file.is_some() || self.tls_cert_file.is_some();
+            if tls_files && !u.starts_with("rediss://") {
+                return Err(err(format!(
+                    "redis.tls_ca_file / redis.tls_cert_file are set but `{shown}` is not a \
+                     rediss:// URL (TLS would not be used)"
+                )));
+            }
+        }
+        if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
+            return Err(err(
+                "redis.tls_cert_file and redis.tls_key_file go together: set both or neither",
+            ));
+        }
+        if self.wait_replicas > 0 && self.wait_timeout_ms == 0 {
+            return Err(err(
+                "redis.wait_timeout_ms must be greater than 0 when redis.wait_replicas is set \
+                 (WAIT with 0 would block a commit forever)",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -652,6 +794,11 @@ const STRING_KEYS: &[&str] = &[
     "tools_dir",
     "ui_token_env",
     "ui_token",
+    "cluster",
+    "tls_ca_file",
+    "tls_cert_file",
+    "tls_key_file",
+    "password_env",
 ];
 
 impl Config {
@@ -711,6 +858,7 @@ impl Config {
                 "redis.prefix must be non-empty and free of `{` and `}`",
             ));
         }
+        self.redis.validate()?;
         self.consumer.validate("consumer")?;
         // The message cache must never reach Stargazer's own keys (SPEC §2).
         let cp = &self.redis.cache_prefix;
@@ -754,6 +902,13 @@ impl Config {
             if p.legacy_reply_prefix.is_some() && !p.legacy_layout {
                 return Err(err(format!(
                     "{at}.legacy_reply_prefix is set but {at}.legacy_layout is not"
+                )));
+            }
+            if p.legacy_layout && !self.redis.cluster.is_empty() {
+                return Err(err(format!(
+                    "{at}.legacy_layout cannot be used with redis.cluster: the reference's \
+                     stream `{}` carries no hash tag",
+                    p.keys(&self.redis.prefix).outbound()
                 )));
             }
             if p.legacy_layout {
@@ -988,6 +1143,52 @@ url = "http://127.0.0.1:8080/deliver"
         )];
         let e = Config::from_toml("", env).unwrap_err();
         assert!(e.0.contains("lock_ttl_ms"), "{e}");
+    }
+
+    #[test]
+    fn redis_deployments_are_checked_with_the_key_named() {
+        let load = |redis: &str| Config::from_toml(&format!("[redis]\n{redis}\n"), []);
+        let c = load("cluster = [\"redis://10.0.0.1:7000\", \"redis://10.0.0.2:7000\"]").unwrap();
+        assert_eq!(c.redis.urls().len(), 2);
+        // From the environment: one comma-separated string.
+        let env = [(
+            "STARGAZER_REDIS_CLUSTER".to_owned(),
+            "redis://a:7000, redis://b:7000".to_owned(),
+        )];
+        let c = Config::from_toml("", env).unwrap();
+        assert_eq!(c.redis.cluster, ["redis://a:7000", "redis://b:7000"]);
+        for (redis, says) in [
+            (
+                "url = \"redis://h:1\"\ncluster = [\"redis://h:2\"]",
+                "redis.url and redis.cluster",
+            ),
+            ("cluster = [\"redis+unix:///tmp/r.sock\"]", "redis.cluster"),
+            ("url = \"http://h:1\"", "redis.url"),
+            ("tls_ca_file = \"/ca.pem\"", "not a rediss:// URL"),
+            (
+                "url = \"rediss://h:1\"\ntls_cert_file = \"/c.pem\"",
+                "redis.tls_cert_file and redis.tls_key_file",
+            ),
+            (
+                "wait_replicas = 1\nwait_timeout_ms = 0",
+                "redis.wait_timeout_ms",
+            ),
+        ] {
+            let e = load(redis).unwrap_err();
+            assert!(e.0.contains(says), "{redis}: {e}");
+        }
+        let e = Config::from_toml(
+            "[redis]\ncluster = [\"redis://h:1\"]\n[[platform]]\nname = \"old\"\nadapter = \"null\"\nlegacy_layout = true\n",
+            [],
+        )
+        .unwrap_err();
+        assert!(
+            e.0.contains("platform[0].legacy_layout") && e.0.contains("redis.cluster"),
+            "{e}"
+        );
+        // A password in the URL never shows in an error.
+        let e = load("cluster = [\"http://u:hunter2@h:1\"]").unwrap_err();
+        assert!(!e.0.contains("hunter2"), "{e}");
     }
 
     #[test]

@@ -58,12 +58,13 @@ pub async fn run(
         .consumer_name
         .clone()
         .unwrap_or_else(|| default_consumer_name(&env));
+    let target = crate::bus::Target::from_config(&config.redis, &env)?;
     let redis_err = |source| GatewayError::Redis {
-        url: config.redis.url.clone(),
+        url: target.describe(),
         source,
     };
     let http_stop = CancellationToken::new();
-    let readiness = crate::http::Readiness::new(&config.redis.url);
+    let readiness = crate::http::Readiness::for_target(target.clone());
     let inbound_routes = crate::http::InboundRoutes::default();
     // The dashboard (`/ui/`), read-only unless an action token is configured.
     let ui = match (&config.http.listen, config.http.ui) {
@@ -114,11 +115,13 @@ pub async fn run(
         let bus = match &base {
             Some(b) => b.for_platform(keys),
             None => {
-                let b = crate::bus::until_up("connect", || {
-                    Bus::connect(&config.redis.url, keys.clone())
-                })
-                .await
-                .map_err(redis_err)?;
+                let b = crate::bus::until_up("connect", || Bus::connect_to(&target, keys.clone()))
+                    .await
+                    .map_err(redis_err)?
+                    .with_wait_replicas(
+                        config.redis.wait_replicas,
+                        ConsumerConfig::ms(config.redis.wait_timeout_ms),
+                    );
                 base = Some(b.clone());
                 b
             }

@@ -22,7 +22,6 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use metrics_exporter_prometheus::PrometheusHandle;
-use redis::AsyncConnectionConfig;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -49,11 +48,12 @@ impl InboundRoutes {
 /// How long a readiness check may wait for Redis.
 pub const READY_TIMEOUT: Duration = Duration::from_millis(500);
 
-/// What `/readyz` checks: Redis at `redis_url`, and the adapters once the
-/// gateway has started them (until then: not ready, "starting").
+/// What `/readyz` checks: Redis at `redis` (one server or a cluster, with
+/// its TLS and credentials), and the adapters once the gateway has started
+/// them (until then: not ready, "starting").
 #[derive(Debug, Clone)]
 pub struct Readiness {
-    redis_url: String,
+    redis: crate::bus::Target,
     adapters: Arc<RwLock<Option<Vec<Platform>>>>,
     circuits: Arc<RwLock<Vec<crate::circuit::Circuit>>>,
 }
@@ -63,8 +63,13 @@ type Platform = (String, SharedAdapter);
 
 impl Readiness {
     pub fn new(redis_url: &str) -> Readiness {
+        Self::for_target(crate::bus::Target::url(redis_url))
+    }
+
+    /// Readiness of a gateway that reaches Redis through `target`.
+    pub fn for_target(target: crate::bus::Target) -> Readiness {
         Readiness {
-            redis_url: redis_url.to_owned(),
+            redis: target,
             adapters: Arc::new(RwLock::new(None)),
             circuits: Arc::new(RwLock::new(Vec::new())),
         }
@@ -110,7 +115,13 @@ impl Readiness {
 
     /// `Ok` when ready, else the reason.
     pub async fn check(&self) -> Result<(), String> {
-        ping(&self.redis_url).await?;
+        self.check_detail().await.map(|_| ())
+    }
+
+    /// `Ok` with what `/readyz` adds to "ready" (under Sentinel: the
+    /// primary in use), else the reason.
+    pub async fn check_detail(&self) -> Result<String, String> {
+        let detail = ping(&self.redis).await?;
         let adapters = self.adapters.read().expect("readiness lock poisoned");
         let Some(adapters) = adapters.as_ref() else {
             return Err("starting: the platforms are not running yet".into());
@@ -137,31 +148,42 @@ impl Readiness {
             })
             .collect();
         if open.is_empty() {
-            Ok(())
+            Ok(detail)
         } else {
             Err(format!("circuit open, sends stopped: {}", open.join("; ")))
         }
     }
 }
 
-/// PING Redis over a connection of its own, within [`READY_TIMEOUT`].
-async fn ping(url: &str) -> Result<(), String> {
-    let client = redis::Client::open(url).map_err(|e| format!("redis url: {e}"))?;
-    let config = AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(READY_TIMEOUT))
-        .set_response_timeout(Some(READY_TIMEOUT));
+/// PING Redis over a connection of its own, within [`READY_TIMEOUT`] (on a
+/// cluster, every primary: PING goes to all of them; under Sentinel, the
+/// primary the Sentinels name now, which is returned).
+async fn ping(target: &crate::bus::Target) -> Result<String, String> {
     let attempt = async {
-        let mut conn = client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await?;
-        redis::cmd("PING").query_async::<String>(&mut conn).await
+        let primary = match target.resolve_primary().await? {
+            Some((addr, _)) => format!(" (redis primary {addr}, from {})", target.describe()),
+            None => String::new(),
+        };
+        let mut conn = target.probe(READY_TIMEOUT).await?;
+        redis::cmd("PING").query_async::<String>(&mut conn).await?;
+        Ok::<_, redis::RedisError>(primary)
     };
-    match tokio::time::timeout(READY_TIMEOUT, attempt).await {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => Err(format!("redis does not answer PING: {e}")),
+    // Under Sentinel, two hops: the Sentinels, then the primary.
+    let within = if target.is_sentinel() {
+        READY_TIMEOUT * 3
+    } else {
+        READY_TIMEOUT
+    };
+    match tokio::time::timeout(within, attempt).await {
+        Ok(Ok(detail)) => Ok(detail),
+        Ok(Err(e)) => Err(format!(
+            "redis ({}) does not answer PING: {e}",
+            target.describe()
+        )),
         Err(_) => Err(format!(
-            "redis does not answer PING within {} ms",
-            READY_TIMEOUT.as_millis()
+            "redis ({}) does not answer PING within {} ms",
+            target.describe(),
+            within.as_millis()
         )),
     }
 }
@@ -237,8 +259,8 @@ async fn inbound(
 }
 
 async fn readyz(State(st): State<AppState>) -> impl IntoResponse {
-    match st.readiness.check().await {
-        Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
+    match st.readiness.check_detail().await {
+        Ok(detail) => (StatusCode::OK, format!("ready{detail}\n")),
         Err(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("not ready: {reason}\n"),

@@ -24,7 +24,7 @@ use std::fmt::Display;
 use std::future::Future;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use crate::bus::Conn;
 use redis::{AsyncCommands, RedisResult};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -119,7 +119,7 @@ pub const INBOUND_MAXLEN: usize = 100_000;
 /// Appends events to a platform's inbound stream (kept to about `INBOUND_MAXLEN`).
 #[derive(Clone)]
 pub struct InboundPublisher {
-    conn: ConnectionManager,
+    conn: Conn,
     keys: Keys,
 }
 
@@ -132,7 +132,7 @@ impl std::fmt::Debug for InboundPublisher {
 }
 
 impl InboundPublisher {
-    pub fn new(conn: ConnectionManager, keys: Keys) -> Self {
+    pub fn new(conn: Conn, keys: Keys) -> Self {
         InboundPublisher { conn, keys }
     }
 

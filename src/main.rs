@@ -55,6 +55,8 @@ enum Command {
     Dlq(ops_cli::DlqArgs),
     /// Switch a feature (the Discord toggle button) on or off per channel or guild.
     Toggle(ops_cli::ToggleArgs),
+    /// Print the least Redis ACL a gateway or a worker needs, as an ACL SETUSER line.
+    Acl(ops_cli::AclArgs),
     /// Run the SPEC §6 benchmark workloads (W1–W6, W3x4; Q: a queued backlog) against a private redis-server.
     Bench(stargazer::bench::BenchArgs),
     /// One gateway node of `bench` (spawned by it).
@@ -219,6 +221,7 @@ async fn main() -> Result<()> {
             init_logs(cli.log_format, "warn");
             ops_cli::toggle(args).await
         }
+        Command::Acl(args) => ops_cli::acl(args),
         Command::Bench(args) => {
             init_logs(cli.log_format, "warn");
             stargazer::bench::run(args).await

@@ -115,6 +115,8 @@ defs! {
         "1 while Discord refuses the bot token (a 401, or gateway close 4004): every send of the platform is stopped, entries stay pending; 0 once a probe (GET /users/@me) succeeds.";
     DISCORD_PROBES = "stargazer_discord_token_probes_total", Counter, [PLATFORM, RESULT],
         "Probes of a refused Discord bot token (GET /users/@me), by result: ok (sends resume), refused, error.";
+    REPLICAS_SHORT = "stargazer_commit_replicas_short_total", Counter, [PLATFORM],
+        "Commits that `redis.wait_replicas` replicas did not acknowledge within `redis.wait_timeout_ms` (or whose WAIT failed); the commit stands.";
 }
 
 /// Buckets of the adapter latency histogram, in seconds.
@@ -214,6 +216,10 @@ pub fn circuit(platform: &str, open: bool) {
     if open {
         counter!(CIRCUIT_TRIPS.name, &p(platform)).increment(1);
     }
+}
+
+pub fn replicas_short(platform: &str) {
+    counter!(REPLICAS_SHORT.name, &p(platform)).increment(1);
 }
 
 pub fn lock_lost(platform: &str) {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
-use stargazer::bus::Bus;
+use stargazer::bus::{Bus, Target as RedisTarget};
 use stargazer::config::Config;
 use stargazer::keys::Keys;
 use stargazer::ops::dlq::{self, Filter, ReplayOptions, Selection, Since};
@@ -28,6 +28,9 @@ pub struct Target {
         default_value = "redis://127.0.0.1:6379"
     )]
     redis_url: String,
+    /// Redis Cluster seed nodes (comma-separated) when no config is given, instead of --redis-url.
+    #[arg(long, env = "STARGAZER_REDIS_CLUSTER", value_delimiter = ',')]
+    cluster: Vec<String>,
     /// Key prefix when no config is given.
     #[arg(long, default_value = "sg")]
     prefix: String,
@@ -67,13 +70,20 @@ impl Target {
             Some(path) => Some(Config::load(path, std::env::vars())?),
             None => None,
         };
-        let (url, prefix) = match &config {
-            Some(c) => (c.redis.url.clone(), c.redis.prefix.clone()),
-            None => (self.redis_url.clone(), self.prefix.clone()),
+        let (target, prefix) = match &config {
+            Some(c) => (
+                RedisTarget::from_config(&c.redis, &std::env::vars().collect())?,
+                c.redis.prefix.clone(),
+            ),
+            None if !self.cluster.is_empty() => (
+                RedisTarget::cluster(self.cluster.clone()),
+                self.prefix.clone(),
+            ),
+            None => (RedisTarget::url(&self.redis_url), self.prefix.clone()),
         };
-        let bus = Bus::connect(&url, Keys::new(&prefix, platform))
+        let bus = Bus::connect_to(&target, Keys::new(&prefix, platform))
             .await
-            .with_context(|| format!("connecting to {url}"))?;
+            .with_context(|| format!("connecting to {}", target.describe()))?;
         Ok(Resolved {
             bus,
             prefix,
@@ -510,5 +520,50 @@ pub async fn toggle(a: ToggleArgs) -> Result<()> {
         None => "cleared",
     };
     println!("{} on {}: {scope} {now}", a.feature, a.platform);
+    Ok(())
+}
+
+/// The role of `stargazer acl`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum AclRole {
+    /// A gateway node (also enough for status and dlq).
+    Gateway,
+    /// A bot worker: publish, RPC, inbound events; no ack, claim or delete.
+    Worker,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct AclArgs {
+    role: AclRole,
+    /// The ACL user's name (default: sg-gateway or sg-worker).
+    #[arg(long)]
+    user: Option<String>,
+    /// Only this platform's keys (default: every platform, `{*}`).
+    #[arg(long)]
+    platform: Option<String>,
+    /// Key prefix.
+    #[arg(long, default_value = "sg")]
+    prefix: String,
+    /// The message cache prefix (default: `<prefix>:msg:`).
+    #[arg(long)]
+    cache_prefix: Option<String>,
+}
+
+pub fn acl(a: AclArgs) -> Result<()> {
+    use stargazer::bus::acl::{Role, rules, setuser};
+    let (role, user) = match a.role {
+        AclRole::Gateway => (Role::Gateway, "sg-gateway"),
+        AclRole::Worker => (Role::Worker, "sg-worker"),
+    };
+    let user = a.user.as_deref().unwrap_or(user);
+    let cache = a
+        .cache_prefix
+        .clone()
+        .unwrap_or_else(|| format!("{}:msg:", a.prefix));
+    let r = rules(role, &a.prefix, &cache, a.platform.as_deref());
+    println!("{}", setuser(user, &r));
+    println!(
+        "# then give it a password: ACL SETUSER {user} >PASSWORD (and ACL SAVE, or CONFIG REWRITE)"
+    );
     Ok(())
 }

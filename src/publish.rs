@@ -2,7 +2,7 @@
 //! next `seq` from its state hash (HINCRBY), `created_ms`, a `message_key`,
 //! and the `sig` field when signing is configured.
 
-use redis::aio::ConnectionManager;
+use crate::bus::Conn;
 use redis::{AsyncCommands, RedisResult};
 use serde_json::{Map, Value};
 
@@ -12,10 +12,12 @@ use crate::keys::Keys;
 /// Publishes to one platform's outbound stream.
 #[derive(Clone)]
 pub struct Publisher {
-    conn: ConnectionManager,
+    conn: Conn,
     keys: Keys,
     cache_prefix: String,
     secret: Option<Vec<u8>>,
+    /// Replicas each write must reach before it counts (`WAIT`), and how long to wait.
+    wait: Option<(u32, std::time::Duration)>,
 }
 
 impl std::fmt::Debug for Publisher {
@@ -46,18 +48,42 @@ fn is_sequenced(ty: &str) -> bool {
 }
 
 impl Publisher {
-    pub fn new(
-        conn: ConnectionManager,
-        keys: Keys,
-        cache_prefix: &str,
-        secret: Option<Vec<u8>>,
-    ) -> Self {
+    pub fn new(conn: Conn, keys: Keys, cache_prefix: &str, secret: Option<Vec<u8>>) -> Self {
         Publisher {
             conn,
             keys,
             cache_prefix: cache_prefix.to_owned(),
             secret,
+            wait: None,
         }
+    }
+
+    /// Count a publish (and a `seq` taken) as done only once `replicas`
+    /// replicas have it (`WAIT replicas timeout`); fewer within `timeout` is
+    /// an error, so the caller publishes the same envelope again — a copy
+    /// that did land is skipped by its idempotency key (docs/reliability.md).
+    pub fn with_wait_replicas(mut self, replicas: u32, timeout: std::time::Duration) -> Self {
+        self.wait = (replicas > 0).then_some((replicas, timeout));
+        self
+    }
+
+    async fn replicated(&self) -> RedisResult<()> {
+        let Some((n, timeout)) = self.wait else {
+            return Ok(());
+        };
+        let mut conn = self.conn.clone();
+        let mut cmd = redis::cmd("WAIT");
+        cmd.arg(n).arg(timeout.as_millis() as u64);
+        let got: i64 =
+            redis::from_redis_value(conn.on_node_of(&self.keys.outbound(), &cmd).await?)?;
+        if got < i64::from(n) {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::Io,
+                "write not replicated in time",
+                format!("{got} of {n} replicas acknowledged within {timeout:?}"),
+            )));
+        }
+        Ok(())
     }
 
     pub fn keys(&self) -> &Keys {
@@ -74,6 +100,7 @@ impl Publisher {
             .ignore()
             .query_async(&mut conn)
             .await?;
+        self.replicated().await?;
         Ok(seq)
     }
 
@@ -144,6 +171,7 @@ impl Publisher {
                     .await?
             }
         };
+        self.replicated().await?;
         Ok(StreamId(id))
     }
 }

@@ -29,6 +29,16 @@ impl Drop for TempDir {
 impl RedisServer {
     /// Start `binary` (default `redis-server`) on a free port and wait until it answers.
     pub fn start(binary: Option<&str>) -> std::io::Result<RedisServer> {
+        Self::start_with(binary, |_, _| Vec::new())
+    }
+
+    /// The same with more arguments: `extra(port, dir)` gives them, knowing
+    /// the plain port chosen and the server's directory (for TLS files,
+    /// `--tls-port`, `--cluster-enabled yes`, `--replicaof`, …).
+    pub fn start_with(
+        binary: Option<&str>,
+        extra: impl Fn(u16, &std::path::Path) -> Vec<String>,
+    ) -> std::io::Result<RedisServer> {
         let binary = binary.unwrap_or("redis-server");
         let dir = std::env::temp_dir().join(format!(
             "stargazer-redis-{}-{:x}",
@@ -44,6 +54,7 @@ impl RedisServer {
                 .args(["--port", &port.to_string()])
                 .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
                 .args(["--dir", &dir.0.to_string_lossy()])
+                .args(extra(port, &dir.0))
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -84,6 +95,78 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// The server's own directory (its data, and files a test put there).
+    pub fn dir(&self) -> &std::path::Path {
+        self._dir
+            .as_ref()
+            .map(|d| d.0.as_path())
+            .unwrap_or(std::path::Path::new("."))
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Start a Sentinel on a free port that monitors the primary on
+    /// `primary_port` as `name` with `quorum`, quick to act (down after 1 s).
+    pub fn start_sentinel(
+        binary: Option<&str>,
+        name: &str,
+        primary_port: u16,
+        quorum: u32,
+    ) -> std::io::Result<RedisServer> {
+        let binary = binary.unwrap_or("redis-server");
+        let dir = std::env::temp_dir().join(format!(
+            "stargazer-sentinel-{}-{:x}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        std::fs::create_dir_all(&dir)?;
+        let dir = TempDir(dir);
+        for _ in 0..5 {
+            let port = free_port()?;
+            let conf = dir.0.join("sentinel.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "port {port}\nbind 127.0.0.1\ndir {}\n\
+                     sentinel monitor {name} 127.0.0.1 {primary_port} {quorum}\n\
+                     sentinel down-after-milliseconds {name} 1000\n\
+                     sentinel failover-timeout {name} 10000\n\
+                     sentinel parallel-syncs {name} 1\n",
+                    dir.0.display()
+                ),
+            )?;
+            let mut child = Command::new(binary)
+                .arg(&conf)
+                .arg("--sentinel")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()?;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                if ping(port) {
+                    return Ok(RedisServer {
+                        child,
+                        port,
+                        _dir: Some(dir),
+                    });
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Err(std::io::Error::other("redis-sentinel did not come up"))
+    }
+
     /// Kill the server (tests of Redis outages).
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -109,4 +192,149 @@ fn ping(port: u16) -> bool {
     }
     let mut buf = [0u8; 7];
     s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+}
+
+/// A free loopback port (the OS's choice; the bind race is the caller's to retry).
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A private Redis Cluster: `masters` primaries, each with `replicas`
+/// replicas, every node on free loopback ports (client and cluster bus),
+/// slots spread by `redis-cli --cluster create`. Stopped when dropped.
+#[derive(Debug)]
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    /// Start the nodes and create the cluster; `cli` is `redis-cli` unless named.
+    pub fn start(
+        binary: Option<&str>,
+        cli: Option<&str>,
+        masters: usize,
+        replicas: usize,
+    ) -> std::io::Result<RedisCluster> {
+        let mut nodes = Vec::new();
+        for _ in 0..masters * (1 + replicas) {
+            let node = RedisServer::start_with(binary, |_, dir| {
+                let bus = free_port().unwrap_or(0);
+                vec![
+                    "--cluster-enabled".into(),
+                    "yes".into(),
+                    "--cluster-config-file".into(),
+                    dir.join("nodes.conf").to_string_lossy().into_owned(),
+                    "--cluster-port".into(),
+                    bus.to_string(),
+                    "--cluster-node-timeout".into(),
+                    "2000".into(),
+                ]
+            })?;
+            nodes.push(node);
+        }
+        let cli = cli.unwrap_or("redis-cli");
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port()))
+            .collect();
+        let out = Command::new(cli)
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!("cannot run `{cli}` ({e}); install it with `apt-get install redis-tools` or name it in STARGAZER_REDIS_CLI"),
+                )
+            })?;
+        if !out.status.success() {
+            return Err(std::io::Error::other(format!(
+                "redis-cli --cluster create failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        let cluster = RedisCluster { nodes };
+        cluster.wait_ok(Duration::from_secs(30))?;
+        Ok(cluster)
+    }
+
+    /// Wait until every live node reports `cluster_state:ok` and knows all slots.
+    pub fn wait_ok(&self, within: Duration) -> std::io::Result<()> {
+        let deadline = Instant::now() + within;
+        loop {
+            let ok = self.nodes.iter().all(|n| {
+                let info = raw_command(n.port(), &["CLUSTER", "INFO"]).unwrap_or_default();
+                // a killed node does not answer; the others must agree
+                info.is_empty()
+                    || (info.contains("cluster_state:ok")
+                        && info.contains("cluster_slots_assigned:16384"))
+            }) && self
+                .nodes
+                .iter()
+                .any(|n| raw_command(n.port(), &["PING"]).is_some());
+            if ok {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(std::io::Error::other(
+                    "the cluster did not reach cluster_state:ok",
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The seed URLs of every node.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(RedisServer::url).collect()
+    }
+}
+
+/// One command over a raw connection (RESP2), the reply as text; `None`
+/// when the server does not answer. For harness checks only.
+pub fn raw_command(port: u16, args: &[&str]) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_millis(1000))).ok()?;
+    let mut req = format!("*{}\r\n", args.len());
+    for a in args {
+        req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+    }
+    s.write_all(req.as_bytes()).ok()?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 16384];
+    loop {
+        match s.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                if complete(&buf) {
+                    break;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    (!buf.is_empty()).then(|| String::from_utf8_lossy(&buf).into_owned())
+}
+
+/// Whether `buf` holds one whole simple, error, integer or bulk reply.
+fn complete(buf: &[u8]) -> bool {
+    let Some(end) = buf.windows(2).position(|w| w == b"\r\n") else {
+        return false;
+    };
+    match buf.first() {
+        Some(b'$') => {
+            let len: i64 = std::str::from_utf8(&buf[1..end])
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            len < 0 || buf.len() >= end + 2 + len as usize + 2
+        }
+        _ => true,
+    }
 }

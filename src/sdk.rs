@@ -20,8 +20,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::bus::Conn;
 use base64::Engine as _;
-use redis::aio::MultiplexedConnection;
 use serde_json::{Map, Value, json};
 
 use crate::adapters::{Adapter, AdapterError, BoxFuture, Capabilities, Delivered, Delivery};
@@ -53,7 +53,7 @@ pub struct Worker {
     bus: Bus,
     publisher: Publisher,
     /// Idle connections for blocking reply waits.
-    waiters: Arc<Mutex<Vec<MultiplexedConnection>>>,
+    waiters: Arc<Mutex<Vec<Conn>>>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -67,7 +67,17 @@ impl std::fmt::Debug for Worker {
 impl Worker {
     /// Connect to `url` for `platform` under key prefix `prefix` (`sg`).
     pub async fn connect(url: &str, prefix: &str, platform: &str) -> redis::RedisResult<Worker> {
-        let bus = Bus::connect(url, Keys::new(prefix, platform)).await?;
+        Self::connect_to(&crate::bus::Target::url(url), prefix, platform).await
+    }
+
+    /// Connect through `target`: one server or a Redis Cluster, with TLS
+    /// and an ACL user (see `Target`).
+    pub async fn connect_to(
+        target: &crate::bus::Target,
+        prefix: &str,
+        platform: &str,
+    ) -> redis::RedisResult<Worker> {
+        let bus = Bus::connect_to(target, Keys::new(prefix, platform)).await?;
         let cache = format!("{prefix}:msg:");
         Ok(Self::from_bus(bus, &cache, None))
     }
@@ -175,7 +185,7 @@ impl Worker {
         Ok(v)
     }
 
-    async fn waiter(&self) -> redis::RedisResult<MultiplexedConnection> {
+    async fn waiter(&self) -> redis::RedisResult<Conn> {
         if let Some(c) = self.waiters.lock().expect("waiters poisoned").pop() {
             return Ok(c);
         }

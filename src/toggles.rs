@@ -8,8 +8,8 @@
 
 use std::fmt;
 
+use crate::bus::Conn;
 use redis::AsyncCommands;
-use redis::aio::ConnectionManager;
 
 use crate::keys::Keys;
 
@@ -44,7 +44,7 @@ impl fmt::Display for Scope {
 /// The switches of one platform.
 #[derive(Clone)]
 pub struct Toggles {
-    conn: ConnectionManager,
+    conn: Conn,
     keys: Keys,
 }
 
@@ -63,7 +63,7 @@ fn parse(v: Option<String>) -> Option<bool> {
 }
 
 impl Toggles {
-    pub fn new(conn: ConnectionManager, keys: Keys) -> Self {
+    pub fn new(conn: Conn, keys: Keys) -> Self {
         Toggles { conn, keys }
     }
 

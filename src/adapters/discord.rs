@@ -66,7 +66,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use crate::bus::Conn;
 use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue, RETRY_AFTER};
 use reqwest::{Method, StatusCode, Url};
 use serde_json::{Map, Value, json};
@@ -191,7 +191,7 @@ pub struct DiscordAdapter {
     limiter: Limiter,
     /// `sg:{P}:discord:`, the base of the session's keys (guilds, nonces, presence).
     state_base: String,
-    conn: ConnectionManager,
+    conn: Conn,
     toggle: Option<ToggleButton>,
     toggles: Toggles,
     /// Channel → its guild (`""`: not in a guild), as learned.
@@ -250,11 +250,7 @@ impl DiscordAdapter {
     /// An adapter for the platform of `keys`; `conn` holds the state shared
     /// by every gateway (rate limits, toggles, what the gateway session
     /// records). Fails, naming the problem, on a bad API base or an empty token.
-    pub fn new(
-        keys: &Keys,
-        settings: DiscordSettings,
-        conn: ConnectionManager,
-    ) -> Result<Self, String> {
+    pub fn new(keys: &Keys, settings: DiscordSettings, conn: Conn) -> Result<Self, String> {
         let platform = keys.platform();
         let limits_base = keys.discord();
         let url = Url::parse(&settings.api_base)

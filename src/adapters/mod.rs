@@ -278,7 +278,7 @@ pub fn build(
 pub fn discord_from_config(
     p: &crate::config::PlatformConfig,
     token: Option<String>,
-    conn: redis::aio::ConnectionManager,
+    conn: crate::bus::Conn,
     keys: &crate::keys::Keys,
 ) -> Result<discord::DiscordAdapter, String> {
     discord::DiscordAdapter::new(

@@ -284,6 +284,25 @@ impl Bus {
             .collect())
     }
 
+    /// Redis Cluster: the primary (`host:port`) that holds this platform's
+    /// slot (`CLUSTER KEYSLOT` + `CLUSTER SLOTS`); `None` on one server.
+    pub async fn slot_node(&self) -> RedisResult<Option<String>> {
+        if !self.conn.is_cluster() {
+            return Ok(None);
+        }
+        let mut conn = self.conn();
+        let slot: u64 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(self.keys.outbound())
+            .query_async(&mut conn)
+            .await?;
+        Ok(primaries(&mut conn)
+            .await?
+            .into_iter()
+            .find(|(lo, hi, _)| (*lo..=*hi).contains(&slot))
+            .map(|(_, _, node)| node))
+    }
+
     /// Channels whose state hash records a gap (`gap_seq`), found with
     /// `SCAN MATCH sg:{P}:chan:* COUNT 1000` and one pipelined HMGET per page.
     pub async fn gap_channels(&self) -> RedisResult<Vec<GapChannel>> {
@@ -293,16 +312,17 @@ impl Bus {
         let mut cursor = 0u64;
         let mut out = Vec::new();
         loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
+            let mut scan = redis::cmd("SCAN");
+            scan.arg(cursor)
                 .arg("MATCH")
                 .arg(&pattern)
                 .arg("COUNT")
                 .arg(1000)
                 .arg("TYPE")
-                .arg("hash")
-                .query_async(&mut conn)
-                .await?;
+                .arg("hash");
+            // On a cluster: the node of the platform's slot holds them all.
+            let (next, keys): (u64, Vec<String>) =
+                redis::from_redis_value(conn.on_node_of(&self.keys.outbound(), &scan).await?)?;
             if !keys.is_empty() {
                 let mut pipe = redis::pipe();
                 for k in &keys {
@@ -345,19 +365,60 @@ impl Bus {
     pub async fn discover_platforms(&self, prefix: &str) -> RedisResult<Vec<String>> {
         let mut conn = self.conn();
         let pattern = format!("{}:{{*}}:outbound", glob_escape(prefix));
-        let mut cursor = 0u64;
+        // One server, or every primary of a cluster in turn.
+        let nodes: Vec<Option<(String, u16)>> = if conn.is_cluster() {
+            primaries(&mut conn)
+                .await?
+                .into_iter()
+                .filter_map(|(_, _, n)| {
+                    let (h, p) = n.rsplit_once(':')?;
+                    Some(Some((h.to_owned(), p.parse().ok()?)))
+                })
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect()
+        } else {
+            vec![None]
+        };
         let mut out = Vec::new();
+        for node in nodes {
+            self.scan_streams(&mut conn, node, &pattern, prefix, &mut out)
+                .await?;
+        }
+        out.sort();
+        out.dedup();
+        Ok(out)
+    }
+
+    async fn scan_streams(
+        &self,
+        conn: &mut super::Conn,
+        node: Option<(String, u16)>,
+        pattern: &str,
+        prefix: &str,
+        out: &mut Vec<String>,
+    ) -> RedisResult<()> {
+        let mut cursor = 0u64;
         loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
+            let mut scan = redis::cmd("SCAN");
+            scan.arg(cursor)
                 .arg("MATCH")
-                .arg(&pattern)
+                .arg(pattern)
                 .arg("COUNT")
                 .arg(1000)
                 .arg("TYPE")
-                .arg("stream")
-                .query_async(&mut conn)
-                .await?;
+                .arg("stream");
+            let (next, keys): (u64, Vec<String>) = match (&node, &mut *conn) {
+                (Some((host, port)), super::Conn::Cluster(c)) => {
+                    use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+                    let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                        host: host.clone(),
+                        port: *port,
+                    });
+                    redis::from_redis_value(c.route_command(scan, route).await?)?
+                }
+                (_, c) => scan.query_async(c).await?,
+            };
             for k in keys {
                 let inner = k
                     .strip_prefix(&format!("{prefix}:{{"))
@@ -367,13 +428,10 @@ impl Bus {
                 }
             }
             if next == 0 {
-                break;
+                return Ok(());
             }
             cursor = next;
         }
-        out.sort();
-        out.dedup();
-        Ok(out)
     }
 
     /// Up to `count` dead letters from `start` (inclusive; `(id` exclusive) to `end`.
@@ -473,6 +531,28 @@ impl Bus {
             .query_async(&mut conn)
             .await
     }
+}
+
+/// `CLUSTER SLOTS`: every slot range with its primary (`host:port`).
+async fn primaries(conn: &mut super::Conn) -> RedisResult<Vec<(u64, u64, String)>> {
+    let v: Value = redis::cmd("CLUSTER").arg("SLOTS").query_async(conn).await?;
+    let Value::Array(ranges) = v else {
+        return Ok(Vec::new());
+    };
+    Ok(ranges
+        .into_iter()
+        .filter_map(|r| {
+            let Value::Array(parts) = r else { return None };
+            let lo = as_u64(parts.first()?)?;
+            let hi = as_u64(parts.get(1)?)?;
+            let Value::Array(node) = parts.get(2)? else {
+                return None;
+            };
+            let host = as_str(node.first()?)?.to_owned();
+            let port = as_u64(node.get(1)?)?;
+            Some((lo, hi, format!("{host}:{port}")))
+        })
+        .collect())
 }
 
 #[cfg(test)]

@@ -5,10 +5,9 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
 use redis::{RedisResult, Value};
 
-use super::{Bus, RawEntry, Scripts, as_str, as_string, as_u64, parse_entries, unexpected};
+use super::{Bus, Conn, RawEntry, Scripts, as_str, as_string, as_u64, parse_entries, unexpected};
 use crate::envelope::StreamId;
 
 /// One running gateway instance: its name in the consumer group, and the
@@ -292,7 +291,7 @@ impl Bus {
     /// blocking connection of its own).
     pub async fn inbox_pop(
         &self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut Conn,
         consumer: &str,
         wait: Duration,
     ) -> RedisResult<Vec<StreamId>> {
@@ -379,10 +378,48 @@ impl Bus {
         };
         match items.first().and_then(as_str) {
             Some("stale") => Ok(Committed::Stale),
-            Some("ok") => Ok(Committed::Ok {
-                dead_written: items.get(1).and_then(as_u64).unwrap_or(0),
-            }),
+            Some("ok") => {
+                self.wait_for_replicas().await;
+                Ok(Committed::Ok {
+                    dead_written: items.get(1).and_then(as_u64).unwrap_or(0),
+                })
+            }
             _ => Err(unexpected("commit", &v)),
+        }
+    }
+
+    /// `redis.wait_replicas`: after a commit, `WAIT n timeout` on the
+    /// connection that wrote it (on a cluster, to the primary of the
+    /// platform's slot), so the commit reached `n` replicas before the
+    /// gateway goes on. The commit stands either way: fewer replicas in time
+    /// is counted and logged, not retried (WAIT narrows the window a
+    /// failover can lose, it does not close it; see docs/reliability.md).
+    async fn wait_for_replicas(&self) {
+        let Some((n, timeout)) = self.wait else {
+            return;
+        };
+        let mut conn = self.conn.clone();
+        let mut cmd = redis::cmd("WAIT");
+        cmd.arg(n).arg(timeout.as_millis() as u64);
+        let platform = self.keys.platform();
+        match conn.on_node_of(&self.keys.outbound(), &cmd).await {
+            Ok(v) => {
+                let got = as_u64(&v).unwrap_or(0);
+                if got < u64::from(n) {
+                    crate::metrics::replicas_short(platform);
+                    tracing::warn!(
+                        platform,
+                        wanted = n,
+                        acknowledged = got,
+                        timeout_ms = timeout.as_millis() as u64,
+                        "a commit reached fewer replicas than redis.wait_replicas within its timeout"
+                    );
+                }
+            }
+            Err(e) => {
+                crate::metrics::replicas_short(platform);
+                tracing::warn!(platform, error = %e, "WAIT after a commit failed");
+            }
         }
     }
 
@@ -393,19 +430,29 @@ impl Bus {
         if pairs.is_empty() {
             return Ok(());
         }
+        if self.conn.is_cluster() {
+            // The keys lie on slots of their own: one pipeline per key (a
+            // pipeline may not cross slots), all at once. Each write is
+            // idempotent, so a retry of the whole set is harmless.
+            let writes = pairs.iter().map(|pair| async move {
+                let mut conn = self.conn.clone();
+                let mut pipe = redis::pipe();
+                cache_write(&mut pipe, pair);
+                match pipe.query_async::<()>(&mut conn).await {
+                    Err(e) if e.code() == Some("WRONGTYPE") => Ok(()),
+                    other => other,
+                }
+            });
+            return futures::future::join_all(writes)
+                .await
+                .into_iter()
+                .collect::<RedisResult<Vec<()>>>()
+                .map(|_| ());
+        }
         let mut conn = self.conn.clone();
         let mut pipe = redis::pipe();
-        for (key, mid) in pairs {
-            pipe.cmd("HSET")
-                .arg(key)
-                .arg("message_id")
-                .arg(mid)
-                .ignore();
-            pipe.cmd("EXPIRE")
-                .arg(key)
-                .arg(CACHE_EXPIRY_S)
-                .arg("NX")
-                .ignore();
+        for pair in pairs {
+            cache_write(&mut pipe, pair);
         }
         // A WRONGTYPE answer for one key fails the pipeline's reply but not
         // the other writes: the deliveries stand either way.
@@ -612,6 +659,20 @@ impl Bus {
             .await?;
         Ok(n == 1)
     }
+}
+
+/// `HSET key message_id <id>` and `EXPIRE key <90 days> NX`: idempotent.
+fn cache_write(pipe: &mut redis::Pipeline, (key, mid): &(String, String)) {
+    pipe.cmd("HSET")
+        .arg(key)
+        .arg("message_id")
+        .arg(mid)
+        .ignore();
+    pipe.cmd("EXPIRE")
+        .arg(key)
+        .arg(CACHE_EXPIRY_S)
+        .arg("NX")
+        .ignore();
 }
 
 /// How long a message-cache entry lives (90 days).

@@ -2,7 +2,8 @@
 //! claiming and keeping entries, and the scripts that begin, commit and
 //! dead-letter a delivery atomically with its acknowledgement.
 //!
-//! Connections: one multiplexed [`ConnectionManager`] carries every short
+//! Connections ([`conn`]): one multiplexed connection (a `ConnectionManager`
+//! on one server, a cluster connection on Redis Cluster) carries every short
 //! command (scripts pipeline over it when many lanes commit at once); each
 //! blocking reader gets a connection of its own with no response timeout (a
 //! blocked XREADGROUP would otherwise hold up, or time out, everything queued
@@ -11,15 +12,17 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
-use redis::{AsyncConnectionConfig, Client, RedisResult, Value};
+use redis::{Client, RedisResult, Value};
 
 use crate::envelope::StreamId;
 use crate::keys::Keys;
 
+pub mod acl;
 pub mod admin;
+pub mod conn;
 mod engine;
 mod scripts;
+pub use conn::{Conn, Target};
 pub use engine::*;
 pub use scripts::Scripts;
 
@@ -34,8 +37,12 @@ pub struct RawEntry {
 #[derive(Clone)]
 pub struct Bus {
     keys: Keys,
+    target: Target,
+    /// A client of one node, for subscriptions.
     client: Client,
-    conn: ConnectionManager,
+    conn: Conn,
+    /// `redis.wait_replicas`: replicas a commit waits for, and for how long.
+    wait: Option<(u32, Duration)>,
 }
 
 impl std::fmt::Debug for Bus {
@@ -51,50 +58,69 @@ fn ms(d: Duration) -> u64 {
 impl Bus {
     /// Connect to `url` for the platform described by `keys`.
     pub async fn connect(url: &str, keys: Keys) -> RedisResult<Bus> {
-        let client = Client::open(url)?;
-        let config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(Duration::from_secs(10)))
-            .set_connection_timeout(Some(Duration::from_secs(5)));
-        let conn = ConnectionManager::new_with_config(client.clone(), config).await?;
-        Ok(Bus { keys, client, conn })
+        Self::connect_to(&Target::url(url), keys).await
+    }
+
+    /// Connect to `target` (one server or a cluster, TLS, an ACL user) for
+    /// the platform described by `keys`.
+    pub async fn connect_to(target: &Target, keys: Keys) -> RedisResult<Bus> {
+        let client = target.client().await?;
+        let conn = target.shared().await?;
+        Ok(Bus {
+            keys,
+            target: target.clone(),
+            client,
+            conn,
+            wait: None,
+        })
     }
 
     /// Another Bus on the same connection, for another platform.
     pub fn for_platform(&self, keys: Keys) -> Bus {
         Bus {
             keys,
-            client: self.client.clone(),
-            conn: self.conn.clone(),
+            ..self.clone()
         }
+    }
+
+    /// Make every commit wait until `replicas` replicas have its writes
+    /// (`WAIT replicas timeout`); 0 turns it off.
+    pub fn with_wait_replicas(mut self, replicas: u32, timeout: Duration) -> Bus {
+        self.wait = (replicas > 0).then_some((replicas, timeout));
+        self
+    }
+
+    /// Where this bus connects (passwords hidden in its `Debug`).
+    pub fn target(&self) -> &Target {
+        &self.target
     }
 
     pub fn keys(&self) -> &Keys {
         &self.keys
     }
 
-    /// The Redis client, for connections of their own (subscriptions).
+    /// A Redis client of one node, for connections of their own
+    /// (subscriptions; a cluster broadcasts PUBLISH to every node).
     pub fn client(&self) -> &Client {
         &self.client
     }
 
     /// The shared multiplexed connection (for short commands only).
-    pub fn conn(&self) -> ConnectionManager {
+    pub fn conn(&self) -> Conn {
         self.conn.clone()
     }
 
     /// A connection of its own for a blocking command: no response timeout,
     /// so bound each call with `tokio::time::timeout` yourself.
-    pub async fn blocking_connection(&self) -> RedisResult<MultiplexedConnection> {
-        let config = AsyncConnectionConfig::new()
-            .set_response_timeout(None)
-            .set_connection_timeout(Some(Duration::from_secs(5)));
-        self.client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await
+    pub async fn blocking_connection(&self) -> RedisResult<Conn> {
+        self.target.blocking().await
     }
 
     /// Whether the server runs in cluster mode (`INFO cluster`).
     pub async fn is_cluster(&self) -> RedisResult<bool> {
+        if self.conn.is_cluster() {
+            return Ok(true);
+        }
         let mut conn = self.conn.clone();
         let info: String = redis::cmd("INFO")
             .arg("cluster")
@@ -125,7 +151,7 @@ impl Bus {
     /// entries or `0` for this consumer's own pending ones.
     pub async fn read(
         &self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut Conn,
         consumer: &str,
         from: &str,
         count: usize,
@@ -273,7 +299,15 @@ pub fn transient(e: &redis::RedisError) -> bool {
         || e.is_connection_refusal()
         || matches!(
             e.code(),
-            Some("LOADING" | "BUSY" | "TRYAGAIN" | "CLUSTERDOWN" | "MASTERDOWN")
+            Some(
+                "LOADING"
+                    | "BUSY"
+                    | "TRYAGAIN"
+                    | "CLUSTERDOWN"
+                    | "MASTERDOWN"
+                    | "READONLY"
+                    | "UNBLOCKED"
+            )
         )
 }
 

@@ -45,6 +45,9 @@ pub struct PlatformStatus {
     pub dead_letters: u64,
     /// Channels whose sequence gate waits for a missing predecessor.
     pub gap_channels: Vec<GapChannelStatus>,
+    /// Redis Cluster: the primary (`host:port`) holding the platform's slot.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -134,6 +137,7 @@ pub async fn platform_status(bus: &Bus, now_ms: u64) -> RedisResult<PlatformStat
         consumers,
         dead_letters,
         gap_channels,
+        node: bus.slot_node().await?,
     })
 }
 
@@ -209,19 +213,25 @@ pub fn render_table(st: &Status) -> String {
             ]
         })
         .collect();
-    out.push_str(&table(
-        &[
-            "PLATFORM",
-            "STREAM",
-            "LAG",
-            "PENDING",
-            "OLDEST PENDING",
-            "CONSUMERS",
-            "DLQ",
-            "GAPS",
-        ],
-        &rows,
-    ));
+    let mut header = vec![
+        "PLATFORM",
+        "STREAM",
+        "LAG",
+        "PENDING",
+        "OLDEST PENDING",
+        "CONSUMERS",
+        "DLQ",
+        "GAPS",
+    ];
+    let mut rows = rows;
+    // On a cluster: which primary holds each platform.
+    if st.platforms.iter().any(|p| p.node.is_some()) {
+        header.push("NODE");
+        for (row, p) in rows.iter_mut().zip(&st.platforms) {
+            row.push(p.node.clone().unwrap_or_else(|| "-".into()));
+        }
+    }
+    out.push_str(&table(&header, &rows));
     for p in &st.platforms {
         if !p.consumers.is_empty() {
             let _ = writeln!(out, "\n{} consumers:", p.platform);

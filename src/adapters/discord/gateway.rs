@@ -55,9 +55,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::bus::Conn;
 use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
-use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, RedisResult, Script};
 use reqwest::Url;
 use reqwest::header::AUTHORIZATION;
@@ -248,7 +248,7 @@ struct Live {
 pub struct Session {
     settings: SessionSettings,
     client: redis::Client,
-    conn: ConnectionManager,
+    conn: Conn,
     /// `sg:{P}:discord:`, the base of the session's keys.
     base: String,
     /// `sg:{P}:inbound`: written in the same script as the event's seq.
@@ -279,7 +279,7 @@ impl Session {
     pub fn new(
         mut settings: SessionSettings,
         client: redis::Client,
-        conn: ConnectionManager,
+        conn: Conn,
         keys: &Keys,
         circuit: Arc<super::Circuit>,
     ) -> Result<Self, String> {

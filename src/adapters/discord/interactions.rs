@@ -562,7 +562,7 @@ fn focused(options: &Value) -> Option<String> {
 pub struct AutoDefer {
     pub http: reqwest::Client,
     pub api_base: String,
-    pub conn: redis::aio::ConnectionManager,
+    pub conn: crate::bus::Conn,
     /// `sg:{P}:discord:`.
     pub base: String,
     pub platform: String,

@@ -18,7 +18,7 @@ pub struct Wait {
 /// budget (`discord/invalid.lua`).
 #[derive(Clone)]
 pub struct Limiter {
-    conn: ConnectionManager,
+    conn: Conn,
     base: String,
     /// `sg:{discord-host:<host>}:invalid`: the sliding window of this host's
     /// invalid requests, shared by every bot and gateway on the host.
@@ -56,7 +56,7 @@ impl Limiter {
     /// A limiter over `base` (`Keys::discord()`), counting invalid requests
     /// in `host_key` (`Keys::discord_host_invalid()`).
     pub fn new(
-        conn: ConnectionManager,
+        conn: Conn,
         base: String,
         host_key: String,
         global_per_second: u32,

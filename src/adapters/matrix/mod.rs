@@ -51,8 +51,8 @@ use std::fmt;
 use std::sync::{Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
+use crate::bus::Conn;
 use redis::AsyncCommands;
-use redis::aio::ConnectionManager;
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use reqwest::{Method, StatusCode, Url};
 use serde_json::{Map, Value, json};
@@ -172,7 +172,7 @@ impl MatrixKeys {
 /// Where the adapter keeps what every gateway of the fleet must see.
 #[derive(Clone)]
 struct Shared {
-    conn: ConnectionManager,
+    conn: Conn,
     keys: MatrixKeys,
 }
 
@@ -297,7 +297,7 @@ impl MatrixAdapter {
 
     /// Keep the buttons messages in Redis (`keys.buttons()`), so a pick is
     /// mapped back by the syncer whichever gateway sent the buttons.
-    pub fn with_redis(mut self, conn: ConnectionManager, keys: MatrixKeys) -> Self {
+    pub fn with_redis(mut self, conn: Conn, keys: MatrixKeys) -> Self {
         self.shared = Some(Shared { conn, keys });
         self
     }

@@ -48,7 +48,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use crate::bus::Conn;
 use redis::{AsyncCommands, RedisResult, Script};
 use reqwest::Method;
 use serde::{Deserialize, Serialize};
@@ -146,7 +146,7 @@ impl Drop for AbortOnDrop {
 /// The platform's `/sync` loop, run while this gateway holds the lease.
 pub struct Syncer {
     mx: Arc<MatrixAdapter>,
-    conn: ConnectionManager,
+    conn: Conn,
     keys: MatrixKeys,
     inbound_key: String,
     owner: String,
@@ -172,7 +172,7 @@ impl Syncer {
     /// timeline limit of 0.
     pub fn new(
         mx: Arc<MatrixAdapter>,
-        conn: ConnectionManager,
+        conn: Conn,
         keys: MatrixKeys,
         inbound_key: String,
         settings: SyncSettings,
@@ -774,7 +774,7 @@ mod tests {
         )
         .unwrap();
         let client = redis::Client::open(server.url()).unwrap();
-        let conn = ConnectionManager::new(client).await.unwrap();
+        let conn = Conn::Single(redis::aio::ConnectionManager::new(client).await.unwrap());
         Syncer::new(
             Arc::new(mx),
             conn,

@@ -9,7 +9,6 @@
 
 use std::sync::LazyLock;
 
-use redis::aio::ConnectionManager;
 use redis::{RedisResult, Script};
 use serde_json::json;
 
@@ -55,7 +54,7 @@ pub(super) fn presence_key(base: &str) -> String {
 /// Record the desired presence (latest wins) for the whole platform and
 /// notify the session holder, wherever it runs.
 pub async fn set_presence(
-    conn: &mut ConnectionManager,
+    conn: &mut impl redis::aio::ConnectionLike,
     base: &str,
     text: Option<&str>,
     emoji: Option<&str>,
