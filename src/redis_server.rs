@@ -26,6 +26,25 @@ impl Drop for TempDir {
     }
 }
 
+/// Whether `child` answers PING on `port` within 10 s; one that exits or
+/// stays silent is killed and false is returned.
+fn came_up(child: &mut Child, port: u16) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(Some(_)) = child.try_wait() {
+            return false;
+        }
+        if ping(port) {
+            return true;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 impl RedisServer {
     /// Start `binary` (default `redis-server`) on a free port and wait until it answers.
     pub fn start(binary: Option<&str>) -> std::io::Result<RedisServer> {
@@ -65,23 +84,13 @@ impl RedisServer {
                         format!("cannot start `{binary}` ({e}); install it with `apt-get install redis-server` or name it in STARGAZER_REDIS_SERVER"),
                     )
                 })?;
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break; // exited: probably the port was taken; try another
-                }
-                if ping(port) {
-                    return Ok(RedisServer {
-                        child,
-                        port,
-                        _dir: Some(dir),
-                    });
-                }
-                if Instant::now() > deadline {
-                    let _ = child.kill();
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
+            // Exited or silent: probably the port was taken; try another.
+            if came_up(&mut child, port) {
+                return Ok(RedisServer {
+                    child,
+                    port,
+                    _dir: Some(dir),
+                });
             }
         }
         Err(std::io::Error::other("redis-server did not come up"))
@@ -145,23 +154,13 @@ impl RedisServer {
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()?;
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break;
-                }
-                if ping(port) {
-                    return Ok(RedisServer {
-                        child,
-                        port,
-                        _dir: Some(dir),
-                    });
-                }
-                if Instant::now() > deadline {
-                    let _ = child.kill();
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
+            // Exited or silent: probably the port was taken; try another.
+            if came_up(&mut child, port) {
+                return Ok(RedisServer {
+                    child,
+                    port,
+                    _dir: Some(dir),
+                });
             }
         }
         Err(std::io::Error::other("redis-sentinel did not come up"))
