@@ -74,6 +74,16 @@ impl Keys {
         format!("{}:{{{}}}:chan:{}", self.prefix, self.platform, channel)
     }
 
+    /// Who took a channel's last `seq` (a producer's random token), written
+    /// beside the counter by producers that wait for replicas, so a retry
+    /// after a short `WAIT` knows whether the `seq` it took still stands.
+    pub fn seq_taker(&self, channel: &str) -> String {
+        format!(
+            "{}:{{{}}}:seq_taker:{}",
+            self.prefix, self.platform, channel
+        )
+    }
+
     /// A pattern matching every channel state key (wake-ups are published on them).
     pub fn channel_pattern(&self) -> String {
         format!("{}:{{{}}}:chan:*", self.prefix, self.platform)

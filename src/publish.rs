@@ -18,6 +18,12 @@ pub struct Publisher {
     secret: Option<Vec<u8>>,
     /// Replicas each write must reach before it counts (`WAIT`), and how long to wait.
     wait: Option<(u32, std::time::Duration)>,
+    /// With `wait`: per channel, a `seq` this publisher took whose `WAIT`
+    /// came back short, with the token written beside it. The next
+    /// `next_seq` of that channel hands it out again while the counter still
+    /// stands at it under this token, instead of leaving a gap the gateway
+    /// would wait `gap_timeout_ms` for.
+    unconfirmed: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, (u64, u64)>>>,
 }
 
 impl std::fmt::Debug for Publisher {
@@ -39,6 +45,10 @@ pub struct Published {
 
 const IDLE_EXPIRY_MS: i64 = 30 * 24 * 3600 * 1000;
 
+/// How long the token of a `seq` taken under `wait_replicas` is kept: long
+/// enough for a retry after a failover.
+const TAKER_EXPIRY_MS: u64 = 3600 * 1000;
+
 /// Types that take a place in their channel's sequence (G3 strict kinds).
 fn is_sequenced(ty: &str) -> bool {
     matches!(
@@ -55,6 +65,7 @@ impl Publisher {
             cache_prefix: cache_prefix.to_owned(),
             secret,
             wait: None,
+            unconfirmed: Default::default(),
         }
     }
 
@@ -91,17 +102,72 @@ impl Publisher {
     }
 
     /// Take the channel's next sequence number.
+    ///
+    /// With `with_wait_replicas`, a `seq` whose `WAIT` came back short is an
+    /// error, and the next call for the channel returns that same `seq` once
+    /// it is replicated — when the counter still stands at it, taken by this
+    /// publisher (a token is written after it, on the same slot). If a failover lost
+    /// it, or another producer has taken more since, a new one is taken.
     pub async fn next_seq(&self, channel: &str) -> RedisResult<u64> {
         let mut conn = self.conn.clone();
         let key = self.keys.channel(channel);
+        if self.wait.is_none() {
+            let (seq,): (u64,) = redis::pipe()
+                .hincr(&key, "seq", 1)
+                .pexpire(&key, IDLE_EXPIRY_MS)
+                .ignore()
+                .query_async(&mut conn)
+                .await?;
+            return Ok(seq);
+        }
+        let held = self.held(channel);
+        if let Some((seq, token)) = held {
+            let (cur, taker): (Option<u64>, Option<u64>) = redis::pipe()
+                .hget(&key, "seq")
+                .get(self.keys.seq_taker(channel))
+                .query_async(&mut conn)
+                .await?;
+            if cur == Some(seq) && taker == Some(token) {
+                self.replicated().await?;
+                self.unconfirmed
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(channel);
+                return Ok(seq);
+            }
+            self.unconfirmed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(channel);
+        }
+        let token: u64 = rand::random();
+        // One connection, one slot: the token follows the increment in the
+        // replication stream, so a failover that lost the increment lost the
+        // token too, and a token that stands means the increment does.
         let (seq,): (u64,) = redis::pipe()
             .hincr(&key, "seq", 1)
             .pexpire(&key, IDLE_EXPIRY_MS)
             .ignore()
+            .pset_ex(self.keys.seq_taker(channel), token, TAKER_EXPIRY_MS)
+            .ignore()
             .query_async(&mut conn)
             .await?;
-        self.replicated().await?;
+        if let Err(e) = self.replicated().await {
+            self.unconfirmed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(channel.to_owned(), (seq, token));
+            return Err(e);
+        }
         Ok(seq)
+    }
+
+    fn held(&self, channel: &str) -> Option<(u64, u64)> {
+        self.unconfirmed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(channel)
+            .copied()
     }
 
     /// Publish an envelope object. Strict kinds with a channel and no `seq`

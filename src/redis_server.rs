@@ -13,7 +13,19 @@ use std::time::{Duration, Instant};
 pub struct RedisServer {
     child: Child,
     port: u16,
+    /// The program and its arguments, to start it again ([`Self::restart`]).
+    command: Vec<String>,
     _dir: Option<TempDir>,
+}
+
+/// Spawn `command` (program, then arguments) with no terminal.
+fn spawn(command: &[String]) -> std::io::Result<Child> {
+    Command::new(&command[0])
+        .args(&command[1..])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
 }
 
 /// A temporary directory removed on drop (kept tiny to avoid a dependency).
@@ -69,26 +81,34 @@ impl RedisServer {
         // A port the OS just handed out; the bind race is retried below.
         for _ in 0..5 {
             let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-            let mut child = Command::new(binary)
-                .args(["--port", &port.to_string()])
-                .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-                .args(["--dir", &dir.0.to_string_lossy()])
-                .args(extra(port, &dir.0))
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .map_err(|e| {
-                    std::io::Error::new(
-                        e.kind(),
-                        format!("cannot start `{binary}` ({e}); install it with `apt-get install redis-server` or name it in STARGAZER_REDIS_SERVER"),
-                    )
-                })?;
+            let mut command: Vec<String> =
+                vec![binary.to_owned(), "--port".into(), port.to_string()];
+            command.extend(
+                [
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                ]
+                .map(String::from),
+            );
+            command.push(dir.0.to_string_lossy().into_owned());
+            command.extend(extra(port, &dir.0));
+            let mut child = spawn(&command).map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!("cannot start `{binary}` ({e}); install it with `apt-get install redis-server` or name it in STARGAZER_REDIS_SERVER"),
+                )
+            })?;
             // Exited or silent: probably the port was taken; try another.
             if came_up(&mut child, port) {
                 return Ok(RedisServer {
                     child,
                     port,
+                    command,
                     _dir: Some(dir),
                 });
             }
@@ -147,18 +167,18 @@ impl RedisServer {
                     dir.0.display()
                 ),
             )?;
-            let mut child = Command::new(binary)
-                .arg(&conf)
-                .arg("--sentinel")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()?;
+            let command = vec![
+                binary.to_owned(),
+                conf.to_string_lossy().into_owned(),
+                "--sentinel".to_owned(),
+            ];
+            let mut child = spawn(&command)?;
             // Exited or silent: probably the port was taken; try another.
             if came_up(&mut child, port) {
                 return Ok(RedisServer {
                     child,
                     port,
+                    command,
                     _dir: Some(dir),
                 });
             }
@@ -170,6 +190,22 @@ impl RedisServer {
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Start a killed server again: the same port, directory and arguments
+    /// (a cluster node keeps its `nodes.conf`, so it rejoins — as a replica
+    /// when its replica was promoted meanwhile). Waits until it answers.
+    pub fn restart(&mut self) -> std::io::Result<()> {
+        self.kill();
+        let mut child = spawn(&self.command)?;
+        if !came_up(&mut child, self.port) {
+            return Err(std::io::Error::other(format!(
+                "{} did not come up again on port {}",
+                self.command[0], self.port
+            )));
+        }
+        self.child = child;
+        Ok(())
     }
 }
 

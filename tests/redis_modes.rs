@@ -759,11 +759,19 @@ async fn dead_letters(target: &Target, platforms: &[String]) -> Vec<(String, Str
 
 /// The primary (its index in `cluster.nodes`) holding `key`'s slot.
 fn primary_of(cluster: &RedisCluster, key: &str) -> usize {
-    let port = cluster.nodes[0].port();
-    let slot: u64 = stargazer::redis_server::raw_command(port, &["CLUSTER", "KEYSLOT", key])
-        .and_then(|r| r.trim().trim_start_matches(':').parse().ok())
-        .expect("CLUSTER KEYSLOT");
-    let nodes = stargazer::redis_server::raw_command(port, &["CLUSTER", "NODES"]).unwrap();
+    try_primary_of(cluster, key).expect("a primary owns the slot")
+}
+
+/// The same, asking any node that answers; `None` while no live primary
+/// owns the slot (during a failover).
+fn try_primary_of(cluster: &RedisCluster, key: &str) -> Option<usize> {
+    let (port, slot) = cluster.nodes.iter().find_map(|n| {
+        let slot: u64 =
+            stargazer::redis_server::raw_command(n.port(), &["CLUSTER", "KEYSLOT", key])
+                .and_then(|r| r.trim().trim_start_matches(':').parse().ok())?;
+        Some((n.port(), slot))
+    })?;
+    let nodes = stargazer::redis_server::raw_command(port, &["CLUSTER", "NODES"])?;
     for line in nodes.lines() {
         let f: Vec<&str> = line.split(' ').collect();
         if f.len() < 9 || !f[2].contains("master") || f[2].contains("fail") {
@@ -780,16 +788,11 @@ fn primary_of(cluster: &RedisCluster, key: &str) -> usize {
                 .split('@')
                 .next()
                 .and_then(|a| a.rsplit_once(':'))
-                .and_then(|(_, p)| p.parse().ok())
-                .unwrap();
-            return cluster
-                .nodes
-                .iter()
-                .position(|n| n.port() == addr_port)
-                .unwrap();
+                .and_then(|(_, p)| p.parse().ok())?;
+            return cluster.nodes.iter().position(|n| n.port() == addr_port);
         }
     }
-    panic!("no primary owns slot {slot}: {nodes}");
+    None
 }
 
 /// What a scenario ended with (the closing note's table).
@@ -895,28 +898,53 @@ where
     outcome
 }
 
-/// Ignored: known failing, see #12's closing note. After the replica's
-/// promotion the shard has no replica left: the producers below wait for one
-/// forever (the run never ends), and with a producer that stops waiting,
-/// every gateway commit there waits out `wait_timeout_ms` and the retried
-/// `next_seq` calls leave seq gaps that each wait `gap_timeout_ms` (2,966 of
-/// 10,000 still undelivered after 180 s; 0 duplicated, 0 out of order). The
-/// scenario needs the killed node restarted as the new primary's replica.
+/// A primary killed mid-run: its replica is promoted (cluster-node-timeout
+/// 2 s), and the killed node, started again as an operator would, rejoins as
+/// the new primary's replica. The producers wait for a replica
+/// (`with_wait_replicas`), so what the dead primary had not replicated is
+/// published again; the gateway runs with `wait_replicas = 1`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known failing after a promotion leaves the shard without a replica (#12)"]
 async fn a_cluster_primary_killed_mid_run_loses_and_reorders_nothing() {
     let mut cluster = RedisCluster::start(server_bin().as_deref(), cli_bin().as_deref(), 3, 1)
         .expect("3 primaries with a replica each");
     let victim = primary_of(&cluster, "sg:{p0}:outbound");
+    let victim_port = cluster.nodes[victim].port();
     let redis = format!("cluster = [{}]\nwait_replicas = 1", quoted(&cluster.urls()));
     let target = Target::cluster(cluster.urls());
+    let cluster_ref = &mut cluster;
     let o = scenario(&redis, target, 1000, "", || {
-        cluster.nodes[victim].kill();
+        cluster_ref.nodes[victim].kill();
         eprintln!("killed primary {victim} (holding p0)");
+        tokio::task::block_in_place(|| {
+            // Its replica took over (another node owns the slot)…
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while try_primary_of(cluster_ref, "sg:{p0}:outbound").is_none_or(|p| p == victim) {
+                assert!(Instant::now() < deadline, "no replica was promoted");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            cluster_ref.wait_ok(Duration::from_secs(60)).unwrap();
+            eprintln!("a replica was promoted; starting the killed node again");
+            // …and the killed node comes back as its replica.
+            cluster_ref.nodes[victim].restart().unwrap();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let info =
+                    stargazer::redis_server::raw_command(victim_port, &["INFO", "replication"])
+                        .unwrap_or_default();
+                if info.contains("role:slave") && info.contains("master_link_status:up") {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the restarted node did not become a replica: {info}"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            eprintln!("the killed node is the new primary's replica");
+        });
         async move {}
     })
     .await;
-    // The killed primary's replica took over (its slots are served again).
     cluster.wait_ok(Duration::from_secs(30)).unwrap();
     assert_eq!((o.lost, o.out_of_order), (0, 0), "{o:?}");
     assert_eq!(o.published, 10_000, "{o:?}");
@@ -1064,4 +1092,81 @@ async fn a_sentinel_failover_mid_run_loses_and_reorders_nothing() {
     assert_eq!((o.lost, o.out_of_order), (0, 0), "{o:?}");
     assert_eq!(o.published, 5_000, "{o:?}");
     assert_eq!(o.delivered + o.dead_lettered, 5_000, "{o:?}");
+}
+
+// ---------------------------------------------------------------- wait_replicas
+
+/// A `seq` whose `WAIT` came back short is handed out again by the next
+/// `next_seq` of its channel once a replica has it, so a producer that
+/// retries leaves no gap (each gap would cost the channel `gap_timeout_ms`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seq_taken_while_replicas_are_short_is_reused_not_skipped() {
+    let primary = RedisServer::start(server_bin().as_deref()).unwrap();
+    let target = Target::url(&primary.url());
+    let w = Worker::connect_to(&target, "sg", "p").await.unwrap();
+    let publisher = w
+        .publisher()
+        .clone()
+        .with_wait_replicas(1, Duration::from_millis(100));
+    // No replica: the increment lands on the primary, the WAIT is short.
+    for _ in 0..3 {
+        assert!(publisher.next_seq("c").await.is_err(), "no replica yet");
+    }
+    let mut conn = target.shared().await.unwrap();
+    let counter: u64 = redis::cmd("HGET")
+        .arg(Keys::new("sg", "p").channel("c"))
+        .arg("seq")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(counter, 1, "the retries took no further seq");
+    // A replica arrives: the retry hands out the seq it took first.
+    let port = primary.port();
+    let _replica = RedisServer::start_with(server_bin().as_deref(), move |_, _| {
+        vec!["--replicaof".into(), "127.0.0.1".into(), port.to_string()]
+    })
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let seq = loop {
+        match publisher.next_seq("c").await {
+            Ok(s) => break s,
+            Err(e) => assert!(Instant::now() < deadline, "never replicated: {e}"),
+        }
+    };
+    assert_eq!(seq, 1);
+    assert_eq!(publisher.next_seq("c").await.unwrap(), 2);
+    // Short again, and another producer takes a seq meanwhile: the held one
+    // no longer stands at the counter, so a new one is taken after it.
+    drop(_replica);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        // the primary notices the replica gone (a WAIT comes back short)
+        match publisher.next_seq("c").await {
+            Err(_) => break,
+            Ok(s) => assert!(Instant::now() < deadline, "still replicated at seq {s}"),
+        }
+    }
+    let held: u64 = redis::cmd("HINCRBY")
+        .arg(Keys::new("sg", "p").channel("c"))
+        .arg("seq")
+        .arg(1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _replica = RedisServer::start_with(server_bin().as_deref(), move |_, _| {
+        vec!["--replicaof".into(), "127.0.0.1".into(), port.to_string()]
+    })
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let seq = loop {
+        match publisher.next_seq("c").await {
+            Ok(s) => break s,
+            Err(e) => assert!(Instant::now() < deadline, "never replicated: {e}"),
+        }
+    };
+    assert_eq!(
+        seq,
+        held + 1,
+        "the other producer's seq {held} is not handed out again"
+    );
 }

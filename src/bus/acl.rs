@@ -96,8 +96,11 @@ pub fn rules(role: Role, prefix: &str, cache_prefix: &str, platform: Option<&str
         Role::Worker => {
             // Publish: append only.
             out.push(format!("(~{own}outbound +xadd)"));
-            // Take a channel's next seq (HINCRBY + PEXPIRE of its state hash).
-            out.push(format!("(~{own}chan:* +hincrby +pexpire)"));
+            // Take a channel's next seq (HINCRBY + PEXPIRE of its state hash;
+            // with wait_replicas, HGET it and the taker token, and WAIT).
+            out.push(format!("(~{own}chan:* +hincrby +pexpire +hget)"));
+            out.push(format!("(~{own}seq_taker:* +set +get)"));
+            out.push("+wait".into());
             // Wait for an RPC reply.
             out.push(format!("(~{own}rpc:reply:* +blpop)"));
             // Read platform events as a consumer group of its own.

@@ -394,31 +394,49 @@ impl Bus {
     /// gateway goes on. The commit stands either way: fewer replicas in time
     /// is counted and logged, not retried (WAIT narrows the window a
     /// failover can lose, it does not close it; see docs/reliability.md).
+    /// Once a `WAIT` came back short (a shard that lost its replica), the
+    /// commits of the next few seconds do not wait (each is still counted
+    /// short); then `WAIT` is tried again.
     async fn wait_for_replicas(&self) {
-        let Some((n, timeout)) = self.wait else {
+        let Some(w) = &self.wait else {
             return;
         };
+        let platform = self.keys.platform();
+        if w.known_short() {
+            crate::metrics::replicas_short(platform);
+            return;
+        }
         let mut conn = self.conn.clone();
         let mut cmd = redis::cmd("WAIT");
-        cmd.arg(n).arg(timeout.as_millis() as u64);
-        let platform = self.keys.platform();
-        match conn.on_node_of(&self.keys.outbound(), &cmd).await {
-            Ok(v) => {
-                let got = as_u64(&v).unwrap_or(0);
-                if got < u64::from(n) {
-                    crate::metrics::replicas_short(platform);
-                    tracing::warn!(
-                        platform,
-                        wanted = n,
-                        acknowledged = got,
-                        timeout_ms = timeout.as_millis() as u64,
-                        "a commit reached fewer replicas than redis.wait_replicas within its timeout"
-                    );
-                }
-            }
-            Err(e) => {
-                crate::metrics::replicas_short(platform);
-                tracing::warn!(platform, error = %e, "WAIT after a commit failed");
+        cmd.arg(w.replicas).arg(w.timeout.as_millis() as u64);
+        let got = conn
+            .on_node_of(&self.keys.outbound(), &cmd)
+            .await
+            .map(|v| as_u64(&v).unwrap_or(0));
+        let short = !matches!(got, Ok(n) if n >= u64::from(w.replicas));
+        if short {
+            crate::metrics::replicas_short(platform);
+        }
+        if w.record(short) {
+            if short {
+                let acknowledged = got.as_ref().ok().copied();
+                let error = got.as_ref().err().map(ToString::to_string);
+                tracing::warn!(
+                    platform,
+                    wanted = w.replicas,
+                    acknowledged,
+                    error,
+                    timeout_ms = w.timeout.as_millis() as u64,
+                    recheck_ms = w.recheck().as_millis() as u64,
+                    "a commit reached fewer replicas than redis.wait_replicas within its timeout; \
+                     commits go on without waiting (counted short) and WAIT is tried again after recheck_ms"
+                );
+            } else {
+                tracing::info!(
+                    platform,
+                    wanted = w.replicas,
+                    "commits reach redis.wait_replicas replicas again"
+                );
             }
         }
     }

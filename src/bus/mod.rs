@@ -10,6 +10,7 @@
 //! behind it).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::{Client, RedisResult, Value};
@@ -42,7 +43,50 @@ pub struct Bus {
     client: Client,
     conn: Conn,
     /// `redis.wait_replicas`: replicas a commit waits for, and for how long.
-    wait: Option<(u32, Duration)>,
+    wait: Option<Arc<ReplicaWait>>,
+}
+
+/// `redis.wait_replicas` of one platform: how many replicas a commit waits
+/// for, and, once a `WAIT` came back short, until when commits stop waiting
+/// (a shard left without its replica would otherwise cost every commit the
+/// whole timeout; `WAIT` is tried again after [`ReplicaWait::recheck`]).
+#[derive(Debug)]
+pub(crate) struct ReplicaWait {
+    pub(crate) replicas: u32,
+    pub(crate) timeout: Duration,
+    short_until: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl ReplicaWait {
+    fn new(replicas: u32, timeout: Duration) -> ReplicaWait {
+        ReplicaWait {
+            replicas,
+            timeout,
+            short_until: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// How long commits go on without waiting after a short `WAIT`: five
+    /// timeouts, at least a second.
+    pub(crate) fn recheck(&self) -> Duration {
+        (self.timeout * 5).max(Duration::from_secs(1))
+    }
+
+    /// Whether the replicas are known to be short right now (a `WAIT` came
+    /// back short less than [`Self::recheck`] ago).
+    pub(crate) fn known_short(&self) -> bool {
+        let g = self.short_until.lock().unwrap_or_else(|e| e.into_inner());
+        g.is_some_and(|t| std::time::Instant::now() < t)
+    }
+
+    /// Record a `WAIT`'s outcome; returns whether this changed the state
+    /// (short after fine, or fine after short), for the log.
+    pub(crate) fn record(&self, short: bool) -> bool {
+        let mut g = self.short_until.lock().unwrap_or_else(|e| e.into_inner());
+        let was_short = g.is_some();
+        *g = short.then(|| std::time::Instant::now() + self.recheck());
+        was_short != short
+    }
 }
 
 impl std::fmt::Debug for Bus {
@@ -79,6 +123,11 @@ impl Bus {
     pub fn for_platform(&self, keys: Keys) -> Bus {
         Bus {
             keys,
+            // The replicas of another platform's slot are another matter.
+            wait: self
+                .wait
+                .as_ref()
+                .map(|w| Arc::new(ReplicaWait::new(w.replicas, w.timeout))),
             ..self.clone()
         }
     }
@@ -86,7 +135,7 @@ impl Bus {
     /// Make every commit wait until `replicas` replicas have its writes
     /// (`WAIT replicas timeout`); 0 turns it off.
     pub fn with_wait_replicas(mut self, replicas: u32, timeout: Duration) -> Bus {
-        self.wait = (replicas > 0).then_some((replicas, timeout));
+        self.wait = (replicas > 0).then(|| Arc::new(ReplicaWait::new(replicas, timeout)));
         self
     }
 
@@ -392,4 +441,28 @@ fn parse_entries(v: Value) -> Vec<RawEntry> {
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod replica_wait_tests {
+    use super::ReplicaWait;
+    use std::time::Duration;
+
+    #[test]
+    fn a_short_wait_stops_the_waiting_until_the_recheck_and_a_full_one_resumes_it() {
+        let w = ReplicaWait::new(1, Duration::from_millis(100));
+        assert_eq!(w.recheck(), Duration::from_secs(1), "at least a second");
+        assert!(!w.known_short());
+        assert!(!w.record(false), "fine after fine changes nothing");
+        assert!(w.record(true), "short after fine is a change (logged)");
+        assert!(w.known_short(), "the next commits do not wait");
+        assert!(
+            !w.record(true),
+            "short again is no change (not logged again)"
+        );
+        assert!(w.record(false), "fine after short is a change (logged)");
+        assert!(!w.known_short());
+        let long = ReplicaWait::new(1, Duration::from_secs(2));
+        assert_eq!(long.recheck(), Duration::from_secs(10), "five timeouts");
+    }
 }
