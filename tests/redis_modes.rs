@@ -690,6 +690,7 @@ async fn publish_resilient(
     platform: String,
     channels: usize,
     per_channel: usize,
+    replicas: u32,
 ) -> Vec<String> {
     let w = loop {
         match Worker::connect_to(&target, "sg", &platform).await {
@@ -702,7 +703,7 @@ async fn publish_resilient(
     let publisher = w
         .publisher()
         .clone()
-        .with_wait_replicas(1, Duration::from_millis(500));
+        .with_wait_replicas(replicas, Duration::from_millis(500));
     let mut confirmed = Vec::new();
     for i in 0..per_channel {
         for c in 0..channels {
@@ -809,10 +810,12 @@ struct Outcome {
 /// Run 10 platforms × `per_platform` through a gateway configured with
 /// `redis` (the `[redis]` table; `target` reaches the same Redis) while
 /// `fault` runs once a third has been delivered; account for every message.
+/// The producers wait for `replicas` replicas of each write.
 async fn scenario<F, Fut>(
     redis: &str,
     target: Target,
     per_platform: usize,
+    replicas: u32,
     extra: &str,
     fault: F,
 ) -> Outcome
@@ -832,6 +835,7 @@ where
                 p.clone(),
                 10,
                 per_platform / 10,
+                replicas,
             ))
         })
         .collect();
@@ -912,7 +916,7 @@ async fn a_cluster_primary_killed_mid_run_loses_and_reorders_nothing() {
     let redis = format!("cluster = [{}]\nwait_replicas = 1", quoted(&cluster.urls()));
     let target = Target::cluster(cluster.urls());
     let cluster_ref = &mut cluster;
-    let o = scenario(&redis, target, 1000, "", || {
+    let o = scenario(&redis, target, 1000, 1, "", || {
         cluster_ref.nodes[victim].kill();
         eprintln!("killed primary {victim} (holding p0)");
         tokio::task::block_in_place(|| {
@@ -1053,6 +1057,7 @@ async fn a_sentinel_failover_mid_run_loses_and_reorders_nothing() {
         &redis,
         target,
         500,
+        1,
         &format!("[http]\nlisten = \"127.0.0.1:{http}\"\n"),
         || async move {
             let says = |want: String| {
@@ -1168,5 +1173,110 @@ async fn a_seq_taken_while_replicas_are_short_is_reused_not_skipped() {
         seq,
         held + 1,
         "the other producer's seq {held} is not handed out again"
+    );
+}
+
+/// `redis-cli -p PORT ARGS…`, its output (for the slot migration below).
+fn cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new(cli_bin().unwrap_or_else(|| "redis-cli".into()))
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("redis-cli");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Move `slot` from node `from` to node `to` as `redis-cli --cluster
+/// reshard` does (IMPORTING, MIGRATING, MIGRATE key by key, SETSLOT NODE),
+/// one key every `pace`, so traffic meets the slot half moved: commands on
+/// keys already gone get ASK, scripts over keys on both sides TRYAGAIN.
+/// Returns how many keys moved.
+fn migrate_slot(
+    cluster: &RedisCluster,
+    slot: u64,
+    from: usize,
+    to: usize,
+    pace: Duration,
+) -> usize {
+    let (src, dst) = (cluster.nodes[from].port(), cluster.nodes[to].port());
+    let (src_id, dst_id) = (
+        cli(src, &["CLUSTER", "MYID"]),
+        cli(dst, &["CLUSTER", "MYID"]),
+    );
+    let s = slot.to_string();
+    assert_eq!(
+        cli(dst, &["CLUSTER", "SETSLOT", &s, "IMPORTING", &src_id]),
+        "OK"
+    );
+    assert_eq!(
+        cli(src, &["CLUSTER", "SETSLOT", &s, "MIGRATING", &dst_id]),
+        "OK"
+    );
+    let mut moved = 0;
+    loop {
+        let key = cli(src, &["CLUSTER", "GETKEYSINSLOT", &s, "1"]);
+        if key.is_empty() {
+            break;
+        }
+        let r = cli(
+            src,
+            &[
+                "MIGRATE",
+                "127.0.0.1",
+                &dst.to_string(),
+                "",
+                "0",
+                "10000",
+                "KEYS",
+                &key,
+            ],
+        );
+        assert!(r == "OK" || r == "NOKEY", "MIGRATE {key}: {r}");
+        moved += 1;
+        std::thread::sleep(pace);
+    }
+    for n in &cluster.nodes {
+        assert_eq!(
+            cli(n.port(), &["CLUSTER", "SETSLOT", &s, "NODE", &dst_id]),
+            "OK"
+        );
+    }
+    moved
+}
+
+/// The slot of `p0` is migrated to another primary mid-run, key by key, while
+/// the gateway reads, commits and dead-letters there and the producers
+/// publish: every message delivered once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_migrated_mid_run_loses_and_reorders_nothing() {
+    let cluster = RedisCluster::start(server_bin().as_deref(), cli_bin().as_deref(), 3, 0)
+        .expect("a 3-master cluster");
+    let from = primary_of(&cluster, "sg:{p0}:outbound");
+    let to = (from + 1) % 3;
+    let slot: u64 = cli(
+        cluster.nodes[from].port(),
+        &["CLUSTER", "KEYSLOT", "sg:{p0}:outbound"],
+    )
+    .parse()
+    .unwrap();
+    let redis = format!("cluster = [{}]", quoted(&cluster.urls()));
+    let target = Target::cluster(cluster.urls());
+    let cluster_ref = &cluster;
+    let o = scenario(&redis, target, 1000, 0, "", || {
+        let moved = tokio::task::block_in_place(|| {
+            migrate_slot(cluster_ref, slot, from, to, Duration::from_millis(250))
+        });
+        eprintln!("slot {slot} of p0 moved from node {from} to node {to}: {moved} keys");
+        assert!(moved >= 5, "the platform's keys moved ({moved})");
+        async move {}
+    })
+    .await;
+    assert_eq!(primary_of(&cluster, "sg:{p0}:outbound"), to);
+    assert_eq!((o.lost, o.out_of_order), (0, 0), "{o:?}");
+    assert_eq!(o.published, 10_000, "{o:?}");
+    assert_eq!(o.delivered + o.dead_lettered, 10_000, "{o:?}");
+    assert_eq!(
+        o.resent, 0,
+        "a migration kills nothing, so nothing is resent: {o:?}"
     );
 }

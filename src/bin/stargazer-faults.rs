@@ -76,6 +76,15 @@ struct Cli {
     /// A control run: the same workload with no faults at all.
     #[arg(long)]
     no_faults: bool,
+    /// Run on a Redis Cluster of three primaries (no replicas, AOF each):
+    /// the gateways use `redis.cluster`, the platform's keys live on one
+    /// node (the Redis faults strike it) and the message cache spreads over
+    /// all three.
+    #[arg(long)]
+    cluster: bool,
+    /// `redis-cli`, for `--cluster` (default: next to `--redis-server`).
+    #[arg(long, env = "STARGAZER_REDIS_CLI")]
+    redis_cli: Option<String>,
     /// Print the fault schedule of this seed and exit.
     #[arg(long)]
     plan_only: bool,
@@ -102,6 +111,14 @@ fn settings(cli: Cli) -> Result<Settings> {
             .context("cannot find this executable")?
             .with_file_name("stargazer"),
     };
+    let redis_cli =
+        cli.redis_cli
+            .unwrap_or_else(|| match std::path::Path::new(&cli.redis_server).parent() {
+                Some(dir) if !dir.as_os_str().is_empty() => {
+                    dir.join("redis-cli").to_string_lossy().into_owned()
+                }
+                _ => "redis-cli".into(),
+            });
     Ok(Settings {
         seed: cli.seed.unwrap_or_else(rand::random),
         duration: cli.duration,
@@ -117,6 +134,8 @@ fn settings(cli: Cli) -> Result<Settings> {
         keep: cli.keep,
         gateway_log: cli.gateway_log,
         no_faults: cli.no_faults,
+        cluster: cli.cluster,
+        redis_cli,
     })
 }
 

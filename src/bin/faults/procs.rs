@@ -119,6 +119,8 @@ pub struct Redis {
     binary: String,
     dir: PathBuf,
     port: u16,
+    /// In a cluster (`--cluster`): the node's cluster-bus port.
+    cluster_port: Option<u16>,
     proc: Option<Proc>,
     stopped: bool,
 }
@@ -129,12 +131,25 @@ const REDIS_READY: Duration = Duration::from_secs(60);
 impl Redis {
     /// Starts `binary` on a free port with its data in `dir`.
     pub async fn start(binary: &str, dir: &Path) -> Result<Redis> {
+        Self::start_node(binary, dir, false).await
+    }
+
+    /// Starts `binary` as a cluster node (`cluster-enabled`, its
+    /// `nodes.conf` in `dir`, no slots yet): [`create_cluster`] joins them.
+    /// A node that is down leaves the other nodes serving their slots
+    /// (`cluster-require-full-coverage no`).
+    pub async fn start_cluster_node(binary: &str, dir: &Path) -> Result<Redis> {
+        Self::start_node(binary, dir, true).await
+    }
+
+    async fn start_node(binary: &str, dir: &Path, cluster: bool) -> Result<Redis> {
         std::fs::create_dir_all(dir)?;
         for _ in 0..5 {
             let mut redis = Redis {
                 binary: binary.to_owned(),
                 dir: dir.to_owned(),
                 port: free_port()?,
+                cluster_port: if cluster { Some(free_port()?) } else { None },
                 proc: None,
                 stopped: false,
             };
@@ -156,9 +171,19 @@ impl Redis {
             .arg("--dir")
             .arg(&self.dir)
             .args(["--appendonly", "yes", "--appendfsync", "always"])
-            .args(["--save", "", "--daemonize", "no", "--logfile", "redis.log"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+            .args(["--save", "", "--daemonize", "no", "--logfile", "redis.log"]);
+        if let Some(bus) = self.cluster_port {
+            cmd.args([
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+            ])
+            .args(["--cluster-port", &bus.to_string()])
+            .args(["--cluster-node-timeout", "5000"])
+            .args(["--cluster-require-full-coverage", "no"]);
+        }
+        cmd.stdout(Stdio::null()).stderr(Stdio::null());
         self.proc = Some(Proc::spawn(
             &mut cmd,
             "redis-server (install it, or name it in STARGAZER_REDIS_SERVER)",
@@ -180,6 +205,51 @@ impl Redis {
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// A cluster node: whether it reports `cluster_state:ok` (after a
+    /// restart, once it has rejoined).
+    pub async fn cluster_ok(&self) -> bool {
+        let Ok(client) = redis::Client::open(self.url()) else {
+            return false;
+        };
+        let attempt = async {
+            let mut c = client.get_multiplexed_async_connection().await.ok()?;
+            let info: String = redis::cmd("CLUSTER")
+                .arg("INFO")
+                .query_async(&mut c)
+                .await
+                .ok()?;
+            Some(info.contains("cluster_state:ok"))
+        };
+        tokio::time::timeout(Duration::from_secs(1), attempt)
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or(false)
+    }
+
+    /// The slot ranges this cluster node serves (`CLUSTER NODES`, its
+    /// `myself` line).
+    pub async fn own_slots(&self) -> Result<Vec<(u16, u16)>> {
+        let client = redis::Client::open(self.url())?;
+        let mut c = client.get_multiplexed_async_connection().await?;
+        let nodes: String = redis::cmd("CLUSTER")
+            .arg("NODES")
+            .query_async(&mut c)
+            .await?;
+        let mine = nodes
+            .lines()
+            .find(|l| l.split(' ').nth(2).is_some_and(|f| f.contains("myself")))
+            .context("no `myself` line in CLUSTER NODES")?;
+        Ok(mine
+            .split(' ')
+            .skip(8)
+            .filter_map(|r| match r.split_once('-') {
+                Some((lo, hi)) => Some((lo.parse().ok()?, hi.parse().ok()?)),
+                None => r.parse().ok().map(|s| (s, s)),
+            })
+            .collect())
     }
 
     pub fn is_running(&mut self) -> bool {
@@ -215,13 +285,27 @@ impl Redis {
     }
 
     /// Starts it again on the same port and directory (loading the AOF) and
-    /// waits until it answers.
+    /// waits until it answers (a cluster node: and has rejoined the cluster).
     pub async fn restart(&mut self) -> Result<()> {
         self.kill();
         let deadline = std::time::Instant::now() + REDIS_READY;
         loop {
             self.spawn()?;
             if self.wait_ready().await {
+                if self.cluster_port.is_some() {
+                    let this = &*self;
+                    if !poll_until(REDIS_READY, Duration::from_millis(100), || {
+                        this.cluster_ok()
+                    })
+                    .await
+                    {
+                        bail!(
+                            "cluster node on port {} did not rejoin (see {}/redis.log)",
+                            self.port,
+                            self.dir.display()
+                        );
+                    }
+                }
                 return Ok(());
             }
             if std::time::Instant::now() > deadline {
@@ -242,6 +326,42 @@ impl Redis {
     }
 }
 
+/// Joins `nodes` (started with [`Redis::start_cluster_node`]) into a cluster
+/// of primaries without replicas, with `redis-cli --cluster create` (`cli`),
+/// and waits until every node reports `cluster_state:ok`.
+pub async fn create_cluster(cli: &str, nodes: &[Redis]) -> Result<()> {
+    let addrs: Vec<String> = nodes
+        .iter()
+        .map(|n| format!("127.0.0.1:{}", n.port))
+        .collect();
+    let out = tokio::process::Command::new(cli)
+        .args(["--cluster", "create"])
+        .args(&addrs)
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .with_context(|| {
+            format!("cannot run `{cli}` (install redis-tools, or name it in STARGAZER_REDIS_CLI)")
+        })?;
+    if !out.status.success() {
+        bail!(
+            "redis-cli --cluster create failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    for n in nodes {
+        if !poll_until(REDIS_READY, Duration::from_millis(100), || n.cluster_ok()).await {
+            bail!(
+                "cluster node on port {} never reported cluster_state:ok",
+                n.port
+            );
+        }
+    }
+    Ok(())
+}
+
 /// What every gateway of the run shares: its binary, Redis, platform and the
 /// sink. A config sets only the Redis URL, the platform (adapter `webhook`,
 /// its url), `gateway.consumer_name` and `http.listen`: everything else is
@@ -250,6 +370,8 @@ impl Redis {
 pub struct GatewayConf {
     pub binary: PathBuf,
     pub redis_url: String,
+    /// `--cluster`: every node's URL (`redis.cluster`), instead of `redis_url`.
+    pub cluster: Option<Vec<String>>,
     pub platform: String,
     /// `http://127.0.0.1:<port>/deliver`; each incarnation posts to its own
     /// `/<incarnation>` below it, so the sink knows which process sent what.
@@ -277,11 +399,20 @@ impl GatewayConf {
     pub fn spawn(&self, incarnation: &str, consumer: &str) -> Result<Gateway> {
         let http: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
         let config = self.dir.join(format!("{incarnation}.toml"));
+        let redis = match &self.cluster {
+            Some(urls) => format!(
+                "cluster = [{}]",
+                urls.iter()
+                    .map(|u| format!("\"{u}\""))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            None => format!("url = \"{}\"", self.redis_url),
+        };
         let text = format!(
-            "[redis]\nurl = \"{redis}\"\n\n[gateway]\nconsumer_name = \"{consumer}\"\n\n\
+            "[redis]\n{redis}\n\n[gateway]\nconsumer_name = \"{consumer}\"\n\n\
              [http]\nlisten = \"{http}\"\n\n[[platform]]\nname = \"{platform}\"\n\
              adapter = \"webhook\"\nurl = \"{sink}/{incarnation}\"\n",
-            redis = self.redis_url,
             platform = self.platform,
             sink = self.sink_base,
         );

@@ -525,8 +525,9 @@ fn is_transport(e: &redis::RedisError) -> bool {
         || e.is_connection_refusal()
         || e.is_timeout()
         || e.is_unrecoverable_error()
-        // A restarted Redis still loading its AOF: not applied, safe to retry.
-        || e.code() == Some("LOADING")
+        // A restarted Redis still loading its AOF, or a cluster node not yet
+        // back in its cluster (`--cluster`): not applied, safe to retry.
+        || matches!(e.code(), Some("LOADING" | "CLUSTERDOWN" | "TRYAGAIN"))
 }
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::check::{DeadLetter, GwEvent, GwEventKind, History, Outage};
 use super::plan::{self, Planned, Step};
-use super::procs::{Gateway, GatewayConf, Redis};
+use super::procs::{Gateway, GatewayConf, Redis, create_cluster};
 use super::producer::{self, Ledger, ProducerConf};
 use super::sink::Sink;
 use super::{now_ms, poll_until};
@@ -40,6 +40,11 @@ pub struct Settings {
     pub gateway_log: String,
     /// Run the workload without a fault schedule (a control run).
     pub no_faults: bool,
+    /// Run on a Redis Cluster of three primaries (`--cluster`); the Redis
+    /// faults strike the primary that holds the platform's slot.
+    pub cluster: bool,
+    /// `redis-cli`, to create the cluster.
+    pub redis_cli: String,
 }
 
 /// What a run saw, beyond the history the checker judges.
@@ -88,7 +93,12 @@ struct Slot {
 /// every child (see `procs`).
 struct World {
     t0: Instant,
+    /// The server the platform's keys live on (in a cluster, the primary
+    /// of its slot): the Redis faults strike it.
     redis: Redis,
+    /// In a cluster, the other primaries (the message cache's keys are
+    /// spread over them too); never faulted.
+    others: Vec<Redis>,
     conf: GatewayConf,
     slots: Vec<Slot>,
     sink: Sink,
@@ -456,6 +466,39 @@ async fn all_keys(conn: &mut ConnectionManager) -> Result<Vec<String>> {
     }
 }
 
+/// `--cluster`: three primaries joined by `redis-cli --cluster create`;
+/// returns the one holding the platform's slot first, then the others.
+async fn start_cluster(s: &Settings, work: &std::path::Path) -> Result<(Redis, Vec<Redis>)> {
+    let mut nodes = Vec::new();
+    for i in 0..3 {
+        nodes.push(
+            Redis::start_cluster_node(&s.redis_server, &work.join(format!("redis-{i}"))).await?,
+        );
+    }
+    create_cluster(&s.redis_cli, &nodes).await?;
+    let mut c = redis::Client::open(nodes[0].url())?
+        .get_multiplexed_async_connection()
+        .await?;
+    let slot: u16 = redis::cmd("CLUSTER")
+        .arg("KEYSLOT")
+        .arg(format!("sg:{{{}}}:outbound", s.platform))
+        .query_async(&mut c)
+        .await?;
+    let mut owner = None;
+    for (i, n) in nodes.iter().enumerate() {
+        if n.own_slots()
+            .await?
+            .iter()
+            .any(|(lo, hi)| (*lo..=*hi).contains(&slot))
+        {
+            owner = Some(i);
+        }
+    }
+    let owner = owner.with_context(|| format!("no node serves slot {slot}"))?;
+    let first = nodes.remove(owner);
+    Ok((first, nodes))
+}
+
 pub async fn run(s: &Settings) -> Result<Observed> {
     let t0 = Instant::now();
     let work = WorkDir {
@@ -473,11 +516,25 @@ pub async fn run(s: &Settings) -> Result<Observed> {
             s.stargazer.display()
         );
     }
-    let redis = Redis::start(&s.redis_server, &work.path.join("redis")).await?;
+    let (redis, others) = if s.cluster {
+        start_cluster(s, &work.path).await?
+    } else {
+        (
+            Redis::start(&s.redis_server, &work.path.join("redis")).await?,
+            Vec::new(),
+        )
+    };
+    let cluster = s.cluster.then(|| {
+        std::iter::once(&redis)
+            .chain(&others)
+            .map(Redis::url)
+            .collect::<Vec<_>>()
+    });
     let (sink, sink_base) = Sink::start(s.seed, s.hang).await?;
     let conf = GatewayConf {
         binary: s.stargazer.clone(),
         redis_url: redis.url(),
+        cluster: cluster.clone(),
         platform: s.platform.clone(),
         sink_base,
         dir: work.path.clone(),
@@ -486,6 +543,7 @@ pub async fn run(s: &Settings) -> Result<Observed> {
     let mut world = World {
         t0,
         redis,
+        others,
         conf,
         slots: (0..s.gateways)
             .map(|i| Slot {
@@ -500,11 +558,21 @@ pub async fn run(s: &Settings) -> Result<Observed> {
         outages: Vec::new(),
         self_exits: Vec::new(),
     };
-    world.log(format!(
-        "redis {} (AOF, fsync always) in {}",
-        world.redis.url(),
-        work.path.display()
-    ));
+    if s.cluster {
+        world.log(format!(
+            "redis cluster of {} primaries (AOF, fsync always, no replicas) in {}; \
+             the platform's slot is on {}, which the Redis faults strike",
+            1 + world.others.len(),
+            work.path.display(),
+            world.redis.url(),
+        ));
+    } else {
+        world.log(format!(
+            "redis {} (AOF, fsync always) in {}",
+            world.redis.url(),
+            work.path.display()
+        ));
+    }
     for slot in 0..s.gateways {
         world.start_slot(slot, false)?;
     }
@@ -665,8 +733,17 @@ pub async fn run(s: &Settings) -> Result<Observed> {
     let pend = pending(&mut conn, &stream, &group).await?;
     let pending_ids = pending_ids(&mut conn, &stream, &group).await?;
     let last_delivered_id = last_delivered_id(&mut conn, &stream, &group).await?;
-    let keys = all_keys(&mut conn).await?;
+    let mut keys = all_keys(&mut conn).await?;
+    for other in &world.others {
+        let mut c = redis::Client::open(other.url())?
+            .get_connection_manager()
+            .await?;
+        keys.extend(all_keys(&mut c).await?);
+    }
     world.redis.shutdown();
+    for other in &mut world.others {
+        other.shutdown();
+    }
 
     let history = History {
         platform: s.platform.clone(),
