@@ -104,6 +104,12 @@ pub struct BenchArgs {
     /// wait for them (`redis.wait_replicas`), to measure what WAIT costs.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub wait_replicas: u32,
+    /// Instead of the workloads: W1 over 10 platforms (2,000 messages over
+    /// 20 channels each) on a plain server, then on a private Redis Cluster
+    /// of each of these primary counts (e.g. `1,2,3`), drained by one
+    /// `stargazer gateway` (null adapter): aggregate and per-shard msgs/s.
+    #[arg(long, value_name = "COUNTS", value_delimiter = ',')]
+    pub shards: Vec<usize>,
 }
 
 /// `stargazer bench-node` arguments (spawned by `stargazer bench`).
@@ -1697,6 +1703,24 @@ fn workloads_of(args: &BenchArgs) -> Result<Vec<Workload>> {
 /// `stargazer bench`: run the workloads, print the tables, write the JSON.
 /// Fails (after printing everything) when a correctness check fails.
 pub async fn run(args: BenchArgs) -> Result<()> {
+    if !args.shards.is_empty() {
+        if args.shards.contains(&0) {
+            bail!("--shards: each count must be at least 1");
+        }
+        let (per, channels) = if args.smoke { (200, 20) } else { (2_000, 20) };
+        let per = args.n.map_or(per, |n| (n / 10).max(1));
+        let channels = args.channels.map_or(channels, |c| (c / 10).max(1));
+        let mut counts = vec![0];
+        counts.extend(&args.shards);
+        let runs =
+            crate::bench_shards::run(&counts, per, channels, Duration::from_secs(args.timeout_s))
+                .await?;
+        println!("{}", crate::bench_shards::HEADER);
+        for r in &runs {
+            println!("{}", crate::bench_shards::row(r));
+        }
+        return Ok(());
+    }
     let workloads = workloads_of(&args)?;
     let peer = match &args.bullmq_json {
         Some(path) => {
@@ -1894,6 +1918,7 @@ mod tests {
             smoke: false,
             timeout_s: 600,
             wait_replicas: 0,
+            shards: Vec::new(),
         };
         let ws = workloads_of(&args).unwrap();
         assert_eq!(ws.len(), 2);

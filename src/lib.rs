@@ -29,6 +29,7 @@
 
 pub mod adapters;
 pub mod bench;
+pub mod bench_shards;
 pub mod bus;
 pub mod circuit;
 pub mod config;

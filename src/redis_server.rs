@@ -267,6 +267,14 @@ impl RedisCluster {
             })?;
             nodes.push(node);
         }
+        if replicas == 0 {
+            // Primaries only: assign the slots and introduce the nodes here
+            // (`redis-cli --cluster create` wants at least three primaries).
+            let cluster = RedisCluster { nodes };
+            cluster.assign_slots()?;
+            cluster.wait_ok(Duration::from_secs(30))?;
+            return Ok(cluster);
+        }
         let cli = cli.unwrap_or("redis-cli");
         let addrs: Vec<String> = nodes
             .iter()
@@ -295,6 +303,47 @@ impl RedisCluster {
         let cluster = RedisCluster { nodes };
         cluster.wait_ok(Duration::from_secs(30))?;
         Ok(cluster)
+    }
+
+    /// Give node `i` of `k` the `i`-th contiguous `k`-th of the 16,384 slots,
+    /// and make every node meet the first.
+    fn assign_slots(&self) -> std::io::Result<()> {
+        let k = self.nodes.len();
+        for (i, n) in self.nodes.iter().enumerate() {
+            let (lo, hi) = (i * 16384 / k, (i + 1) * 16384 / k - 1);
+            let r = raw_command(
+                n.port(),
+                &["CLUSTER", "ADDSLOTSRANGE", &lo.to_string(), &hi.to_string()],
+            );
+            if r.as_deref().map(str::trim) != Some("+OK") {
+                return Err(std::io::Error::other(format!(
+                    "CLUSTER ADDSLOTSRANGE {lo} {hi} on port {}: {r:?}",
+                    n.port()
+                )));
+            }
+        }
+        // The first node's cluster-bus port, from its own `CLUSTER NODES`
+        // line (`127.0.0.1:port@bus … myself …`).
+        let nodes = raw_command(self.nodes[0].port(), &["CLUSTER", "NODES"]).unwrap_or_default();
+        let bus = nodes
+            .lines()
+            .find(|l| l.contains("myself"))
+            .and_then(|l| l.split(' ').nth(1))
+            .and_then(|a| a.split('@').nth(1))
+            .and_then(|b| b.split(',').next())
+            .map(str::to_owned)
+            .ok_or_else(|| std::io::Error::other(format!("no cluster-bus port in {nodes:?}")))?;
+        let first = self.nodes[0].port().to_string();
+        for n in &self.nodes[1..] {
+            let r = raw_command(n.port(), &["CLUSTER", "MEET", "127.0.0.1", &first, &bus]);
+            if r.as_deref().map(str::trim) != Some("+OK") {
+                return Err(std::io::Error::other(format!(
+                    "CLUSTER MEET on port {}: {r:?}",
+                    n.port()
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Wait until every live node reports `cluster_state:ok` and knows all slots.

@@ -431,6 +431,9 @@ impl Producer {
                 .await;
             match r {
                 Ok(seq) => return Ok(seq),
+                Err(e) if is_refused_for_now(&e) => {
+                    tokio::time::sleep(REFUSED_BACKOFF).await;
+                }
                 Err(e) if is_transport(&e) => {
                     self.ledger.seq_unknown.fetch_add(1, Ordering::Relaxed);
                     self.wait_redis().await?;
@@ -453,6 +456,9 @@ impl Producer {
                     self.last_id = id.clone();
                     return Ok(id);
                 }
+                Err(e) if is_refused_for_now(&e) => {
+                    tokio::time::sleep(REFUSED_BACKOFF).await;
+                }
                 Err(e) if is_transport(&e) => {
                     self.ledger.xadd_unknown.fetch_add(1, Ordering::Relaxed);
                     self.wait_redis().await?;
@@ -472,15 +478,21 @@ impl Producer {
         let needle = format!("\"{token}\"");
         let mut from = format!("({}", self.last_id);
         loop {
-            let reply: StreamRangeReply = redis::cmd("XRANGE")
+            let r: redis::RedisResult<StreamRangeReply> = redis::cmd("XRANGE")
                 .arg(&self.stream)
                 .arg(&from)
                 .arg("+")
                 .arg("COUNT")
                 .arg(100)
                 .query_async(&mut self.conn)
-                .await
-                .context("XRANGE while looking for an XADD of unknown outcome")?;
+                .await;
+            let reply = match r {
+                Err(e) if is_refused_for_now(&e) => {
+                    tokio::time::sleep(REFUSED_BACKOFF).await;
+                    continue;
+                }
+                r => r.context("XRANGE while looking for an XADD of unknown outcome")?,
+            };
             for e in &reply.ids {
                 let hit = e.map.values().any(|v| match v {
                     redis::Value::BulkString(b) => contains(b, needle.as_bytes()),
@@ -517,6 +529,9 @@ impl Producer {
     }
 }
 
+/// The back-off after [`is_refused_for_now`].
+const REFUSED_BACKOFF: Duration = Duration::from_millis(50);
+
 /// An error that leaves the command's outcome unknown (the connection, not
 /// the command, failed).
 fn is_transport(e: &redis::RedisError) -> bool {
@@ -525,9 +540,16 @@ fn is_transport(e: &redis::RedisError) -> bool {
         || e.is_connection_refusal()
         || e.is_timeout()
         || e.is_unrecoverable_error()
-        // A restarted Redis still loading its AOF, or a cluster node not yet
-        // back in its cluster (`--cluster`): not applied, safe to retry.
-        || matches!(e.code(), Some("LOADING" | "CLUSTERDOWN" | "TRYAGAIN"))
+        // A restarted Redis still loading its AOF: not applied, safe to retry.
+        || e.code() == Some("LOADING")
+}
+
+/// A refusal that says the command was not applied and will be taken soon:
+/// a cluster node not yet back in its cluster, a slot half migrated
+/// (`--cluster`). Retried after a short back-off, with no doubt about the
+/// outcome.
+fn is_refused_for_now(e: &redis::RedisError) -> bool {
+    matches!(e.code(), Some("CLUSTERDOWN" | "TRYAGAIN"))
 }
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
