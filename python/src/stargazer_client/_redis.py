@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, nullcontext
@@ -45,6 +46,7 @@ from typing import Any, TypeVar, Union
 
 from redis import exceptions as rx
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.connection import SSLConnection
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 
@@ -80,11 +82,24 @@ def transient(e: BaseException) -> bool:
     if isinstance(e, (rx.AuthenticationError, rx.AuthorizationError, rx.MaxConnectionsError,
                       rx.ExternalAuthProviderError)):
         return False
+    if _tls_refused(e):
+        return False  # a wrong CA or a missing client certificate will not heal
     if isinstance(e, (rx.ConnectionError, rx.TimeoutError, rx.ClusterError, rx.SlotNotCoveredError,
                       ConnectionResetError, ConnectionRefusedError, BrokenPipeError)):
         return True
     if isinstance(e, rx.ResponseError):
         return str(e).split(" ", 1)[0].upper() in _TRANSIENT_REPLIES
+    return False
+
+
+def _tls_refused(e: BaseException) -> bool:
+    seen: BaseException | None = e
+    for _ in range(5):
+        if seen is None:
+            return False
+        if isinstance(seen, ssl.SSLError) or "CERTIFICATE_VERIFY_FAILED" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
     return False
 
 
@@ -144,6 +159,12 @@ class Link:
         while True:
             try:
                 async with self._gate(blocking):
+                    if isinstance(self.commands, RedisCluster):
+                        # redis-py's asyncio ClusterPipeline(transaction=True) runs a
+                        # first initialize() in a thread of its own, whose event loop
+                        # then dies with the connections it made: initialize here
+                        # first, on this loop (a no-op once done).
+                        await self.commands.initialize()
                     return await op()
             except Exception as e:  # noqa: BLE001 — classified just below
                 if not transient(e) or time.monotonic() + backoff > deadline:
@@ -198,6 +219,11 @@ def _blocking_twin(commands: Redis, max_connections: int) -> Redis:
     )
 
 
+_TWIN_KEYS = ("username", "password", "credential_provider", "client_name",
+              "socket_connect_timeout", "socket_keepalive", "protocol")
+"""What a blocking twin of a caller's RedisCluster copies from it (with ``ssl_*``)."""
+
+
 def connect(
     redis: str | Redis | RedisCluster | RedisConfig,
     *,
@@ -214,9 +240,11 @@ def connect(
         return Link(redis, blocking, "single", "a client of the caller's", False, retry_for=retry_for)
     if isinstance(redis, RedisCluster):
         # A twin with the caller's settings, without a socket time-out.
-        kw: dict[str, Any] = {k: v for k, v in redis.get_connection_kwargs().items()
-                              if k not in ("host", "port", "connection_class", "redis_connect_func",
-                                           "retry", "event_dispatcher")}
+        given = redis.get_connection_kwargs()
+        kw: dict[str, Any] = {k: v for k, v in given.items()
+                              if k in _TWIN_KEYS or k.startswith("ssl_")}
+        cls = given.get("connection_class")
+        kw["ssl"] = isinstance(cls, type) and issubclass(cls, SSLConnection)
         kw["socket_timeout"] = None
         kw["decode_responses"] = False
         seeds = [ClusterNode(n.host, n.port) for n in redis.get_nodes()] or list(redis.startup_nodes)
