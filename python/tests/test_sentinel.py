@@ -11,13 +11,15 @@ import asyncio
 import json
 from collections import Counter, defaultdict
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 import redis.asyncio
 
-from servers import SentinelSet
+from conftest import free_port
+from servers import Proc, SentinelSet, _base, wait_for
 from stargazer_client import Envelope, InboundEvent, RedisConfig, SentinelConfig, Worker
 
 PLATFORMS = ["s0", "s1", "s2"]
@@ -206,3 +208,37 @@ async def test_a_sentinel_worker_follows_the_primary(sentinels: SentinelSet) -> 
             assert sent.seq is not None
             if round_ == 0:
                 await asyncio.to_thread(sentinels.failover)
+
+
+async def test_a_seq_whose_wait_came_back_short_is_reused_not_skipped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A replica that stalls (DEBUG SLEEP) makes WAIT come back short: the worker
+    tries again, reuses the seq it took while the counter still stands at it under
+    its token, and the channel's numbers stay 1, 2, 3 — no gap for the gateway
+    to wait out."""
+    p = free_port()
+    primary = Proc([*_base(p, tmp_path)], p, tmp_path)
+    r = free_port()
+    replica = Proc([*_base(r, tmp_path), "--replicaof", "127.0.0.1", str(p), "--enable-debug-command", "yes"],
+                   r, tmp_path)
+    try:
+        wait_for("the replica to sync", lambda: replica.client.info("replication")
+                 .get("master_link_status") == "up")
+        cfg = RedisConfig(f"redis://127.0.0.1:{p}", wait_replicas=1, wait_timeout_ms=200)
+        async with Worker(cfg, "s-gap") as w:
+            assert (await w.send("c", "one")).seq == 1
+            stall = asyncio.create_task(asyncio.to_thread(
+                lambda: redis.Redis(port=r).execute_command("DEBUG", "SLEEP", "1.5")))
+            await asyncio.to_thread(wait_for, "the replica to stall",
+                                    lambda: int(primary.client.info("replication")["slave0"]["lag"]) >= 1)
+            assert (await w.send("c", "two")).seq == 2  # short WAITs, then the same seq
+            assert any("taking seq numbers failed" in m and "NotReplicated" in m for m in caplog.messages)
+            await stall
+            assert (await w.send("c", "three")).seq == 3
+            assert int(primary.client.hget(w.keys.channel("c"), "seq")) == 3
+            seqs = [json.loads(f[b"payload"])["seq"] for _, f in primary.client.xrange(w.keys.outbound)]
+            assert sorted(set(seqs)) == [1, 2, 3]
+    finally:
+        replica.stop()
+        primary.stop()

@@ -56,6 +56,10 @@ DEFAULT_MAX_PAYLOAD_BYTES = 8 * 1024 * 1024
 _SEQ_ROOM = 32
 """Bytes kept free under the payload limit for the ``"seq":N,`` spliced in."""
 
+_TAKER_EXPIRY_MS = 3600 * 1000
+"""How long a ``seq`` taker token is kept: long enough for a retry after a
+failover (the Rust publisher's ``TAKER_EXPIRY_MS``)."""
+
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
@@ -250,25 +254,63 @@ class Worker:
             pipe.execute_command("WAIT", self._link.wait_replicas, self._link.wait_timeout_ms)
 
     async def _take_seqs(self, counts: Mapping[str, int]) -> dict[str, int]:
-        """Take ``n`` numbers of each channel's sequence; the first of each."""
+        """Take ``n`` numbers of each channel's sequence; the first of each.
 
-        async def once() -> list[Any]:
+        With ``wait_replicas``, a try whose ``WAIT`` came back short leaves its
+        numbers *held*: the next try reuses them while the counter still stands
+        at them under the token written after the increment (the token follows
+        the increment in the replication stream, so a failover that lost one
+        lost both), instead of taking new ones and leaving a gap the gateway
+        would wait ``gap_timeout_ms`` for. Numbers a failover took away, or
+        that another producer has moved past, are taken again."""
+        wait = self._link.wait_replicas > 0
+        held: dict[str, tuple[int, str]] = {}  # channel → (last number, token)
+
+        async def still_standing() -> dict[str, tuple[int, str]]:
+            if not held:
+                return {}
             pipe: Any = self._redis.pipeline(transaction=False)
-            for channel, n in counts.items():
+            for channel in held:
+                pipe.hget(self.keys.channel(channel), "seq")
+                pipe.get(self.keys.seq_taker(channel))
+            replies = await pipe.execute()
+            out = {}
+            for i, (channel, (last, token)) in enumerate(held.items()):
+                cur, taker = replies[2 * i], replies[2 * i + 1]
+                if cur is not None and int(cur) == last and taker is not None and _redis.text(taker) == token:
+                    out[channel] = (last, token)
+            return out
+
+        async def once() -> dict[str, int]:
+            reuse = await still_standing()
+            held.clear()
+            take = [(c, n) for c, n in counts.items() if c not in reuse]
+            token = secrets.token_hex(8)
+            pipe: Any = self._redis.pipeline(transaction=False)
+            for channel, n in take:
                 key = self.keys.channel(channel)
                 pipe.hincrby(key, "seq", n)
                 pipe.pexpire(key, CHANNEL_IDLE_EXPIRY_MS)
+                if wait:
+                    pipe.set(self.keys.seq_taker(channel), token, px=_TAKER_EXPIRY_MS)
+            for channel in reuse:
+                # A write on this connection, so the WAIT after it covers the increment.
+                pipe.pexpire(self.keys.channel(channel), CHANNEL_IDLE_EXPIRY_MS)
             self._wait(pipe)
             replies: list[Any] = await pipe.execute()
-            if self._link.wait_replicas:
-                self._link.check_replicated(replies[-1])
-            return replies
+            per = 3 if wait else 2
+            taken = {c: (int(replies[per * i]), token) for i, (c, _n) in enumerate(take)}
+            if wait:
+                try:
+                    self._link.check_replicated(replies[-1])
+                except _redis.NotReplicated:
+                    held.update(taken)
+                    held.update(reuse)
+                    raise
+            return {c: last for c, (last, _t) in {**taken, **reuse}.items()}
 
-        replies = await self._link.run("taking seq numbers", once)
-        return {
-            channel: int(replies[2 * i]) - n + 1
-            for i, (channel, n) in enumerate(counts.items())
-        }
+        lasts = await self._link.run("taking seq numbers", once)
+        return {channel: lasts[channel] - n + 1 for channel, n in counts.items()}
 
     async def _xadd(self, fields: dict[str, bytes]) -> str:
         """Append one entry (the same one on every try)."""
