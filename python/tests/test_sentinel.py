@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import subprocess
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -242,3 +245,91 @@ async def test_a_seq_whose_wait_came_back_short_is_reused_not_skipped(
     finally:
         replica.stop()
         primary.stop()
+
+
+async def test_the_gateway_delivers_through_a_sentinel_failover_once_each(
+    sentinels: SentinelSet, stargazer_bin: Path, tmp_path: Path
+) -> None:
+    """Cross-language: `stargazer gateway` under `[redis] sentinel = {…}` with
+    `wait_replicas = 1` delivers everything the package confirmed across a
+    `SENTINEL FAILOVER`: each idempotency key at least once, in seq order per
+    channel; a repeat is counted (the webhook's Idempotency-Key removes it)."""
+    from test_gateway import Receiver
+
+    rx = Receiver()
+    platforms = ["sg0", "sg1"]
+    per_platform = 300
+    urls = ", ".join(f'"{u}"' for u in sentinels.urls)
+    blocks = "".join(f'[[platform]]\nname = "{p}"\nadapter = "webhook"\nurl = "{rx.url}"\n' for p in platforms)
+    config = tmp_path / "stargazer.toml"
+    config.write_text(f"""
+[redis]
+sentinel = {{ master = "{sentinels.master}", urls = [{urls}] }}
+wait_replicas = 1
+[gateway]
+consumer_name = "py-sentinel-gw"
+[consumer]
+block_ms = 100
+drain_timeout_ms = 3000
+{blocks}""")
+    proc = subprocess.Popen([str(stargazer_bin), "gateway", "--config", str(config)],
+                            env={**os.environ, "RUST_LOG": "error"},
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    cfg = config_of(sentinels)
+    workers = [Worker(cfg, p) for p in platforms]
+    confirmed: list[str] = []
+    try:
+        async def produce(w: Worker) -> None:
+            for i in range(per_platform):
+                pub = await w.send(f"c{i % CHANNELS}", f"{w.platform} {i}", message_key=f"sg:msg:{w.platform}:{i}")
+                confirmed.append(pub.message_key or "")
+
+        producers = [asyncio.create_task(produce(w)) for w in workers]
+        while len(confirmed) < len(platforms) * per_platform // 3:
+            assert not any(t.done() for t in producers), [t.exception() for t in producers if t.done()]
+            await asyncio.sleep(0.01)
+        old, new = await asyncio.to_thread(sentinels.failover)
+        await asyncio.wait_for(asyncio.gather(*producers), 120)
+        deadline = asyncio.get_running_loop().time() + 120
+        while not set(confirmed) <= {b["idempotency_key"] for b in rx.bodies()}:
+            assert asyncio.get_running_loop().time() < deadline, "confirmed messages were not delivered"
+            await asyncio.sleep(0.05)
+        got = rx.bodies()
+        keys = Counter(b["idempotency_key"] for b in got)
+        seen: set[str] = set()
+        out_of_order = 0
+        last: dict[tuple[str, str], int] = {}
+        for b in got:
+            if b["idempotency_key"] in seen:
+                continue
+            seen.add(b["idempotency_key"])
+            ch = (b["platform"], b["channel_id"])
+            if b["seq"] <= last.get(ch, 0):
+                out_of_order += 1
+            last[ch] = b["seq"]
+        primary_now = redis.Redis(port=new)
+        try:
+            entries = sum(primary_now.xlen(w.keys.outbound) for w in workers)
+        finally:
+            primary_now.close()
+        figures = {"published": len(confirmed), "stream entries": entries,
+                   "stream copies (written again by the worker)": entries - len(confirmed),
+                   "delivered (distinct)": len(keys),
+                   "resent at the platform": sum(n - 1 for n in keys.values()),
+                   "out of order": out_of_order, "lost": len(set(confirmed) - set(keys))}
+        print(f"\nsentinel gateway failover {old} -> {new}: {figures}")
+        assert figures["lost"] == figures["out of order"] == 0
+        assert figures["delivered (distinct)"] == figures["published"] == len(platforms) * per_platform
+    finally:
+        await asyncio.gather(*[w.aclose() for w in workers])
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        rx.server.shutdown()
+
+
+def config_of(s: SentinelSet) -> RedisConfig:
+    return config(s, wait_replicas=1, wait_timeout_ms=500)
