@@ -146,6 +146,10 @@ class Link:
     def is_cluster(self) -> bool:
         return self.mode == "cluster"
 
+    def gate_for(self, *, blocking: bool) -> AbstractAsyncContextManager[Any]:
+        """The cluster gate of a client (a no-op elsewhere)."""
+        return self._gate(blocking)
+
     def _gate(self, blocking: bool) -> AbstractAsyncContextManager[Any]:
         gate = self.blocking_gate if blocking else self.gate
         return gate if gate is not None else nullcontext()

@@ -289,7 +289,8 @@ class InboundConsumer:
         backoff = self._retry_after or 0.1
         while True:
             try:
-                await self._read()
+                async with self._worker._link.gate_for(blocking=True):
+                    await self._read()
                 return
             except Exception as e:  # noqa: BLE001 — classified just below
                 if isinstance(e, ResponseError) and "NOGROUP" in str(e):

@@ -14,8 +14,8 @@ with the same payload: the same ``seq`` once taken, the same idempotency key
 so a copy that did land before the failure is skipped by the gateway as a
 proven duplicate (SPEC G2) and nothing confirmed is lost. With
 ``RedisConfig(wait_replicas=N)`` a step counts only once N replicas have it
-(``WAIT`` on the same connection), so a failover cannot take a confirmed
-publish away.
+(``WAIT`` on the same connection), so a failover that promotes one of them
+cannot take a confirmed publish away (the limits: docs/reliability.md).
 """
 
 from __future__ import annotations
