@@ -13,6 +13,9 @@ package is the worker side::
         async for event in worker.inbound("bot-1"):          # acknowledged once handled
             ...
 
+One server, a Redis Cluster or a Sentinel-managed primary, with TLS:
+:mod:`~stargazer_client.config` (``RedisConfig``, the gateway's ``[redis]`` keys).
+
 The parts: :mod:`~stargazer_client.envelopes` (build and check an action),
 :mod:`~stargazer_client.worker` (publish it, call RPCs),
 :mod:`~stargazer_client.inbound` (read what users said),
@@ -20,8 +23,9 @@ The parts: :mod:`~stargazer_client.envelopes` (build and check an action),
 """
 
 from ._keys import DEFAULT_CACHE_PREFIX, Keys
+from .config import RedisConfig, SentinelConfig
 from .envelopes import Button, ButtonLike, Envelope
-from .errors import RpcError, RpcTimeout, StargazerError
+from .errors import ConfigError, RpcError, RpcTimeout, StargazerError
 from .inbound import InboundConsumer, InboundEvent
 from .proxy import ProxyPlatformAdapter
 from .rpc import HistoryMessage, ToolContext
@@ -31,6 +35,7 @@ __all__ = [
     "DEFAULT_CACHE_PREFIX",
     "Button",
     "ButtonLike",
+    "ConfigError",
     "Envelope",
     "HistoryMessage",
     "InboundConsumer",
@@ -38,8 +43,10 @@ __all__ = [
     "Keys",
     "ProxyPlatformAdapter",
     "Published",
+    "RedisConfig",
     "RpcError",
     "RpcTimeout",
+    "SentinelConfig",
     "StargazerError",
     "ToolContext",
     "Worker",

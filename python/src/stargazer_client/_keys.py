@@ -63,6 +63,13 @@ class Keys:
         producers' counter."""
         return f"{self.prefix}:{{{self.platform}}}:chan:{channel_id}"
 
+    def seq_taker(self, channel_id: str) -> str:
+        """``sg:{P}:seq_taker:<channel>`` — the token of the producer that took the
+        channel's last ``seq`` under ``wait_replicas`` (as the Rust publisher
+        writes it), so a retry after a short ``WAIT`` can tell that its ``seq``
+        still stands and reuse it instead of leaving a gap."""
+        return f"{self.prefix}:{{{self.platform}}}:seq_taker:{channel_id}"
+
     @property
     def reply_prefix(self) -> str:
         """``sg:{P}:rpc:reply:`` — every RPC reply list starts with this."""

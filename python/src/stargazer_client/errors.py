@@ -12,6 +12,12 @@ class StargazerError(Exception):
     """Base of every error specific to Stargazer."""
 
 
+class ConfigError(StargazerError, ValueError):
+    """A Redis configuration that cannot work (keys that contradict each other, a
+    URL that does not parse, a ``password_env`` variable that is not set, a TLS
+    file that cannot be read); the message names the keys."""
+
+
 class RpcError(StargazerError):
     """A gateway answered an RPC with ``{"error": …}``, or with a reply that
     is not what the method promises."""

@@ -28,9 +28,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import _redis
 
@@ -218,7 +216,10 @@ class InboundConsumer:
 
     async def ack(self, event: InboundEvent) -> None:
         """Acknowledge ``event`` (done for you by both forms)."""
-        await self._worker._redis.xack(self._keys.inbound, self.group, event.stream_id)
+        r = self._worker._redis
+        await self._worker._link.run(
+            "XACK", lambda: r.xack(self._keys.inbound, self.group, event.stream_id)
+        )
         self._failures.pop(event.stream_id, None)
         self._last_error.pop(event.stream_id, None)
         if self._current is not None and self._current.stream_id == event.stream_id:
@@ -269,13 +270,17 @@ class InboundConsumer:
             return None
 
     async def _dead_letter(self, entry_id: str, payload: bytes, reason: str) -> None:
-        pipe = self._worker._redis.pipeline(transaction=True)
-        pipe.xadd(
-            self._keys.inbound_dlq,
-            {"payload": payload, "error": reason, "original_id": entry_id},
-        )
-        pipe.xack(self._keys.inbound, self.group, entry_id)
-        await pipe.execute()
+        async def once() -> None:
+            # One MULTI on one slot: the dead letter and the ack land together.
+            pipe = self._worker._redis.pipeline(transaction=True)
+            pipe.xadd(
+                self._keys.inbound_dlq,
+                {"payload": payload, "error": reason, "original_id": entry_id},
+            )
+            pipe.xack(self._keys.inbound, self.group, entry_id)
+            await pipe.execute()
+
+        await self._worker._link.run("dead-lettering an inbound entry", once)
         self._failures.pop(entry_id, None)
         self._last_error.pop(entry_id, None)
 
@@ -284,14 +289,18 @@ class InboundConsumer:
         backoff = self._retry_after or 0.1
         while True:
             try:
-                await self._read()
+                async with self._worker._link.gate_for(blocking=True):
+                    await self._read()
                 return
-            except ResponseError as e:
-                if "NOGROUP" not in str(e):
+            except Exception as e:  # noqa: BLE001 — classified just below
+                if isinstance(e, ResponseError) and "NOGROUP" in str(e):
+                    # The stream or group was deleted (or lost in a failover): make it again.
+                    self._group_ready = False
+                    continue
+                if not (_redis.transient(e) or isinstance(e, (asyncio.TimeoutError, OSError))):
                     raise
-                self._group_ready = False  # the stream or group was deleted: make it again
-            except (RedisConnectionError, RedisTimeoutError, asyncio.TimeoutError, OSError) as e:
-                log.warning("reading %s failed (%s); retrying in %.1f s", self._keys.inbound, e, backoff)
+                log.warning("reading %s failed (%s: %s); retrying in %.1f s",
+                            self._keys.inbound, type(e).__name__, e, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 

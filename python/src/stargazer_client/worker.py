@@ -6,6 +6,16 @@ a strict kind takes its channel's next ``seq`` with ``HINCRBY`` on field
 idle expiry), then the envelope is appended to ``sg:{<platform>}:outbound``
 as field ``payload``, with ``sig`` when a secret is set. Everything that can
 be wrong with an envelope is found before the first command is sent.
+
+Each step is tried again after a transient failure (a failover, a lost
+connection, a cluster reconfiguring: see :mod:`~stargazer_client._redis`)
+with the same payload: the same ``seq`` once taken, the same idempotency key
+(``message_key``, or an ``idempotency_key`` given to every other strict kind),
+so a copy that did land before the failure is skipped by the gateway as a
+proven duplicate (SPEC G2) and nothing confirmed is lost. With
+``RedisConfig(wait_replicas=N)`` a step counts only once N replicas have it
+(``WAIT`` on the same connection), so a failover that promotes one of them
+cannot take a confirmed publish away (the limits: docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -24,10 +34,12 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from . import _redis
 from ._keys import CHANNEL_IDLE_EXPIRY_MS, DEFAULT_CACHE_PREFIX, Keys
-from .envelopes import KEYED, TYPES, ButtonLike, Envelope, _channel, _ttl
+from .config import RedisConfig
+from .envelopes import KEYED, SEQUENCED, TYPES, ButtonLike, Envelope, _channel, _ttl
 from .errors import RpcError, RpcTimeout
 from .rpc import HistoryMessage, ToolContext, parse_reply
 
@@ -43,6 +55,10 @@ DEFAULT_MAX_PAYLOAD_BYTES = 8 * 1024 * 1024
 
 _SEQ_ROOM = 32
 """Bytes kept free under the payload limit for the ``"seq":N,`` spliced in."""
+
+_TAKER_EXPIRY_MS = 3600 * 1000
+"""How long a ``seq`` taker token is kept: long enough for a retry after a
+failover (the Rust publisher's ``TAKER_EXPIRY_MS``)."""
 
 
 def now_ms() -> int:
@@ -80,17 +96,22 @@ class _Prepared:
 class Worker:
     """A bot worker's handle on one platform.
 
-    ``redis`` is a URL (``redis://``, ``rediss://``, ``unix://``) or an existing
-    ``redis.asyncio.Redis`` (which stays the caller's to close). ``secret`` signs
-    every envelope (the gateway's ``consumer.signing_secret``); ``cache_prefix``
-    is the gateway's ``redis.cache_prefix``, where message keys must live.
+    ``redis`` is a URL (``redis://``, ``rediss://``, ``unix://``), a
+    :class:`~stargazer_client.RedisConfig` (a cluster, a Sentinel-managed
+    primary, TLS files, a password from the environment, ``wait_replicas``),
+    or an existing ``redis.asyncio.Redis`` or ``RedisCluster`` (which stays the
+    caller's to close). ``secret`` signs every envelope (the gateway's
+    ``consumer.signing_secret``); ``cache_prefix`` is the gateway's
+    ``redis.cache_prefix``, where message keys must live. ``retry_for`` is how
+    long (seconds) an operation is tried again after transient failures
+    before its error is raised (0: once).
 
     Use it as ``async with Worker(...) as worker:`` or call :meth:`aclose`.
     """
 
     def __init__(
         self,
-        redis: str | Redis,
+        redis: str | Redis | RedisCluster | RedisConfig,
         platform: str,
         *,
         prefix: str = "sg",
@@ -98,6 +119,7 @@ class Worker:
         cache_prefix: str = DEFAULT_CACHE_PREFIX,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         max_connections: int = 32,
+        retry_for: float = 30.0,
     ) -> None:
         self.keys = Keys(prefix, platform)
         if not isinstance(cache_prefix, str) or not cache_prefix:
@@ -116,12 +138,14 @@ class Worker:
             raise ValueError(f"max_payload_bytes must be an int above {_SEQ_ROOM}")
         if isinstance(max_connections, bool) or not isinstance(max_connections, int) or max_connections < 1:
             raise ValueError("max_connections must be a positive int")
+        if isinstance(retry_for, bool) or not isinstance(retry_for, (int, float)) or not retry_for >= 0:
+            raise ValueError("retry_for must be a number of seconds >= 0")
         self._secret = secret
         self._cache_prefix = cache_prefix
         self._max_payload = max_payload_bytes
-        self._redis, self._blocking, self._owned = _redis.clients(
-            redis, max_connections=max_connections
-        )
+        self._link = _redis.connect(redis, max_connections=max_connections, retry_for=float(retry_for))
+        self._redis: _redis.Client = self._link.commands
+        self._blocking: _redis.Client = self._link.blocking
         # Publishes whose caller was cancelled finish in the background: a
         # channel never waits out its gap timeout for a seq that was taken.
         self._orphans: set[asyncio.Task[Any]] = set()
@@ -129,7 +153,7 @@ class Worker:
     def __repr__(self) -> str:
         return (
             f"Worker(platform={self.keys.platform!r}, prefix={self.keys.prefix!r}, "
-            f"signed={self._secret is not None})"
+            f"signed={self._secret is not None}, redis={self._link.where})"
         )
 
     @property
@@ -155,13 +179,21 @@ class Worker:
         """Wait for publishes still finishing in the background, close the connections."""
         if self._orphans:
             await asyncio.gather(*self._orphans, return_exceptions=True)
-        await self._blocking.aclose(close_connection_pool=True)
-        if self._owned:
-            await self._redis.aclose(close_connection_pool=True)
+        await self._link.aclose()
+
+    @property
+    def mode(self) -> str:
+        """``single``, ``cluster`` or ``sentinel``."""
+        return self._link.mode
 
     async def ping(self) -> None:
-        """Check that Redis answers."""
-        await self._redis.ping()
+        """Check that Redis answers (on a cluster: the node of the platform's slot)."""
+        if isinstance(self._redis, RedisCluster):
+            c = self._redis
+            await self._link.run("PING", lambda: c.execute_command(
+                "PING", target_nodes=c.get_node_from_key(self.keys.outbound)))
+        else:
+            await self._link.run("PING", self._redis.ping)
 
     # ------------------------------------------------------------------ publish
 
@@ -187,6 +219,10 @@ class Worker:
         for name in ("message_key", "target_key"):
             if name in obj:
                 self._check_cache_key(name, obj[name])
+        if envelope.type in SEQUENCED and key is None and "idempotency_key" not in obj:
+            # Without one the gateway derives it from the stream entry id, so a
+            # copy written again after a failover would be sent twice.
+            obj["idempotency_key"] = f"{self.keys.platform}:py:{secrets.token_hex(8)}"
         now = now_ms()
         obj["created_ms"] = now
         if envelope.ttl is not None:
@@ -212,25 +248,91 @@ class Worker:
         sig = "sha256=" + hmac.new(self._secret, payload, hashlib.sha256).hexdigest()
         return {"payload": payload, "sig": sig.encode("ascii")}
 
+    def _wait(self, pipe: Any) -> None:
+        """Append ``WAIT`` to a pipeline: it runs on the connection of the writes before it."""
+        if self._link.wait_replicas:
+            pipe.execute_command("WAIT", self._link.wait_replicas, self._link.wait_timeout_ms)
+
     async def _take_seqs(self, counts: Mapping[str, int]) -> dict[str, int]:
-        """Take ``n`` numbers of each channel's sequence; the first of each."""
-        pipe = self._redis.pipeline(transaction=False)
-        for channel, n in counts.items():
-            key = self.keys.channel(channel)
-            pipe.hincrby(key, "seq", n)
-            pipe.pexpire(key, CHANNEL_IDLE_EXPIRY_MS)
-        replies = await pipe.execute()
-        return {
-            channel: int(replies[2 * i]) - n + 1
-            for i, (channel, n) in enumerate(counts.items())
-        }
+        """Take ``n`` numbers of each channel's sequence; the first of each.
+
+        With ``wait_replicas``, a try whose ``WAIT`` came back short leaves its
+        numbers *held*: the next try reuses them while the counter still stands
+        at them under the token written after the increment (the token follows
+        the increment in the replication stream, so a failover that lost one
+        lost both), instead of taking new ones and leaving a gap the gateway
+        would wait ``gap_timeout_ms`` for. Numbers a failover took away, or
+        that another producer has moved past, are taken again."""
+        wait = self._link.wait_replicas > 0
+        held: dict[str, tuple[int, str]] = {}  # channel → (last number, token)
+
+        async def still_standing() -> dict[str, tuple[int, str]]:
+            if not held:
+                return {}
+            pipe: Any = self._redis.pipeline(transaction=False)
+            for channel in held:
+                pipe.hget(self.keys.channel(channel), "seq")
+                pipe.get(self.keys.seq_taker(channel))
+            replies = await pipe.execute()
+            out = {}
+            for i, (channel, (last, token)) in enumerate(held.items()):
+                cur, taker = replies[2 * i], replies[2 * i + 1]
+                if cur is not None and int(cur) == last and taker is not None and _redis.text(taker) == token:
+                    out[channel] = (last, token)
+            return out
+
+        async def once() -> dict[str, int]:
+            reuse = await still_standing()
+            held.clear()
+            take = [(c, n) for c, n in counts.items() if c not in reuse]
+            token = secrets.token_hex(8)
+            pipe: Any = self._redis.pipeline(transaction=False)
+            for channel, n in take:
+                key = self.keys.channel(channel)
+                pipe.hincrby(key, "seq", n)
+                pipe.pexpire(key, CHANNEL_IDLE_EXPIRY_MS)
+                if wait:
+                    pipe.set(self.keys.seq_taker(channel), token, px=_TAKER_EXPIRY_MS)
+            for channel in reuse:
+                # A write on this connection, so the WAIT after it covers the increment.
+                pipe.pexpire(self.keys.channel(channel), CHANNEL_IDLE_EXPIRY_MS)
+            self._wait(pipe)
+            replies: list[Any] = await pipe.execute()
+            per = 3 if wait else 2
+            taken = {c: (int(replies[per * i]), token) for i, (c, _n) in enumerate(take)}
+            if wait:
+                try:
+                    self._link.check_replicated(replies[-1])
+                except _redis.NotReplicated:
+                    held.update(taken)
+                    held.update(reuse)
+                    raise
+            return {c: last for c, (last, _t) in {**taken, **reuse}.items()}
+
+        lasts = await self._link.run("taking seq numbers", once)
+        return {channel: lasts[channel] - n + 1 for channel, n in counts.items()}
+
+    async def _xadd(self, fields: dict[str, bytes]) -> str:
+        """Append one entry (the same one on every try)."""
+
+        async def once() -> str:
+            if not self._link.wait_replicas:
+                return _redis.text(await self._redis.xadd(self.keys.outbound, fields))  # type: ignore[arg-type]
+            pipe: Any = self._redis.pipeline(transaction=False)
+            pipe.xadd(self.keys.outbound, fields)
+            self._wait(pipe)
+            entry_id, replicas = await pipe.execute()
+            self._link.check_replicated(replicas)
+            return _redis.text(entry_id)
+
+        return await self._link.run("XADD", once)
 
     async def _publish_one(self, p: _Prepared) -> Published:
         seq = None
         if p.sequenced and p.channel_id is not None:
             seq = (await self._take_seqs({p.channel_id: 1}))[p.channel_id]
-        entry_id = await self._redis.xadd(self.keys.outbound, self._fields(p.payload(seq)))  # type: ignore[arg-type]
-        return Published(_redis.text(entry_id), seq, p.message_key)
+        entry_id = await self._xadd(self._fields(p.payload(seq)))
+        return Published(entry_id, seq, p.message_key)
 
     async def _publish_batch(self, batch: Sequence[_Prepared]) -> list[Published]:
         counts: dict[str, int] = {}
@@ -245,11 +347,30 @@ class Worker:
                 nxt[p.channel_id] += 1
             else:
                 seqs.append(None)
-        # One MULTI: the entries land together, in this order, or not at all.
-        pipe = self._redis.pipeline(transaction=True)
-        for p, seq in zip(batch, seqs):
-            pipe.xadd(self.keys.outbound, self._fields(p.payload(seq)))  # type: ignore[arg-type]
-        ids = await pipe.execute()
+        entries = [self._fields(p.payload(seq)) for p, seq in zip(batch, seqs)]
+
+        # One MULTI: the entries land together, in this order, or not at all
+        # (one stream, so one slot on a cluster).
+        async def once() -> list[Any]:
+            if not self._link.wait_replicas:
+                pipe: Any = self._redis.pipeline(transaction=True)
+                for fields in entries:
+                    pipe.xadd(self.keys.outbound, fields)
+                got: list[Any] = await pipe.execute()
+                return got
+            # MULTI … EXEC, then WAIT, on one connection in one round trip.
+            raw: Any = self._redis.pipeline(transaction=False)
+            raw.execute_command("MULTI")
+            for fields in entries:
+                raw.xadd(self.keys.outbound, fields)
+            raw.execute_command("EXEC")
+            self._wait(raw)
+            replies = await raw.execute()
+            self._link.check_replicated(replies[-1])
+            ids: list[Any] = replies[-2]
+            return ids
+
+        ids = await self._link.run("MULTI of XADDs", once)
         return [
             Published(_redis.text(i), s, p.message_key) for i, s, p in zip(ids, seqs, batch)
         ]
@@ -432,7 +553,7 @@ class Worker:
         self._check_cache_key("message_key", message_key)
         deadline = time.monotonic() + wait
         while True:
-            v = await _redis.hget(self._redis, message_key, "message_id")
+            v = await self._link.run("HGET", lambda: _redis.hget(self._redis, message_key, "message_id"))
             if v:
                 return _redis.text(v)
             if time.monotonic() >= deadline:
@@ -468,11 +589,19 @@ class Worker:
             channel_id,
         )
         await self._shielded(self._publish_one(self._prepare(envelope)))
-        try:
-            reply = await asyncio.wait_for(
-                _redis.blpop(self._blocking, reply_key, timeout),
-                timeout + 2.0,
+        deadline = time.monotonic() + timeout
+
+        async def wait_reply() -> Any:
+            # After a failover the wait goes on, on the new primary, for the time left.
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            return await asyncio.wait_for(
+                _redis.blpop(self._blocking, reply_key, max(left, 0.01)), left + 2.0
             )
+
+        try:
+            reply = await self._link.run("BLPOP", wait_reply, blocking=True)
         except asyncio.TimeoutError:
             reply = None
         if reply is None:
