@@ -1101,6 +1101,25 @@ async fn a_sentinel_failover_mid_run_loses_and_reorders_nothing() {
 
 // ---------------------------------------------------------------- wait_replicas
 
+/// A replica of the server on `port`.
+fn replica_of(port: u16) -> RedisServer {
+    RedisServer::start_with(server_bin().as_deref(), move |_, _| {
+        vec!["--replicaof".into(), "127.0.0.1".into(), port.to_string()]
+    })
+    .unwrap()
+}
+
+/// `next_seq` until it succeeds (a replica has acknowledged), within 30 s.
+async fn next_seq_once_replicated(publisher: &stargazer::publish::Publisher, channel: &str) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match publisher.next_seq(channel).await {
+            Ok(s) => return s,
+            Err(e) => assert!(Instant::now() < deadline, "never replicated: {e}"),
+        }
+    }
+}
+
 /// A `seq` whose `WAIT` came back short is handed out again by the next
 /// `next_seq` of its channel once a replica has it, so a producer that
 /// retries leaves no gap (each gap would cost the channel `gap_timeout_ms`).
@@ -1127,17 +1146,8 @@ async fn a_seq_taken_while_replicas_are_short_is_reused_not_skipped() {
     assert_eq!(counter, 1, "the retries took no further seq");
     // A replica arrives: the retry hands out the seq it took first.
     let port = primary.port();
-    let _replica = RedisServer::start_with(server_bin().as_deref(), move |_, _| {
-        vec!["--replicaof".into(), "127.0.0.1".into(), port.to_string()]
-    })
-    .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let seq = loop {
-        match publisher.next_seq("c").await {
-            Ok(s) => break s,
-            Err(e) => assert!(Instant::now() < deadline, "never replicated: {e}"),
-        }
-    };
+    let _replica = replica_of(port);
+    let seq = next_seq_once_replicated(&publisher, "c").await;
     assert_eq!(seq, 1);
     assert_eq!(publisher.next_seq("c").await.unwrap(), 2);
     // Short again, and another producer takes a seq meanwhile: the held one
@@ -1158,17 +1168,8 @@ async fn a_seq_taken_while_replicas_are_short_is_reused_not_skipped() {
         .query_async(&mut conn)
         .await
         .unwrap();
-    let _replica = RedisServer::start_with(server_bin().as_deref(), move |_, _| {
-        vec!["--replicaof".into(), "127.0.0.1".into(), port.to_string()]
-    })
-    .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let seq = loop {
-        match publisher.next_seq("c").await {
-            Ok(s) => break s,
-            Err(e) => assert!(Instant::now() < deadline, "never replicated: {e}"),
-        }
-    };
+    let _replica = replica_of(port);
+    let seq = next_seq_once_replicated(&publisher, "c").await;
     assert_eq!(
         seq,
         held + 1,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import signal
 import subprocess
 import tempfile
 import time
@@ -21,6 +22,18 @@ import redis.asyncio
 from stargazer_client import Worker
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def stop_process(proc: "subprocess.Popen[bytes]", grace: float, sig: int = signal.SIGTERM) -> None:
+    """Send `sig` (SIGTERM) to a child still running, wait up to `grace`
+    seconds for it to exit, and kill it when it does not."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def free_port() -> int:
@@ -73,12 +86,7 @@ class RedisServer:
             client.close()
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc, 5)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import redis
 
-from conftest import free_port
+from conftest import free_port, stop_process
 
 
 def binary(name: str, env: str) -> str:
@@ -90,13 +90,7 @@ class Proc:
 
     def stop(self) -> None:
         self.client.close()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 5)
 
 
 def _base(port: int, dir: Path) -> list[str]:

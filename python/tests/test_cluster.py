@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import subprocess
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
 from rust_rules import Rules, parse_entry
+from conftest import stop_process
 from servers import Cluster, wait_for
 from stargazer_client import Envelope, InboundEvent, RedisConfig, Worker
 
@@ -258,12 +258,7 @@ drain_timeout_ms = 3000
         print(f"\ncluster gateway: {total} published, {len(got)} delivered, 0 duplicated, 0 lost")
     finally:
         await asyncio.gather(*[w.aclose() for w in workers])
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 10)
         rx.server.shutdown()
 
 

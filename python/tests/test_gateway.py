@@ -8,7 +8,6 @@ import asyncio
 import base64
 import json
 import os
-import signal
 import stat
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from typing import Any
 import pytest
 import redis.asyncio
 
-from conftest import REPO, free_port
+from conftest import REPO, free_port, stop_process
 from stargazer_client import Envelope, InboundEvent, RpcError, ToolContext, Worker
 
 
@@ -120,13 +119,7 @@ adapter = "console"
 
     yield start
     for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_process(p, 10)
 
 
 async def dead_letters(r: redis.asyncio.Redis, worker: Worker) -> list[dict[str, str]]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import subprocess
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ import redis
 import redis.asyncio
 
 from conftest import free_port
+from conftest import stop_process
 from servers import Proc, SentinelSet, _base, wait_for
 from stargazer_client import Envelope, InboundEvent, RedisConfig, SentinelConfig, Worker
 
@@ -322,12 +322,7 @@ drain_timeout_ms = 3000
         assert figures["delivered (distinct)"] == figures["published"] == len(platforms) * per_platform
     finally:
         await asyncio.gather(*[w.aclose() for w in workers])
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 10)
         rx.server.shutdown()
 
 
