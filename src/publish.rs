@@ -112,21 +112,12 @@ impl Publisher {
         let mut conn = self.conn.clone();
         let key = self.keys.channel(channel);
         if self.wait.is_none() {
-            let (seq,): (u64,) = redis::pipe()
-                .hincr(&key, "seq", 1)
-                .pexpire(&key, IDLE_EXPIRY_MS)
-                .ignore()
-                .query_async(&mut conn)
-                .await?;
-            return Ok(seq);
+            return self.increment(&key, None).await;
         }
         let held = self.held(channel);
         if let Some((seq, token)) = held {
-            let (cur, taker): (Option<u64>, Option<u64>) = redis::pipe()
-                .hget(&key, "seq")
-                .get(self.keys.seq_taker(channel))
-                .query_async(&mut conn)
-                .await?;
+            let cur: Option<u64> = conn.hget(&key, "seq").await?;
+            let taker: Option<u64> = conn.get(self.keys.seq_taker(channel)).await?;
             if cur == Some(seq) && taker == Some(token) {
                 self.replicated().await?;
                 self.unconfirmed
@@ -141,23 +132,57 @@ impl Publisher {
                 .remove(channel);
         }
         let token: u64 = rand::random();
-        // One connection, one slot: the token follows the increment in the
+        // One slot, one node: the token follows the increment in the
         // replication stream, so a failover that lost the increment lost the
         // token too, and a token that stands means the increment does.
-        let (seq,): (u64,) = redis::pipe()
-            .hincr(&key, "seq", 1)
-            .pexpire(&key, IDLE_EXPIRY_MS)
-            .ignore()
-            .pset_ex(self.keys.seq_taker(channel), token, TAKER_EXPIRY_MS)
-            .ignore()
-            .query_async(&mut conn)
-            .await?;
+        let seq = self.increment(&key, Some((channel, token))).await?;
         if let Err(e) = self.replicated().await {
             self.unconfirmed
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(channel.to_owned(), (seq, token));
             return Err(e);
+        }
+        Ok(seq)
+    }
+
+    /// `HINCRBY key seq 1`, then its idle expiry and (with `taker`) the
+    /// taker token. On one server, one pipeline. On a cluster the increment
+    /// goes alone: a pipeline meeting a slot in migration (ASK) is retried
+    /// whole by the client, and each retry may apply the increment again
+    /// (a run of seq numbers nobody publishes: a gap the gateway waits
+    /// `gap_timeout_ms` for). The follow-ups are idempotent and retried; a
+    /// failed expiry refresh is left to the next publish.
+    async fn increment(&self, key: &str, taker: Option<(&str, u64)>) -> RedisResult<u64> {
+        let mut conn = self.conn.clone();
+        if !self.conn.is_cluster() {
+            let mut pipe = redis::pipe();
+            pipe.hincr(key, "seq", 1)
+                .pexpire(key, IDLE_EXPIRY_MS)
+                .ignore();
+            if let Some((channel, token)) = taker {
+                pipe.pset_ex(self.keys.seq_taker(channel), token, TAKER_EXPIRY_MS)
+                    .ignore();
+            }
+            let (seq,): (u64,) = pipe.query_async(&mut conn).await?;
+            return Ok(seq);
+        }
+        let seq: u64 = conn.hincr(key, "seq", 1).await?;
+        let _: RedisResult<()> = conn.pexpire(key, IDLE_EXPIRY_MS).await;
+        if let Some((channel, token)) = taker {
+            let mut last = None;
+            for _ in 0..3 {
+                match conn
+                    .pset_ex::<_, _, ()>(self.keys.seq_taker(channel), token, TAKER_EXPIRY_MS)
+                    .await
+                {
+                    Ok(()) => return Ok(seq),
+                    Err(e) => last = Some(e),
+                }
+            }
+            // The seq stands but cannot be proven ours on a retry: a retry
+            // takes another (a gap, never a repeat).
+            return Err(last.expect("three attempts"));
         }
         Ok(seq)
     }

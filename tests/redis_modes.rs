@@ -1272,6 +1272,22 @@ async fn a_slot_migrated_mid_run_loses_and_reorders_nothing() {
         async move {}
     })
     .await;
+    // No seq was taken that no entry carries (each would be a gap the
+    // gateway waits gap_timeout_ms for): every counter stands at 100.
+    let mut conn = Target::cluster(cluster.urls()).shared().await.unwrap();
+    for c in 0..10 {
+        let v: Option<u64> = redis::cmd("HGET")
+            .arg(Keys::new("sg", "p0").channel(&format!("c{c}")))
+            .arg("seq")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(
+            v,
+            Some(100),
+            "p0 c{c}: seq numbers taken but never published"
+        );
+    }
     assert_eq!(primary_of(&cluster, "sg:{p0}:outbound"), to);
     assert_eq!((o.lost, o.out_of_order), (0, 0), "{o:?}");
     assert_eq!(o.published, 10_000, "{o:?}");
