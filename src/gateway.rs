@@ -170,8 +170,10 @@ pub async fn run(
                         discord.circuit(),
                     )
                     .map_err(adapter_err)?;
-                    ops_tasks.push(tokio::spawn(Arc::new(session).run(ops_stop.clone())));
-                    info!(platform = %p.name, "discord gateway session enabled (one gateway of the fleet holds it)");
+                    let session = Arc::new(session);
+                    discord.attach_session(session.clone());
+                    ops_tasks.push(tokio::spawn(session.run(ops_stop.clone())));
+                    info!(platform = %p.name, shards = ?p.shards, "discord gateway session enabled (its shards are leased across the fleet)");
                 }
                 Arc::new(discord)
             }

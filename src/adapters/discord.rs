@@ -205,6 +205,9 @@ pub struct DiscordAdapter {
     typing: Typing,
     /// The bot's application id (interaction webhooks), once known.
     application: Mutex<Option<String>>,
+    /// The platform's gateway session in this process, if it runs one
+    /// (for `/readyz`: the shards held here).
+    session: std::sync::OnceLock<std::sync::Arc<gateway::Session>>,
 }
 
 /// How many channels' guilds are remembered in memory before starting over.
@@ -303,6 +306,7 @@ impl DiscordAdapter {
             allowed_mentions: settings.allowed_mentions,
             typing: Typing::new(settings.typing_beat),
             application: Mutex::new(settings.application_id),
+            session: std::sync::OnceLock::new(),
         })
     }
 
@@ -318,6 +322,11 @@ impl DiscordAdapter {
     /// Whether `channel`'s typing indicator is being kept alive.
     pub fn keeps_typing(&self, channel: &str) -> bool {
         self.typing.is_kept(channel)
+    }
+
+    /// The gateway session this process runs for the platform.
+    pub fn attach_session(&self, session: std::sync::Arc<gateway::Session>) {
+        let _ = self.session.set(session);
     }
 
     /// The token's circuit, shared with the gateway session.
@@ -702,6 +711,26 @@ impl Adapter for DiscordAdapter {
 
     fn probe(&self) -> BoxFuture<'_, Result<(), AdapterError>> {
         Box::pin(async move { self.probe_token().await })
+    }
+
+    /// The shards this gateway holds, e.g. `shards 0, 2 of 3 held here`.
+    fn ready_detail(&self) -> Option<String> {
+        let (count, held) = self.session.get()?.shards();
+        let list = if held.is_empty() {
+            "none".to_owned()
+        } else {
+            held.iter()
+                .map(|(id, up)| {
+                    if *up {
+                        id.to_string()
+                    } else {
+                        format!("{id} (connecting)")
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        Some(format!("shards {list} of {count} held here"))
     }
 
     fn deliver<'a>(

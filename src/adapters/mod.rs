@@ -170,6 +170,12 @@ pub trait Adapter: Send + Sync + fmt::Debug {
         None
     }
 
+    /// What `/readyz` adds about this platform when ready (Discord: the
+    /// shards this gateway holds); None: nothing.
+    fn ready_detail(&self) -> Option<String> {
+        None
+    }
+
     /// While the platform's circuit is open (a send returned [`Retry::Halt`]),
     /// the dispatcher calls this with backoff; `Ok` closes the circuit and
     /// sends resume. It must be cheap and must not send anything a user sees
@@ -346,6 +352,7 @@ pub fn discord_session_from_config(
             lease: Duration::from_millis(p.session_lease_ms),
             owner: owner.to_owned(),
             interaction_defer: Duration::from_millis(p.interaction_defer_ms),
+            shards: p.shards,
             commands: p
                 .commands
                 .iter()

@@ -1,64 +1,80 @@
 //! The Discord gateway session: one websocket (API v10, JSON encoding, no
-//! compression) per Discord platform, held by exactly one gateway process at a
-//! time, that turns what users do into inbound events and carries presence
-//! updates (op 3).
+//! compression) per shard of a Discord platform, each shard held by exactly
+//! one gateway process of the fleet at a time, that turns what users do into
+//! inbound events and carries presence updates (op 3) on every shard.
 //!
-//! **One holder.** `{base}session:lease` is taken with `SET NX PX` semantics
-//! (value = the gateway's consumer name) and renewed every lease/3 with a
-//! compare-and-pexpire script; only the holder runs the websocket, and a
-//! holder that fails to renew closes it at once. Others try again every
-//! lease/3. On stop the holder closes with code 4000 (not 1000, which would
-//! invalidate the session) and deletes the lease if still its own, so the next
-//! holder RESUMEs.
+//! **Shards** ([`shards`]). The shard count is `shards` (a number) or, with
+//! `shards = "auto"`, what `GET /gateway/bot` recommends, stored for the fleet
+//! in `{base}shards`. Each gateway registers as live in `{base}shard:members`
+//! and takes free shard leases (`{base}shard:<n>:lease`, `SET NX PX`, value =
+//! its consumer name) up to its fair share, ceil(shards / live gateways); one
+//! holding more than its share hands the highest back (closing with 4000 so
+//! the next holder resumes). A dead holder's leases expire after
+//! `session_lease_ms` and the survivors take them. Close 4010/4011 re-fetch
+//! the count and reshard the fleet (once: the count changes only from the
+//! value the gateway saw).
 //!
-//! **Nothing lost across a handover.** `{base}session` (hash `session_id`,
-//! `resume_url`, `seq`, `user_id`) is written on READY; `seq` moves in the same
-//! Lua script (fenced by the lease) as the inbound XADD and the other writes of
-//! the event it belongs to, so the stored seq never runs ahead of what was
-//! recorded and a node that takes over RESUMEs from there: Discord replays
-//! the rest. Events that record nothing move the stored seq lazily (at the
-//! next heartbeat, and on stop). A replayed event at or below the seq already
-//! processed is skipped.
+//! **Identify spacing.** Discord allows one IDENTIFY per rate-limit bucket
+//! (`shard % max_concurrency`) per 5 s for the whole bot: a shard identifies
+//! only once it has set `{base}identify:<bucket>` (`SET NX PX 5000`), so the
+//! fleet keeps the rule whichever gateways hold which shards.
+//!
+//! **One holder per shard.** A holder renews its shard's lease every lease/3
+//! with a compare-and-pexpire script and closes the websocket at once when it
+//! fails to. On stop it closes with code 4000 (not 1000, which would
+//! invalidate the session) and deletes the lease if still its own, so the
+//! next holder RESUMEs.
+//!
+//! **Nothing lost across a handover.** `{base}shard:<n>:session` (hash
+//! `session_id`, `resume_url`, `seq`, `user_id`, `shards`) is written on
+//! READY; `seq` moves in the same Lua script (fenced by the shard's lease) as
+//! the inbound XADD and the other writes of the event it belongs to, so the
+//! stored seq never runs ahead of what was recorded and a node that takes
+//! over RESUMEs from there: Discord replays the rest. Events that record
+//! nothing move the stored seq lazily (at the next heartbeat, and on stop). A
+//! replayed event at or below the seq already processed is skipped. A session
+//! stored for another shard count is not resumed.
 //!
 //! **Presence.** [`set_presence`] stores `{base}presence` (latest wins) and
-//! publishes on the channel of the same name; the holder reads the key on a
-//! notification (and once after READY/RESUMED) and sends op 3 with a custom
-//! status, coalescing bursts and keeping within the gateway's 120 events per
-//! 60 s. Identify carries the stored presence too.
+//! publishes on the channel of the same name; every shard's holder reads the
+//! key on a notification (and once after READY/RESUMED) and sends op 3 with a
+//! custom status, coalescing bursts and keeping within the gateway's 120
+//! events per 60 s. Identify carries the stored presence too.
 //!
 //! **Side tables** for the adapter: `{base}guilds` (channel id → guild id, from
 //! GUILD_CREATE, CHANNEL_CREATE/UPDATE, THREAD_CREATE/UPDATE, MESSAGE_CREATE)
 //! and `{base}nonce:<nonce>` (the id of a message this bot sent with that
 //! nonce, for a day).
 //!
-//! **Lifecycle** (Discord's documented one): Hello → heartbeats (first after
-//! interval × jitter, `d` = last seq; no ACK since the previous one = zombie:
-//! close and resume) → Identify or Resume → READY / RESUMED. Op 7 → resume;
-//! op 9 → resume (d = true) or identify afresh (d = false) after 1–5 s. Close
-//! codes 4010–4014 are fatal (logged with the fix, no reconnect); 4004 (and
-//! a 401 from `GET /gateway/bot`) opens the token's [`super::Circuit`] and the
-//! session reconnects once a probe succeeds;
-//! others reconnect with exponential backoff (1 s doubling to 30 s, reset by
-//! a successful session); three resumes in a row that do not come up give
-//! way to a fresh Identify. At most one IDENTIFY per 5 s from one session.
-
+//! **Lifecycle** (Discord's documented one, per shard): Hello → heartbeats
+//! (first after interval × jitter, `d` = last seq; no ACK since the previous
+//! one = zombie: close and resume) → Identify (with `shard: [n, count]`) or
+//! Resume → READY / RESUMED. Op 7 → resume; op 9 → resume (d = true) or
+//! identify afresh (d = false) after 1–5 s. Close codes 4012–4014 are fatal
+//! (logged with the fix, no reconnect); 4010/4011 reshard; 4004 (and a 401
+//! from `GET /gateway/bot`) opens the token's [`super::Circuit`] and the shard
+//! reconnects once a probe succeeds; others reconnect with exponential
+//! backoff (1 s doubling to 30 s, reset by a successful session); three
+//! resumes in a row that do not come up give way to a fresh Identify.
 //!
-//! **Layout.** [`lease`](self) (keys and fenced scripts), `protocol` (the
-//! [`protocol::Op`] and [`protocol::CloseCode`] enums, presence objects),
-//! `connection` (one websocket from connect to close), `budget` (the send
-//! budget), `events` (pure event mapping); interactions are deferred by
+//! **Layout.** [`lease`](self) (keys and fenced scripts), `shards` (the
+//! fleet's shard leasing), `protocol` (the [`protocol::Op`] and
+//! [`protocol::CloseCode`] enums, presence objects), `connection` (one
+//! websocket from connect to close), `budget` (the send budget), `events`
+//! (pure event mapping); interactions are deferred by
 //! [`super::interactions::AutoDefer`].
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::ops::Deref;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::bus::Conn;
 use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
-use redis::{AsyncCommands, RedisResult, Script};
+use redis::{AsyncCommands, RedisResult};
 use reqwest::Url;
 use reqwest::header::AUTHORIZATION;
 use serde_json::{Value, json};
@@ -79,15 +95,19 @@ mod connection;
 mod events;
 mod lease;
 pub mod protocol;
+pub mod shards;
 
 use connection::watch_presence;
 
 use budget::{Budget, PRESENCE_RESERVE};
 pub use events::to_inbound;
 use events::{Writes, str_at, writes_for};
-use lease::{ACQUIRE, COMMIT, RELEASE, RENEW, WRITE_SESSION, lease_key, presence_key, session_key};
-pub use lease::{guilds_key, nonce_key, set_presence};
+use lease::{COMMIT, RELEASE, RENEW, WRITE_SESSION, identify_key, presence_key};
+pub use lease::{
+    guilds_key, nonce_key, set_presence, shard_lease_key, shard_session_key, shards_key,
+};
 use protocol::{CloseCode, Op, gateway_request_url, presence_object};
+pub use shards::ShardCount;
 
 /// GUILDS | GUILD_MESSAGES | GUILD_MESSAGE_REACTIONS | DIRECT_MESSAGES |
 /// DIRECT_MESSAGE_REACTIONS | MESSAGE_CONTENT (privileged: enable it in the
@@ -99,6 +119,7 @@ pub const DEFAULT_LEASE: Duration = Duration::from_secs(15);
 const CLOSE_RESUMABLE: u16 = 4000;
 /// How long a bot-sent message's nonce is remembered.
 const NONCE_TTL_S: u64 = 86_400;
+/// Discord's identify rate limit: one per bucket per this long.
 const IDENTIFY_GAP: Duration = Duration::from_secs(5);
 const BACKOFF_BASE: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -130,6 +151,8 @@ pub struct SessionSettings {
     pub interaction_defer: Duration,
     /// Application commands registered on READY (Discord's command objects).
     pub commands: Vec<Value>,
+    /// How many shards the bot runs: Discord's recommendation, or a number.
+    pub shards: ShardCount,
 }
 
 impl SessionSettings {
@@ -146,6 +169,7 @@ impl SessionSettings {
             owner: owner.to_owned(),
             interaction_defer: Duration::from_millis(2000),
             commands: Vec::new(),
+            shards: ShardCount::Auto,
         }
     }
 }
@@ -157,6 +181,8 @@ struct Resume {
     resume_url: Option<String>,
     seq: Option<u64>,
     user_id: Option<String>,
+    /// The shard count the session was identified with.
+    shards: Option<u32>,
 }
 
 impl Resume {
@@ -177,7 +203,8 @@ enum Commit {
     Fenced,
 }
 
-/// How one hold of the lease ended.
+/// How one hold of a shard's lease ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Held {
     Stopped,
     /// The lease was lost, or Redis failed: try again later.
@@ -185,6 +212,8 @@ enum Held {
     Fatal,
     /// Discord refused the token (close 4004, or a 401): the circuit is open.
     Refused,
+    /// Close 4010/4011: the shard count is wrong; reshard.
+    Reshard,
 }
 
 /// How one websocket connection ended.
@@ -194,6 +223,8 @@ enum End {
     Fatal(String),
     /// The token was refused (close 4004, or a 401): wait for the circuit.
     Refused(String),
+    /// Close 4010 (invalid shard) or 4011 (sharding required).
+    Reshard(String),
     /// Connect again (resume if the session is known) after `wait`, or after
     /// the backoff when `None`. `healthy`: the connection had READY/RESUMED.
     Again {
@@ -244,7 +275,19 @@ struct Live {
     presence_due: Option<Instant>,
 }
 
-/// A Discord gateway session; see the module documentation.
+/// What `GET /gateway/bot` answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BotGateway {
+    pub url: String,
+    /// The shard count Discord recommends.
+    pub shards: u32,
+    /// Identifies Discord takes at once (one per bucket per 5 s).
+    pub max_concurrency: u32,
+}
+
+/// A Discord platform's sharded gateway session in this process: it leases
+/// shards from the fleet and runs one websocket per shard it holds; see the
+/// module documentation.
 pub struct Session {
     settings: SessionSettings,
     client: redis::Client,
@@ -254,9 +297,14 @@ pub struct Session {
     /// `sg:{P}:inbound`: written in the same script as the event's seq.
     inbound_key: String,
     http: reqwest::Client,
-    connected: AtomicBool,
-    last_identify: Mutex<Option<Instant>>,
-    gateway_cache: Mutex<Option<String>>,
+    /// The shards this gateway holds now, each with whether it is connected
+    /// (READY or RESUMED).
+    held: Mutex<BTreeMap<u32, Arc<AtomicBool>>>,
+    /// The shard count in force (0 until known).
+    count: AtomicU32,
+    /// Discord's `max_concurrency` (identify buckets); 1 until known.
+    max_concurrency: AtomicU32,
+    gateway_cache: Mutex<Option<BotGateway>>,
     /// The token's circuit, shared with the platform's adapter: a 4004 opens it.
     circuit: Arc<super::Circuit>,
     /// Defers interactions no worker answered in time.
@@ -269,6 +317,7 @@ impl fmt::Debug for Session {
             .field("settings", &self.settings)
             .field("base", &self.base)
             .field("connected", &self.connected())
+            .field("shards", &self.shards())
             .finish()
     }
 }
@@ -318,59 +367,33 @@ impl Session {
             base: keys.discord(),
             inbound_key: keys.inbound(),
             http,
-            connected: AtomicBool::new(false),
-            last_identify: Mutex::new(None),
+            held: Mutex::new(BTreeMap::new()),
+            count: AtomicU32::new(0),
+            max_concurrency: AtomicU32::new(1),
             gateway_cache: Mutex::new(None),
             circuit,
             auto_defer,
         })
     }
 
-    /// True while this process holds a live, identified or resumed session.
+    /// True while this process holds a live, identified or resumed shard.
     pub fn connected(&self) -> bool {
-        self.connected.load(Ordering::SeqCst)
+        self.lock_held().values().any(|c| c.load(Ordering::SeqCst))
     }
 
-    /// Hold the session whenever this process has the lease, until `stop`.
-    pub async fn run(self: Arc<Self>, stop: CancellationToken) {
-        let tick = self.settings.lease / 3;
-        loop {
-            if stop.is_cancelled() {
-                return;
-            }
-            match self.acquire().await {
-                Ok(true) => {
-                    debug!(platform = %self.settings.platform, owner = %self.settings.owner, "holding the discord session lease");
-                    let held = self.hold(&stop).await;
-                    self.connected.store(false, Ordering::SeqCst);
-                    if let Err(e) = self.release().await {
-                        warn!(platform = %self.settings.platform, error = %e, "could not release the discord session lease");
-                    }
-                    match held {
-                        Held::Stopped => return,
-                        Held::Fatal => {
-                            stop.cancelled().await;
-                            return;
-                        }
-                        Held::Refused => {
-                            tokio::select! {
-                                _ = self.wait_for_token() => {}
-                                _ = stop.cancelled() => return,
-                            }
-                        }
-                        Held::Retry => {}
-                    }
-                }
-                Ok(false) => {}
-                Err(e) => {
-                    warn!(platform = %self.settings.platform, error = %e, "could not take the discord session lease; retrying");
-                }
-            }
-            tokio::select! {
-                _ = sleep(tick) => {}
-                _ = stop.cancelled() => return,
-            }
-        }
+    /// The shard count in force (0 until known) and the shards this gateway
+    /// holds, each with whether it is connected.
+    pub fn shards(&self) -> (u32, Vec<(u32, bool)>) {
+        let held = self
+            .lock_held()
+            .iter()
+            .map(|(id, c)| (*id, c.load(Ordering::SeqCst)))
+            .collect();
+        (self.count.load(Ordering::SeqCst), held)
+    }
+
+    fn lock_held(&self) -> std::sync::MutexGuard<'_, BTreeMap<u32, Arc<AtomicBool>>> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// While the token is refused: probe it (`GET /users/@me`, shared
@@ -425,20 +448,34 @@ impl Session {
     fn lease_ms(&self) -> u64 {
         self.settings.lease.as_millis() as u64
     }
+}
 
-    async fn acquire(&self) -> RedisResult<bool> {
-        self.lease_script(&ACQUIRE).await
+/// One shard this gateway holds: its lease, its stored session, and the
+/// websocket it runs; the shared parts are its [`Session`]'s.
+pub(super) struct Runner {
+    fleet: Arc<Session>,
+    /// This shard's id and the shard count it was leased under.
+    id: u32,
+    count: u32,
+    /// `{base}shard:<id>:lease`, `{base}shard:<id>:session`.
+    lease: String,
+    session: String,
+    /// READY or RESUMED on the current connection.
+    connected: Arc<AtomicBool>,
+}
+
+impl Deref for Runner {
+    type Target = Session;
+    fn deref(&self) -> &Session {
+        &self.fleet
     }
+}
 
+impl Runner {
     async fn renew(&self) -> RedisResult<bool> {
-        self.lease_script(&RENEW).await
-    }
-
-    /// Run a lease script (take or renew) for this owner: whether it is ours now.
-    async fn lease_script(&self, script: &Script) -> RedisResult<bool> {
         let mut conn = self.conn.clone();
-        let n: i64 = script
-            .key(lease_key(&self.base))
+        let n: i64 = RENEW
+            .key(&self.lease)
             .arg(&self.settings.owner)
             .arg(self.lease_ms())
             .invoke_async(&mut conn)
@@ -449,11 +486,27 @@ impl Session {
     async fn release(&self) -> RedisResult<()> {
         let mut conn = self.conn.clone();
         let _: i64 = RELEASE
-            .key(lease_key(&self.base))
+            .key(&self.lease)
             .arg(&self.settings.owner)
             .invoke_async(&mut conn)
             .await?;
         Ok(())
+    }
+
+    /// Hold the shard until `stop` (or the lease is lost), then release it.
+    async fn run(self: Arc<Self>, stop: CancellationToken) -> Held {
+        let held = self.hold(&stop).await;
+        self.connected.store(false, Ordering::SeqCst);
+        if let Err(e) = self.release().await {
+            warn!(platform = %self.settings.platform, shard = self.id, error = %e, "could not release the discord shard lease");
+        }
+        if held == Held::Refused {
+            tokio::select! {
+                _ = self.wait_for_token() => {}
+                _ = stop.cancelled() => return Held::Stopped,
+            }
+        }
+        held
     }
 
     /// Run the session while the lease is ours.
@@ -488,12 +541,12 @@ impl Session {
             match self.renew().await {
                 Ok(true) => {}
                 Ok(false) => {
-                    warn!(platform = %self.settings.platform, "the discord session lease is held by another gateway; closing the websocket");
+                    warn!(platform = %self.settings.platform, shard = self.id, "the discord shard lease is held by another gateway; closing the websocket");
                     lost.cancel();
                     return;
                 }
                 Err(e) => {
-                    warn!(platform = %self.settings.platform, error = %e, "could not renew the discord session lease; closing the websocket");
+                    warn!(platform = %self.settings.platform, shard = self.id, error = %e, "could not renew the discord shard lease; closing the websocket");
                     lost.cancel();
                     return;
                 }
@@ -537,8 +590,12 @@ impl Session {
                     };
                 }
                 End::Fatal(why) => {
-                    error!(platform = %self.settings.platform, "discord gateway: {why}; not reconnecting until restarted");
+                    error!(platform = %self.settings.platform, shard = self.id, "discord gateway: {why}; not reconnecting until restarted");
                     return Held::Fatal;
+                }
+                End::Reshard(why) => {
+                    warn!(platform = %self.settings.platform, shard = self.id, shards = self.count, "discord gateway: {why}; resharding");
+                    return Held::Reshard;
                 }
                 End::Refused(why) => {
                     self.circuit.open(&why);
@@ -595,14 +652,16 @@ impl Session {
 
     async fn load_session(&self) -> RedisResult<Resume> {
         let mut conn = self.conn.clone();
-        let h: HashMap<String, String> = conn.hgetall(session_key(&self.base)).await?;
+        let h: HashMap<String, String> = conn.hgetall(&self.session).await?;
         let mut st = Resume {
             session_id: h.get("session_id").cloned().filter(|s| !s.is_empty()),
             resume_url: h.get("resume_url").cloned().filter(|s| !s.is_empty()),
             seq: h.get("seq").and_then(|s| s.parse().ok()),
             user_id: h.get("user_id").cloned().filter(|s| !s.is_empty()),
+            shards: h.get("shards").and_then(|s| s.parse().ok()),
         };
-        if !st.can_resume() {
+        // A session of another shard count covers other guilds: start afresh.
+        if !st.can_resume() || st.shards.is_some_and(|n| n != self.count) {
             st.forget();
         }
         Ok(st)
@@ -612,8 +671,8 @@ impl Session {
     async fn write_session(&self, st: Option<&Resume>) -> RedisResult<Commit> {
         let mut conn = self.conn.clone();
         let mut inv = WRITE_SESSION.prepare_invoke();
-        inv.key(lease_key(&self.base))
-            .key(session_key(&self.base))
+        inv.key(&self.lease)
+            .key(&self.session)
             .arg(&self.settings.owner);
         if let Some(st) = st {
             let fields = [
@@ -621,6 +680,7 @@ impl Session {
                 ("resume_url", st.resume_url.clone()),
                 ("seq", st.seq.map(|s| s.to_string())),
                 ("user_id", st.user_id.clone()),
+                ("shards", Some(self.count.to_string())),
             ];
             for (k, v) in fields {
                 if let Some(v) = v {
@@ -646,8 +706,8 @@ impl Session {
             None => (nonce_key(&self.base, ""), String::new()),
         };
         let mut inv = COMMIT.prepare_invoke();
-        inv.key(lease_key(&self.base))
-            .key(session_key(&self.base))
+        inv.key(&self.lease)
+            .key(&self.session)
             .key(&self.inbound_key)
             .key(guilds_key(&self.base))
             .key(nonce)
@@ -664,27 +724,86 @@ impl Session {
         Ok(if n == 1 { Commit::Done } else { Commit::Fenced })
     }
 
+    /// Wait for this shard's identify slot: Discord takes one IDENTIFY per
+    /// bucket (`shard % max_concurrency`) per 5 s from the whole bot, so the
+    /// slot is a key the fleet shares. `false`: the lease was lost first.
+    async fn identify_slot(&self, lost: &CancellationToken) -> bool {
+        let buckets = self.max_concurrency.load(Ordering::SeqCst).max(1);
+        let key = identify_key(&self.base, self.id % buckets);
+        let me = format!("{}:{}", self.settings.owner, self.id);
+        loop {
+            if lost.is_cancelled() {
+                return false;
+            }
+            let mut conn = self.conn.clone();
+            let taken: RedisResult<(Option<String>, i64)> = redis::pipe()
+                .cmd("SET")
+                .arg(&key)
+                .arg(&me)
+                .arg("NX")
+                .arg("PX")
+                .arg(IDENTIFY_GAP.as_millis() as u64)
+                .cmd("PTTL")
+                .arg(&key)
+                .query_async(&mut conn)
+                .await;
+            let wait = match taken {
+                Ok((Some(_), _)) => return true,
+                Ok((None, ttl)) => {
+                    debug!(platform = %self.settings.platform, shard = self.id, wait_ms = ttl, "waiting for the identify slot of the shard's bucket");
+                    Duration::from_millis(ttl.clamp(10, 5_000) as u64)
+                }
+                Err(e) => {
+                    warn!(platform = %self.settings.platform, shard = self.id, error = %e, "could not take the identify slot; retrying");
+                    Duration::from_secs(1)
+                }
+            };
+            tokio::select! {
+                _ = sleep(wait) => {}
+                _ = lost.cancelled() => return false,
+            }
+        }
+    }
+
+    /// The IDENTIFY went out: its bucket's 5 s count from now.
+    async fn identify_sent(&self) {
+        let buckets = self.max_concurrency.load(Ordering::SeqCst).max(1);
+        let key = identify_key(&self.base, self.id % buckets);
+        let mut conn = self.conn.clone();
+        let r: RedisResult<()> = redis::cmd("SET")
+            .arg(&key)
+            .arg(format!("{}:{}", self.settings.owner, self.id))
+            .arg("PX")
+            .arg(IDENTIFY_GAP.as_millis() as u64)
+            .query_async(&mut conn)
+            .await;
+        if let Err(e) = r {
+            warn!(platform = %self.settings.platform, shard = self.id, error = %e, "could not renew the identify slot");
+        }
+    }
+}
+
+impl Session {
     async fn read_presence(&self) -> RedisResult<Option<Value>> {
         let mut conn = self.conn.clone();
         let raw: Option<String> = conn.get(presence_key(&self.base)).await?;
         Ok(raw.and_then(|r| serde_json::from_str(&r).ok()))
     }
 
-    fn identify_wait(&self) -> Duration {
-        let last = *self.last_identify.lock().unwrap_or_else(|e| e.into_inner());
-        last.map(|t| (t + IDENTIFY_GAP).saturating_duration_since(Instant::now()))
-            .unwrap_or(Duration::ZERO)
-    }
-
-    fn mark_identify(&self) {
-        *self.last_identify.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
-    }
-
-    /// The URL to identify at: the configured one, else `GET /gateway/bot`.
+    /// The URL to identify at: the configured one, else `GET /gateway/bot`'s
+    /// (which also refreshes `max_concurrency`).
     async fn identify_url(&self, lost: &CancellationToken) -> Result<String, End> {
         if let Some(u) = &self.settings.gateway_url {
             return Ok(u.clone());
         }
+        let bot = self.gateway_bot(lost, true).await?;
+        Ok(bot.url)
+    }
+
+    /// Ask `GET /gateway/bot` (URL, recommended shards, session start limit):
+    /// on a failure the last answer, if any. With `start`, an exhausted
+    /// session start limit is waited out (the caller is about to identify).
+    async fn gateway_bot(&self, lost: &CancellationToken, start: bool) -> Result<BotGateway, End> {
         let url = format!(
             "{}/gateway/bot",
             self.settings.api_base.trim_end_matches('/')
@@ -704,9 +823,9 @@ impl Session {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         let failed = |why: String| {
-            if let Some(u) = &cached {
-                warn!(platform = %self.settings.platform, "GET /gateway/bot failed ({why}); using the last gateway URL");
-                Ok(u.clone())
+            if let Some(b) = &cached {
+                warn!(platform = %self.settings.platform, "GET /gateway/bot failed ({why}); using its last answer");
+                Ok(b.clone())
             } else {
                 warn!(platform = %self.settings.platform, "GET /gateway/bot failed: {why}");
                 Err(End::Again {
@@ -734,7 +853,20 @@ impl Session {
             return failed("no `url` in the answer".into());
         };
         let limit = &body["session_start_limit"];
-        if limit.get("remaining").and_then(Value::as_u64) == Some(0) {
+        let bot = BotGateway {
+            url: url.to_owned(),
+            shards: body
+                .get("shards")
+                .and_then(Value::as_u64)
+                .map_or(1, |n| n.clamp(1, u64::from(shards::MAX_SHARDS)) as u32),
+            max_concurrency: limit
+                .get("max_concurrency")
+                .and_then(Value::as_u64)
+                .map_or(1, |n| n.clamp(1, 1024) as u32),
+        };
+        self.max_concurrency
+            .store(bot.max_concurrency, Ordering::SeqCst);
+        if start && limit.get("remaining").and_then(Value::as_u64) == Some(0) {
             let wait = Duration::from_millis(limit["reset_after"].as_u64().unwrap_or(5000));
             warn!(platform = %self.settings.platform, wait_ms = wait.as_millis() as u64, "no discord session starts left today; waiting for the reset");
             tokio::select! {
@@ -742,8 +874,8 @@ impl Session {
                 _ = lost.cancelled() => return Err(End::Cancelled),
             }
         }
-        *self.gateway_cache.lock().unwrap_or_else(|e| e.into_inner()) = Some(url.to_owned());
-        Ok(url.to_owned())
+        *self.gateway_cache.lock().unwrap_or_else(|e| e.into_inner()) = Some(bot.clone());
+        Ok(bot)
     }
 }
 
