@@ -44,7 +44,7 @@
 //! past the window. Every such resend is counted by result
 //! (`stargazer_discord_unknown_outcomes_total`).
 //!
-//! Rate limits ([`Limiter`], script `discord/lua/limits.lua`): before each request
+//! Rate limits ([`Limiter`], script `src/bus/lua/discord/limits.lua`): before each request
 //! the adapter takes, atomically in Redis, a permit of the invalid-request
 //! budget, of a global 429's block, of the route's bucket (learned from
 //! `X-RateLimit-Bucket`/`-Limit`/`-Remaining`/`-Reset-After`) and of the

@@ -29,11 +29,7 @@ pub const PROBE_BASE: Duration = Duration::from_secs(1);
 /// The longest wait between probes.
 pub const PROBE_MAX: Duration = Duration::from_secs(30);
 
-/// `{base}auth:refused`: why Discord refused the token, while it does (the
-/// key `limits.lua` checks before every request of every gateway).
-pub fn refused_key(base: &str) -> String {
-    format!("{base}auth:refused")
-}
+pub use crate::bus::discord::refused_key;
 
 #[derive(Debug)]
 struct Open {

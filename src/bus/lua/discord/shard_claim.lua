@@ -4,7 +4,8 @@
 -- KEYS[1] = the live gateways (a sorted set: owner -> expiry ms, Redis time);
 -- KEYS[2..n+1] = the lease of shard 0..n-1 (value: the holder's owner name).
 -- ARGV[1] = owner, ARGV[2] = lease ttl ms, ARGV[3] = '1' to take free shards
--- ('0': only report, e.g. while the token is refused).
+-- ('0': only report, e.g. while the token is refused; such a gateway does not
+-- count as live, so the others' shares leave it nothing to wait for).
 --
 -- share = ceil(n / live gateways). Returns {held, excess, live}: the shards
 -- this owner holds after the call (taken ones included) and, when it holds
@@ -13,10 +14,14 @@
 local owner, ttl = ARGV[1], tonumber(ARGV[2])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZADD', KEYS[1], now + ttl, owner)
+if ARGV[3] == '1' then
+  redis.call('ZADD', KEYS[1], now + ttl, owner)
+else
+  redis.call('ZREM', KEYS[1], owner)
+end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 redis.call('PEXPIRE', KEYS[1], ttl * 4)
-local live = redis.call('ZCARD', KEYS[1])
+local live = math.max(redis.call('ZCARD', KEYS[1]), 1)
 local n = #KEYS - 1
 local share = math.floor((n + live - 1) / live)
 local held = {}
