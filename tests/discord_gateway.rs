@@ -20,10 +20,10 @@ use axum::routing::{get, post};
 use common::Rig;
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use stargazer::adapters::discord::Circuit;
 use stargazer::adapters::discord::gateway::{
     DEFAULT_INTENTS, Session, SessionSettings, ShardCount, guilds_key, nonce_key, set_presence,
 };
+use stargazer::circuit::Circuit;
 use stargazer::inbound::InboundEvent;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
@@ -325,6 +325,8 @@ struct HttpBook {
     originals: Vec<(String, Value)>,
     /// (application id, commands) of each registration.
     commands: Vec<(String, Value)>,
+    /// `GET /users/@me` requests: token probes.
+    probes: usize,
 }
 
 fn discord_error(status: StatusCode, code: u64, message: &str) -> axum::response::Response {
@@ -342,7 +344,7 @@ impl FakeHttp {
         let book = Arc::new(Mutex::new(HttpBook::default()));
         let b1 = book.clone();
         let b2 = book.clone();
-        let (b3, b4, b5) = (book.clone(), book.clone(), book.clone());
+        let (b3, b4, b5, b6) = (book.clone(), book.clone(), book.clone(), book.clone());
         let app = Router::new()
             .route(
                 "/api/v10/gateway/bot",
@@ -414,7 +416,10 @@ impl FakeHttp {
             )
             .route(
                 "/api/v10/users/@me",
-                get(|| async { Json(json!({"id": BOT, "username": "stargazer", "bot": true})) }),
+                get(move || async move {
+                    b6.lock().unwrap().probes += 1;
+                    Json(json!({"id": BOT, "username": "stargazer", "bot": true}))
+                }),
             );
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -448,7 +453,7 @@ struct Running {
     owner: String,
     session: Arc<Session>,
     /// The token's circuit the session shares with the platform's adapter.
-    circuit: Arc<Circuit>,
+    circuit: Circuit,
     stop: CancellationToken,
     task: JoinHandle<()>,
 }
@@ -467,10 +472,17 @@ impl Running {
 fn start(rig: &Rig, settings: SessionSettings) -> Running {
     let owner = settings.owner.clone();
     let client = redis::Client::open(rig.server.url()).unwrap();
-    let circuit = Arc::new(Circuit::new(rig.keys.platform()));
+    let circuit = Circuit::new(rig.keys.platform());
     let session = Arc::new(
-        Session::new(settings, client, rig.bus.conn(), &rig.keys, circuit.clone())
-            .expect("session settings"),
+        Session::new(
+            settings,
+            client,
+            rig.bus.conn(),
+            &rig.keys,
+            circuit.clone(),
+            None,
+        )
+        .expect("session settings"),
     );
     let stop = CancellationToken::new();
     let task = tokio::spawn(session.clone().run(stop.clone()));
@@ -1075,7 +1087,7 @@ async fn fatal_close_code_stops_reconnecting() {
     assert!(!run_a.circuit.is_open(), "4014 is not about the token");
     let why = run_b
         .circuit
-        .reason()
+        .open_reason()
         .expect("4004 opens the token's circuit");
     assert!(why.contains("4004"), "{why}");
     let mark: Option<String> = rig_b
@@ -1176,6 +1188,101 @@ session_lease_ms = 3000
     timeout(Duration::from_secs(10), task)
         .await
         .expect("the gateway stops")
+        .unwrap();
+}
+
+/// Close 4004 on a ready session: the platform's circuit (the engine's,
+/// shared by the adapter and the session) opens with the reason, the
+/// refusal is marked in Redis for the fleet, and one probe — the engine's,
+/// `GET /users/@me` — finds the token working again: the mark is cleared,
+/// the circuit closes and the shard resumes its session. No second prober.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_token_on_the_gateway_is_probed_once_and_the_shard_resumes() {
+    use stargazer::adapters::discord::{DiscordAdapter, DiscordSettings};
+    let rig = Rig::new().await;
+    let mut gw = FakeGateway::start().await;
+    let http = FakeHttp::start(gw.url()).await;
+    let adapter = Arc::new(
+        DiscordAdapter::new(
+            &rig.keys,
+            DiscordSettings {
+                api_base: http.api_base.clone(),
+                token: TOKEN.into(),
+                long_text: stargazer::config::LongText::Split,
+                global_per_second: 50,
+                invalid_request_limit: 9000,
+                request_timeout: Duration::from_secs(5),
+                max_inline_wait: Duration::from_secs(1),
+                toggle: None,
+                nonce_window: Duration::from_secs(120),
+                presence: true,
+                egress_host: "test-host".into(),
+                allowed_mentions: vec!["users".into()],
+                typing_beat: Duration::from_secs(8),
+                application_id: None,
+            },
+            rig.bus.conn(),
+        )
+        .expect("adapter"),
+    );
+    let circuit = adapter.token_circuit();
+    let mut s = settings(&rig, &gw, "gw-1");
+    s.api_base = http.api_base.clone();
+    let session = Arc::new(
+        Session::new(
+            s,
+            redis::Client::open(rig.server.url()).unwrap(),
+            rig.bus.conn(),
+            &rig.keys,
+            circuit.clone(),
+            Some(adapter.clone() as stargazer::adapters::SharedAdapter),
+        )
+        .unwrap(),
+    );
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(session.clone().run(stop.clone()));
+    let mut p = gw.next_peer().await;
+    identify(&mut p, 45_000, "sess-r", &gw.resume_url()).await;
+    eventually!("READY", session.connected().then_some(()));
+    let watch = circuit.clone();
+    let opened = tokio::spawn(async move {
+        // Record the reason the moment the circuit opens.
+        let deadline = Instant::now() + T;
+        loop {
+            if let Some(r) = watch.open_reason() {
+                break Some(r);
+            }
+            if Instant::now() > deadline {
+                break None;
+            }
+            tokio::task::yield_now().await;
+        }
+    });
+    p.close(4004);
+    let why = opened
+        .await
+        .unwrap()
+        .expect("4004 opens the platform's circuit");
+    assert!(why.contains("4004"), "{why}");
+    // The probe (after PROBE_FIRST) succeeds: the circuit closes, the mark goes.
+    timeout(T, circuit.closed())
+        .await
+        .expect("the probe closes the circuit");
+    let mark: Option<String> = rig
+        .cmd(&["GET", &format!("{}auth:refused", rig.keys.discord())])
+        .await;
+    assert_eq!(mark, None, "the refusal mark is cleared for the fleet");
+    let mut q = gw.next_peer().await;
+    assert!(q.path.starts_with("/resume?"), "{}", q.path);
+    q.hello(45_000);
+    assert_eq!(q.next_any().await["op"], 6, "the shard resumes its session");
+    q.dispatch("RESUMED", 2, json!({}));
+    eventually!("RESUMED", session.connected().then_some(()));
+    assert_eq!(http.book.lock().unwrap().probes, 1, "one probe, not two");
+    stop.cancel();
+    timeout(Duration::from_secs(5), task)
+        .await
+        .unwrap()
         .unwrap();
 }
 

@@ -170,6 +170,13 @@ pub trait Adapter: Send + Sync + fmt::Debug {
         None
     }
 
+    /// The circuit the platform's engine should use, when the adapter shares
+    /// it with parts of its own (Discord: the gateway session opens it on a
+    /// refused token); None: the engine makes one.
+    fn circuit(&self) -> Option<crate::circuit::Circuit> {
+        None
+    }
+
     /// What `/readyz` adds about this platform when ready (Discord: the
     /// shards this gateway holds); None: nothing.
     fn ready_detail(&self) -> Option<String> {
@@ -338,7 +345,7 @@ pub fn discord_session_from_config(
     token: Option<String>,
     owner: &str,
     bus: &crate::bus::Bus,
-    circuit: Arc<discord::Circuit>,
+    adapter: &Arc<discord::DiscordAdapter>,
 ) -> Result<discord::gateway::Session, String> {
     discord::gateway::Session::new(
         discord::gateway::SessionSettings {
@@ -365,7 +372,8 @@ pub fn discord_session_from_config(
         bus.client().clone(),
         bus.conn(),
         bus.keys(),
-        circuit,
+        adapter.token_circuit(),
+        Some(adapter.clone() as SharedAdapter),
     )
 }
 

@@ -52,7 +52,7 @@
 //! Resume → READY / RESUMED. Op 7 → resume; op 9 → resume (d = true) or
 //! identify afresh (d = false) after 1–5 s. Close codes 4012–4014 are fatal
 //! (logged with the fix, no reconnect); 4010/4011 reshard; 4004 (and a 401
-//! from `GET /gateway/bot`) opens the token's [`super::Circuit`] and the shard
+//! from `GET /gateway/bot`) opens the platform's [`crate::circuit::Circuit`] and the shard
 //! reconnects once a probe succeeds; others reconnect with exponential
 //! backoff (1 s doubling to 30 s, reset by a successful session); three
 //! resumes in a row that do not come up give way to a fresh Identify.
@@ -305,8 +305,13 @@ pub struct Session {
     /// Discord's `max_concurrency` (identify buckets); 1 until known.
     max_concurrency: AtomicU32,
     gateway_cache: Mutex<Option<BotGateway>>,
-    /// The token's circuit, shared with the platform's adapter: a 4004 opens it.
-    circuit: Arc<super::Circuit>,
+    /// The platform's circuit, the engine's: a 4004 opens it.
+    circuit: crate::circuit::Circuit,
+    /// What probes the token while the circuit is open (the platform's
+    /// adapter: `GET /users/@me`); None: nothing probes (tests).
+    prober: Option<crate::adapters::SharedAdapter>,
+    /// Stops a probe this session started, when the session stops.
+    probe_stop: CancellationToken,
     /// Defers interactions no worker answered in time.
     auto_defer: super::interactions::AutoDefer,
 }
@@ -330,7 +335,8 @@ impl Session {
         client: redis::Client,
         conn: Conn,
         keys: &Keys,
-        circuit: Arc<super::Circuit>,
+        circuit: crate::circuit::Circuit,
+        prober: Option<crate::adapters::SharedAdapter>,
     ) -> Result<Self, String> {
         settings.token = super::bare_token(settings.token.expose()).into();
         if settings.token.is_empty() {
@@ -372,6 +378,8 @@ impl Session {
             max_concurrency: AtomicU32::new(1),
             gateway_cache: Mutex::new(None),
             circuit,
+            prober,
+            probe_stop: CancellationToken::new(),
             auto_defer,
         })
     }
@@ -396,52 +404,31 @@ impl Session {
         self.held.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// While the token is refused: probe it (`GET /users/@me`, shared
-    /// backoff with the adapter's probes) until it works, or until the
-    /// adapter's probe closes the circuit.
+    /// While the token is refused: wait for the platform's circuit to
+    /// close (its one probe, the engine's, runs with backoff).
     async fn wait_for_token(&self) {
-        let url = format!("{}/users/@me", self.settings.api_base.trim_end_matches('/'));
-        while self.circuit.is_open() {
-            tokio::select! {
-                _ = sleep(self.circuit.until_probe().max(Duration::from_millis(50))) => {}
-                _ = self.circuit.closed() => return,
+        self.circuit.closed().await;
+    }
+
+    /// Discord refused the token (close 4004, a 401): open the platform's
+    /// circuit and start its probe, and mark the refusal in Redis so every
+    /// other gateway stops before its next request.
+    async fn refuse(&self, why: &str) {
+        crate::metrics::discord_credential_refused(&self.settings.platform, true);
+        match &self.prober {
+            Some(adapter) => {
+                self.circuit.trip(why, adapter, &self.probe_stop);
             }
-            if !self.circuit.take_probe() {
-                continue;
+            None => {
+                self.circuit.open(why);
             }
-            let r = self
-                .http
-                .get(&url)
-                .header(
-                    AUTHORIZATION,
-                    format!("Bot {}", self.settings.token.expose()),
-                )
-                .send()
-                .await;
-            match r {
-                Ok(r) if r.status().is_success() => {
-                    crate::metrics::discord_probe(&self.settings.platform, "ok");
-                    let mut conn = self.conn.clone();
-                    let d: RedisResult<()> =
-                        conn.del(super::circuit::refused_key(&self.base)).await;
-                    if let Err(e) = d {
-                        warn!(platform = %self.settings.platform, error = %e, "could not clear the refused discord token");
-                    }
-                    self.circuit.close();
-                }
-                Ok(r) => {
-                    let result = if r.status() == reqwest::StatusCode::UNAUTHORIZED {
-                        "refused"
-                    } else {
-                        "error"
-                    };
-                    crate::metrics::discord_probe(&self.settings.platform, result);
-                }
-                Err(e) => {
-                    crate::metrics::discord_probe(&self.settings.platform, "error");
-                    debug!(platform = %self.settings.platform, error = %e.without_url(), "discord token probe failed");
-                }
-            }
+        }
+        let mut conn = self.conn.clone();
+        let r: RedisResult<()> = conn
+            .set_ex(crate::bus::discord::refused_key(&self.base), why, 86_400)
+            .await;
+        if let Err(e) = r {
+            warn!(platform = %self.settings.platform, error = %e, "could not record the refused discord token");
         }
     }
 
@@ -598,14 +585,7 @@ impl Runner {
                     return Held::Reshard;
                 }
                 End::Refused(why) => {
-                    self.circuit.open(&why);
-                    let mut conn = self.conn.clone();
-                    let r: RedisResult<()> = conn
-                        .set_ex(super::circuit::refused_key(&self.base), &why, 86_400)
-                        .await;
-                    if let Err(e) = r {
-                        warn!(platform = %self.settings.platform, error = %e, "could not record the refused discord token");
-                    }
+                    self.refuse(&why).await;
                     return Held::Refused;
                 }
                 End::Again { wait, healthy } => {

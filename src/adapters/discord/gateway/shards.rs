@@ -178,6 +178,7 @@ impl Session {
             }
         }
         stop_all(&mut runners).await;
+        self.probe_stop.cancel();
         self.lock_held().clear();
         self.report_held(count);
         let mut conn = self.conn.clone();
@@ -265,7 +266,7 @@ impl Session {
             match self.gateway_bot(stop, false).await {
                 Ok(b) => Some(b),
                 Err(End::Refused(why)) => {
-                    self.circuit.open(&why);
+                    self.refuse(&why).await;
                     return Err(why);
                 }
                 Err(_) => None,
