@@ -1861,6 +1861,16 @@ async fn three_shards_over_two_gateway_processes_one_killed() {
     .await;
     let dir = tempfile::tempdir().unwrap();
     let base = rig.keys.discord();
+    // Each process serves /readyz and /metrics on a port of its own.
+    let free_port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let ports: std::collections::HashMap<&str, u16> =
+        [("gw-1", free_port()), ("gw-2", free_port())].into();
     let spawn = |name: &str| {
         let path = dir.path().join(format!("{name}.toml"));
         std::fs::write(
@@ -1872,7 +1882,7 @@ url = "{url}"
 [gateway]
 consumer_name = "{name}"
 [http]
-listen = "127.0.0.1:0"
+listen = "127.0.0.1:{port}"
 [[platform]]
 name = "{platform}"
 adapter = "discord"
@@ -1885,6 +1895,7 @@ session_lease_ms = 3000
                 url = rig.server.url(),
                 platform = rig.keys.platform(),
                 api = fake.api_base,
+                port = ports[name],
             ),
         )
         .unwrap();
@@ -1979,6 +1990,17 @@ session_lease_ms = 3000
         .arg(&config2)
         .output()
         .expect("stargazer status");
+    let http_get = |path: &str| {
+        let url = format!("http://127.0.0.1:{}{path}", ports[survivor]);
+        async move { reqwest::get(url).await.unwrap().text().await.unwrap() }
+    };
+    let readyz = http_get("/readyz").await;
+    let metrics: Vec<String> = http_get("/metrics")
+        .await
+        .lines()
+        .filter(|l| l.starts_with("stargazer_discord_shard"))
+        .map(str::to_owned)
+        .collect();
     let (identifies, resumes, violations) =
         fake.book(|b| (b.identifies.len(), b.resumes.clone(), b.violations.clone()));
     println!(
@@ -1986,6 +2008,8 @@ session_lease_ms = 3000
          time for the dead holder's shards to move (killed → all three connected on {survivor}): {moved:?}\n\
          inbound messages: expected {}, published {} ({} distinct), duplicates {}, lost {}\n\
          identifies {identifies}, resumes {resumes:?}, fake violations {violations:?}\n\
+         /readyz of {survivor}: {readyz}\
+         metrics of {survivor}: {metrics:#?}\n\
          `stargazer status`:\n{}",
         holders().await,
         sent.len(),
@@ -2007,5 +2031,15 @@ session_lease_ms = 3000
         String::from_utf8_lossy(&status.stdout).contains("discord shards (3)"),
         "status names the shards"
     );
+    assert!(readyz.contains("shards 0, 1, 2 of 3 held here"), "{readyz}");
+    for s in 0..3 {
+        let want = format!("shard=\"{s}\"");
+        assert!(
+            metrics
+                .iter()
+                .any(|l| l.contains(&want) && l.ends_with(" 1")),
+            "{metrics:?}"
+        );
+    }
     drop(procs);
 }
