@@ -694,6 +694,11 @@ impl PlatformConfig {
                 "{at}.session_lease_ms must be at least 3000 (it is renewed every third of it)"
             )));
         }
+        if self.shards != Default::default() && !self.gateway {
+            return Err(err(format!(
+                "{at}.shards is set but `gateway = true` is not: no shard would ever be run"
+            )));
+        }
         if !(100..=2_800).contains(&self.interaction_defer_ms) {
             return Err(err(format!(
                 "{at}.interaction_defer_ms must be 100 to 2800: Discord drops an interaction not acknowledged within 3000 ms, and the automatic defer needs time to arrive"

@@ -1512,6 +1512,11 @@ fn discord_config_keys_are_checked() {
             "token = \"t\"\nsession_lease_ms = 100\n",
             "session_lease_ms",
         ),
+        ("token = \"t\"\nshards = 3\n", "gateway = true"),
+        (
+            "token = \"t\"\ngateway = true\nshards = 0\n",
+            "\"auto\" or a number",
+        ),
         (
             "token = \"t\"\ntoggle_button = true\ntoggle_label = \"\"\n",
             "toggle_label",

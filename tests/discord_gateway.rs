@@ -1244,25 +1244,9 @@ async fn a_refused_token_on_the_gateway_is_probed_once_and_the_shard_resumes() {
     let mut p = gw.next_peer().await;
     identify(&mut p, 45_000, "sess-r", &gw.resume_url()).await;
     eventually!("READY", session.connected().then_some(()));
-    let watch = circuit.clone();
-    let opened = tokio::spawn(async move {
-        // Record the reason the moment the circuit opens.
-        let deadline = Instant::now() + T;
-        loop {
-            if let Some(r) = watch.open_reason() {
-                break Some(r);
-            }
-            if Instant::now() > deadline {
-                break None;
-            }
-            tokio::task::yield_now().await;
-        }
-    });
     p.close(4004);
-    let why = opened
-        .await
-        .unwrap()
-        .expect("4004 opens the platform's circuit");
+    // Open until the first probe (PROBE_FIRST, 1 s, later).
+    let why = eventually!("4004 opens the platform's circuit", circuit.open_reason());
     assert!(why.contains("4004"), "{why}");
     // The probe (after PROBE_FIRST) succeeds: the circuit closes, the mark goes.
     timeout(T, circuit.closed())
