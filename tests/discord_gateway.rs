@@ -1568,6 +1568,8 @@ async fn three_shards_spread_over_two_gateways_and_move_back() {
         guilds_per_shard: 2,
         max_concurrency: 2,
         heartbeat_ms: 600,
+        session_starts: 1000,
+        starts_reset: Duration::from_secs(86_400),
     })
     .await;
     let a = start(&rig, fleet_settings(&rig, &fake, "gw-a"));
@@ -1679,6 +1681,8 @@ async fn close_4011_reshards_instead_of_giving_up() {
         guilds_per_shard: 4,
         max_concurrency: 1,
         heartbeat_ms: 1000,
+        session_starts: 1000,
+        starts_reset: Duration::from_secs(86_400),
     })
     .await;
     let a = start(&rig, fleet_settings(&rig, &fake, "gw-a"));
@@ -1725,6 +1729,50 @@ async fn close_4011_reshards_instead_of_giving_up() {
     a.stop().await;
 }
 
+/// Discord allows `session_start_limit.total` IDENTIFYs per window (1,000 a
+/// day; past it the token is reset). With two starts left and a session
+/// that keeps timing out, the third identify waits for the window to reset
+/// (`reset_after` of `GET /gateway/bot`) instead of going over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_session_start_limit_is_waited_out_not_exceeded() {
+    let rig = Rig::new().await;
+    let fake = FakeDiscord::start(Rules {
+        guilds: vec![guild_on(0, 1, 1)],
+        guilds_per_shard: 10,
+        max_concurrency: 1,
+        heartbeat_ms: 1000,
+        session_starts: 2,
+        starts_reset: Duration::from_secs(12),
+    })
+    .await;
+    let a = start(&rig, fleet_settings(&rig, &fake, "gw-a"));
+    for n in 1..=2 {
+        eventually!(
+            within 2 * T,
+            format!("identify {n}"),
+            (fake.book(|b| b.identifies.len()) == n && fake.connected_shards() == [(0, 1)])
+                .then_some(())
+        );
+        // Session timed out: the next connection must identify afresh.
+        fake.kick(0, 4009);
+    }
+    eventually!(
+        within 3 * T,
+        "identify 3, after the reset",
+        (fake.book(|b| b.identifies.len()) == 3 && fake.connected_shards() == [(0, 1)])
+            .then_some(())
+    );
+    fake.book(|b| {
+        assert_eq!(b.violations, Vec::<String>::new());
+        // Without the wait the third would have come 5 s after the second
+        // (the identify spacing), inside the window: a violation above. The
+        // window resets 12 s after the first start, about 7 s after the second.
+        let gap = b.identifies[2].0 - b.identifies[1].0;
+        assert!(gap > Duration::from_secs(6), "{gap:?}");
+    });
+    a.stop().await;
+}
+
 /// The fake is not toothless: a raw client that breaks each rule is closed
 /// the way Discord closes it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1734,6 +1782,8 @@ async fn the_fake_enforces_discords_gateway_rules() {
         guilds_per_shard: 2,
         max_concurrency: 1,
         heartbeat_ms: 300,
+        session_starts: 1000,
+        starts_reset: Duration::from_secs(86_400),
     })
     .await;
     type Raw = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
@@ -1841,6 +1891,8 @@ async fn three_shards_over_two_gateway_processes_one_killed() {
         guilds_per_shard: 2,
         max_concurrency: 1,
         heartbeat_ms: 1000,
+        session_starts: 1000,
+        starts_reset: Duration::from_secs(86_400),
     })
     .await;
     let dir = tempfile::tempdir().unwrap();

@@ -4,7 +4,9 @@
 //!
 //! * `GET /gateway/bot`: the URL, the recommended shard count (guilds /
 //!   `guilds_per_shard`, rounded up) and `session_start_limit` with
-//!   `max_concurrency` (each IDENTIFY takes one start).
+//!   `max_concurrency` (each IDENTIFY takes one start; `session_starts` per
+//!   `starts_reset`). An IDENTIFY past the limit is a violation and closed
+//!   with 4004 (Discord resets the token of a bot that does it).
 //! * Shard routing: a guild's events go to the session of shard
 //!   `(guild_id >> 22) % num_shards`; DMs to shard 0. Every live session
 //!   whose shard matches gets the event (two sessions of one shard would
@@ -52,6 +54,10 @@ pub struct Rules {
     pub guilds_per_shard: usize,
     pub max_concurrency: u32,
     pub heartbeat_ms: u64,
+    /// Session starts (IDENTIFYs) allowed per `starts_reset` (Discord:
+    /// 1,000 per day).
+    pub session_starts: u32,
+    pub starts_reset: Duration,
 }
 
 /// What clients did; read by tests.
@@ -93,9 +99,28 @@ struct State {
     next_session: u64,
     /// Last identify per bucket.
     buckets: HashMap<u32, Instant>,
+    /// When the session start window began.
+    starts_since: Instant,
 }
 
 impl State {
+    /// Session starts left in the window, and ms until it resets.
+    fn starts_left(&mut self) -> (u32, u64) {
+        let elapsed = self.starts_since.elapsed();
+        if elapsed >= self.rules.starts_reset {
+            self.starts_since = Instant::now();
+            self.book.starts = 0;
+        }
+        let reset = self
+            .rules
+            .starts_reset
+            .saturating_sub(self.starts_since.elapsed());
+        (
+            self.rules.session_starts.saturating_sub(self.book.starts),
+            reset.as_millis() as u64,
+        )
+    }
+
     fn recommended(&self) -> u32 {
         self.rules
             .guilds
@@ -159,6 +184,7 @@ impl FakeDiscord {
             sessions: HashMap::new(),
             next_session: 0,
             buckets: HashMap::new(),
+            starts_since: Instant::now(),
         }));
         let changed = Arc::new(Notify::new());
         let st = state.clone();
@@ -167,14 +193,15 @@ impl FakeDiscord {
             .route(
                 "/api/v10/gateway/bot",
                 get(move || async move {
-                    let s = st.lock().unwrap();
+                    let mut s = st.lock().unwrap();
+                    let (remaining, reset_after) = s.starts_left();
                     Json(json!({
                         "url": url,
                         "shards": s.recommended(),
                         "session_start_limit": {
-                            "total": 1000,
-                            "remaining": 1000 - s.book.starts,
-                            "reset_after": 14_400_000,
+                            "total": s.rules.session_starts,
+                            "remaining": remaining,
+                            "reset_after": reset_after,
                             "max_concurrency": s.rules.max_concurrency
                         }
                     }))
@@ -412,6 +439,12 @@ impl FakeDiscord {
                 "identify of bucket {bucket} {gap:?} after the last one"
             ));
             return Err(9);
+        }
+        if s.starts_left().0 == 0 {
+            s.book
+                .violations
+                .push("identify past the session start limit".into());
+            return Err(4004);
         }
         s.buckets.insert(bucket, now);
         s.book.identifies.push((now, shard.0, shard.1));
