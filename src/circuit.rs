@@ -73,6 +73,15 @@ impl Circuit {
     /// Open the circuit (a send met a refused credential) and start the
     /// probe that closes it. True when this call opened it.
     pub fn trip(&self, reason: &str, adapter: &SharedAdapter, stop: &CancellationToken) -> bool {
+        let opened = self.open(reason);
+        self.ensure_probe(adapter, stop);
+        opened
+    }
+
+    /// Open the circuit without starting a probe (a platform session saw
+    /// the credential refused; [`Circuit::trip`] starts the probe). True
+    /// when this call opened it.
+    pub fn open(&self, reason: &str) -> bool {
         let opened = self.inner.state.send_if_modified(|s| {
             if s.is_some() {
                 return false;
@@ -92,7 +101,6 @@ impl Circuit {
                  fix the credential (the gateway probes it with backoff and resumes by itself)"
             );
         }
-        self.ensure_probe(adapter, stop);
         opened
     }
 

@@ -547,6 +547,11 @@ pub struct PlatformConfig {
     /// interaction before deferring it itself (Discord allows 3 s).
     #[serde(default = "default_interaction_defer_ms")]
     pub interaction_defer_ms: u64,
+    /// discord: how many gateway shards the bot runs: `"auto"` (Discord's
+    /// recommendation from `GET /gateway/bot`) or a number; leased across
+    /// the fleet's gateways.
+    #[serde(default)]
+    pub shards: crate::adapters::discord::gateway::ShardCount,
     /// Read the reference system's layout (`sg:outbound:<name>`), so its
     /// workers can keep publishing while the gateways are replaced; not on
     /// Redis Cluster (the key has no hash tag).
@@ -687,6 +692,11 @@ impl PlatformConfig {
         if self.session_lease_ms < 3_000 {
             return Err(err(format!(
                 "{at}.session_lease_ms must be at least 3000 (it is renewed every third of it)"
+            )));
+        }
+        if self.shards != Default::default() && !self.gateway {
+            return Err(err(format!(
+                "{at}.shards is set but `gateway = true` is not: no shard would ever be run"
             )));
         }
         if !(100..=2_800).contains(&self.interaction_defer_ms) {

@@ -109,7 +109,10 @@ impl Consumer {
         };
         let stats = Arc::new(Stats::default());
         let current = Arc::new(Mutex::new(None));
-        let circuit = crate::circuit::Circuit::new(&platform);
+        let circuit = p
+            .adapter
+            .circuit()
+            .unwrap_or_else(|| crate::circuit::Circuit::new(&platform));
         let ctx = Arc::new(Ctx {
             circuit: circuit.clone(),
             rpc: Arc::new(crate::rpc::RpcServer::new(

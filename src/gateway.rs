@@ -158,22 +158,25 @@ pub async fn run(
                 matrix
             }
             crate::config::AdapterKind::Discord => {
-                let discord =
+                let discord = Arc::new(
                     adapters::discord_from_config(p, secret.clone(), bus.conn(), bus.keys())
-                        .map_err(adapter_err)?;
+                        .map_err(adapter_err)?,
+                );
                 if p.gateway {
                     let session = adapters::discord_session_from_config(
                         p,
                         secret.clone(),
                         &consumer_name,
                         &bus,
-                        discord.circuit(),
+                        &discord,
                     )
                     .map_err(adapter_err)?;
-                    ops_tasks.push(tokio::spawn(Arc::new(session).run(ops_stop.clone())));
-                    info!(platform = %p.name, "discord gateway session enabled (one gateway of the fleet holds it)");
+                    let session = Arc::new(session);
+                    discord.attach_session(&session);
+                    ops_tasks.push(tokio::spawn(session.run(ops_stop.clone())));
+                    info!(platform = %p.name, shards = ?p.shards, "discord gateway session enabled (its shards are leased across the fleet)");
                 }
-                Arc::new(discord)
+                discord
             }
             _ => adapters::build(p, secret.clone()).map_err(adapter_err)?,
         };

@@ -137,6 +137,12 @@ impl Readiness {
         if !not_ready.is_empty() {
             return Err(format!("adapter not ready: {}", not_ready.join(", ")));
         }
+        let mut detail = detail;
+        for (p, a) in adapters.iter() {
+            if let Some(d) = a.ready_detail() {
+                detail.push_str(&format!("; {p}: {d}"));
+            }
+        }
         let open: Vec<String> = self
             .circuits
             .read()

@@ -26,6 +26,7 @@ pub const KIND: &str = "kind";
 pub const REASON: &str = "reason";
 pub const SCOPE: &str = "scope";
 pub const RESULT: &str = "result";
+pub const SHARD: &str = "shard";
 
 /// One metric: name, type, labels, meaning (rendered into `docs/metrics.md`).
 #[derive(Debug, Clone, Copy)]
@@ -103,6 +104,10 @@ defs! {
         "Discord create-message resends whose earlier try may have landed, by result: reconciled (the gateway session saw the original; not resent), nonce_window (resent inside Discord's nonce de-duplication window) or unverified (resent past it with no record: may duplicate).";
     DISCORD_SESSION_EVENTS = "stargazer_discord_gateway_events_total", Counter, [PLATFORM, KIND],
         "Discord gateway session events, by kind: ready, resumed, reconnect, invalid_session, zombie, published.";
+    DISCORD_SHARD_HELD = "stargazer_discord_shard_held", Gauge, [PLATFORM, SHARD],
+        "1 for each Discord gateway shard this gateway holds (runs the websocket of), 0 for the others; across a fleet every shard shows 1 on exactly one gateway.";
+    DISCORD_SHARD_COUNT = "stargazer_discord_shards", Gauge, [PLATFORM],
+        "The Discord shard count in force (`shards`, or Discord's recommendation from GET /gateway/bot; raised by a close 4011).";
     MATRIX_SYNC_HOLDER = "stargazer_matrix_sync_holder", Gauge, [PLATFORM],
         "1 while this gateway holds the Matrix sync lease (runs the platform's /sync), else 0; exactly one gateway of a fleet shows 1.";
     MATRIX_GAPS = "stargazer_matrix_gaps_total", Counter, [PLATFORM, RESULT],
@@ -268,6 +273,17 @@ pub fn discord_probe(platform: &str, result: &str) {
 
 pub fn discord_invalid(platform: &str) {
     counter!(DISCORD_INVALID.name, &p(platform)).increment(1);
+}
+
+/// Whether this gateway holds Discord shard `shard` (see DISCORD_SHARD_HELD).
+pub fn discord_shard_held(platform: &str, shard: u32, held: bool) {
+    gauge!(DISCORD_SHARD_HELD.name, PLATFORM => platform.to_owned(), SHARD => shard.to_string())
+        .set(if held { 1.0 } else { 0.0 });
+}
+
+/// The Discord shard count in force (see DISCORD_SHARD_COUNT).
+pub fn discord_shard_count(platform: &str, count: u32) {
+    gauge!(DISCORD_SHARD_COUNT.name, &p(platform)).set(f64::from(count));
 }
 
 /// This gateway took (true) or gave up (false) the Matrix sync lease.

@@ -49,6 +49,9 @@ struct Limits {
     nonce_window: Duration,
     /// Message edits per channel per window (Discord: about 5 per 5 s).
     edits_per_channel: u32,
+    /// Invalid requests (401, 403, 429 but scope `shared`) per 10 minutes
+    /// from one IP after which it is banned (Discord: 10,000).
+    invalid_ban: usize,
 }
 
 impl Default for Limits {
@@ -59,6 +62,7 @@ impl Default for Limits {
             window: Duration::from_secs(1),
             nonce_window: Duration::from_secs(600),
             edits_per_channel: 1000,
+            invalid_ban: 10_000,
         }
     }
 }
@@ -115,6 +119,51 @@ struct Fake {
     unauthorized: std::sync::atomic::AtomicU64,
     /// `GET /users/@me` requests (the adapter's token probe).
     probes: std::sync::atomic::AtomicU64,
+    /// When each invalid request of the last 10 minutes was answered (every
+    /// client of the fake shares one IP, 127.0.0.1).
+    invalid: Mutex<VecDeque<Instant>>,
+    /// Set once the IP is banned: from then on every request is refused
+    /// (Cloudflare's 1015), as Discord does for about an hour.
+    banned: std::sync::atomic::AtomicBool,
+}
+
+/// Discord's invalid-request window.
+const INVALID_WINDOW: Duration = Duration::from_secs(600);
+
+/// Every request: refused while the IP is banned; an answer of 401, 403 or
+/// 429 (but scope `shared`) counts towards the ban.
+async fn handle(
+    State(f): State<Arc<Fake>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    use std::sync::atomic::Ordering::SeqCst;
+    if f.banned.load(SeqCst) {
+        return (StatusCode::TOO_MANY_REQUESTS, "error code: 1015").into_response();
+    }
+    let r = answer(State(f.clone()), method, uri, headers, body).await;
+    let status = r.status().as_u16();
+    let shared = r
+        .headers()
+        .get("x-ratelimit-scope")
+        .is_some_and(|v| v == "shared");
+    if matches!(status, 401 | 403) || status == 429 && !shared {
+        let now = Instant::now();
+        let mut inv = f.invalid.lock().unwrap();
+        while inv
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > INVALID_WINDOW)
+        {
+            inv.pop_front();
+        }
+        inv.push_back(now);
+        if inv.len() >= f.limits.invalid_ban {
+            f.banned.store(true, SeqCst);
+        }
+    }
+    r
 }
 
 struct Server {
@@ -366,7 +415,7 @@ fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
-async fn handle(
+async fn answer(
     State(f): State<Arc<Fake>>,
     method: Method,
     uri: Uri,
@@ -1176,6 +1225,61 @@ async fn rate_limits_are_honoured_and_shared() {
     assert_eq!(server.book(|b| b.requests), before, "nothing was sent");
 }
 
+/// Discord bans an IP that sends 10,000 invalid requests in 10 minutes (the
+/// fake: `invalid_ban`). A client whose budget is above the threshold gets
+/// itself banned — the fake enforces it — while the adapter with its budget
+/// below it stops sending first and is never banned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_invalid_request_budget_stays_below_discords_ban() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let env = |c: &str| envelope(json!({"channel_id": c, "text": "hi"}));
+    let limits = Limits {
+        invalid_ban: 20,
+        ..Limits::default()
+    };
+    // Above the threshold: banned, and then refused everything.
+    let server = Server::start(limits).await;
+    let rig = Rig::new().await;
+    let reckless = server.adapter_with(
+        &rig,
+        DiscordSettings {
+            invalid_request_limit: 1000,
+            ..server.settings()
+        },
+    );
+    for _ in 0..20 {
+        let _ = deliver(&reckless, &env("50013"), "p").await;
+    }
+    assert!(server.fake.banned.load(SeqCst), "the fake bans at 20");
+    let e = deliver(&reckless, &env("32"), "q").await.unwrap_err();
+    assert_ne!(
+        e.retry,
+        Retry::Never,
+        "a ban is not the message's fault: {e:?}"
+    );
+
+    // Below it (15 < 20): the 16th invalid request is never sent.
+    let server = Server::start(limits).await;
+    let rig = Rig::new().await;
+    let careful = server.adapter_with(
+        &rig,
+        DiscordSettings {
+            invalid_request_limit: 15,
+            ..server.settings()
+        },
+    );
+    let mut stopped = 0;
+    for _ in 0..40 {
+        let e = deliver(&careful, &env("50013"), "p").await.unwrap_err();
+        if e.message.contains("invalid_requests") {
+            stopped += 1;
+        }
+    }
+    assert_eq!(server.fake.invalid.lock().unwrap().len(), 15);
+    assert_eq!(stopped, 25, "held back by the budget, not sent");
+    assert!(!server.fake.banned.load(SeqCst), "never banned");
+}
+
 /// Three gateways (consumers with their own adapters, one Redis) send
 /// `n` messages over `channels` channels against a server enforcing
 /// `limits`: no 429, and close to the allowed rate.
@@ -1407,6 +1511,11 @@ fn discord_config_keys_are_checked() {
         (
             "token = \"t\"\nsession_lease_ms = 100\n",
             "session_lease_ms",
+        ),
+        ("token = \"t\"\nshards = 3\n", "gateway = true"),
+        (
+            "token = \"t\"\ngateway = true\nshards = 0\n",
+            "\"auto\" or a number",
         ),
         (
             "token = \"t\"\ntoggle_button = true\ntoggle_label = \"\"\n",

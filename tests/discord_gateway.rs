@@ -4,6 +4,8 @@
 //! (`GET /gateway/bot`, interaction callbacks), with a private redis-server.
 
 mod common;
+#[path = "discord_gateway/fake_discord.rs"]
+mod fake_discord;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -18,10 +20,10 @@ use axum::routing::{get, post};
 use common::Rig;
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use stargazer::adapters::discord::Circuit;
 use stargazer::adapters::discord::gateway::{
-    DEFAULT_INTENTS, Session, SessionSettings, guilds_key, nonce_key, set_presence,
+    DEFAULT_INTENTS, Session, SessionSettings, ShardCount, guilds_key, nonce_key, set_presence,
 };
+use stargazer::circuit::Circuit;
 use stargazer::inbound::InboundEvent;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
@@ -37,10 +39,14 @@ const TOKEN: &str = "fake.gateway.token";
 const BOT: &str = "900000000000000001";
 const USER: &str = "53908099506183680";
 
-/// Poll `$cond` (an `Option`) until it is `Some`, or fail after `T`.
+/// Poll `$cond` (an `Option`) until it is `Some`, or fail after `T` (or
+/// `within`).
 macro_rules! eventually {
-    ($what:expr, $cond:expr) => {{
-        let deadline = Instant::now() + T;
+    ($what:expr, $cond:expr) => {
+        eventually!(within T, $what, $cond)
+    };
+    (within $t:expr, $what:expr, $cond:expr) => {{
+        let deadline = Instant::now() + $t;
         loop {
             if let Some(v) = $cond {
                 break v;
@@ -319,6 +325,8 @@ struct HttpBook {
     originals: Vec<(String, Value)>,
     /// (application id, commands) of each registration.
     commands: Vec<(String, Value)>,
+    /// `GET /users/@me` requests: token probes.
+    probes: usize,
 }
 
 fn discord_error(status: StatusCode, code: u64, message: &str) -> axum::response::Response {
@@ -336,7 +344,7 @@ impl FakeHttp {
         let book = Arc::new(Mutex::new(HttpBook::default()));
         let b1 = book.clone();
         let b2 = book.clone();
-        let (b3, b4, b5) = (book.clone(), book.clone(), book.clone());
+        let (b3, b4, b5, b6) = (book.clone(), book.clone(), book.clone(), book.clone());
         let app = Router::new()
             .route(
                 "/api/v10/gateway/bot",
@@ -408,7 +416,10 @@ impl FakeHttp {
             )
             .route(
                 "/api/v10/users/@me",
-                get(|| async { Json(json!({"id": BOT, "username": "stargazer", "bot": true})) }),
+                get(move || async move {
+                    b6.lock().unwrap().probes += 1;
+                    Json(json!({"id": BOT, "username": "stargazer", "bot": true}))
+                }),
             );
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -434,6 +445,7 @@ fn settings(rig: &Rig, gw: &FakeGateway, owner: &str) -> SessionSettings {
         owner: owner.into(),
         interaction_defer: Duration::from_millis(2000),
         commands: Vec::new(),
+        shards: ShardCount::Fixed(1),
     }
 }
 
@@ -441,7 +453,7 @@ struct Running {
     owner: String,
     session: Arc<Session>,
     /// The token's circuit the session shares with the platform's adapter.
-    circuit: Arc<Circuit>,
+    circuit: Circuit,
     stop: CancellationToken,
     task: JoinHandle<()>,
 }
@@ -460,10 +472,17 @@ impl Running {
 fn start(rig: &Rig, settings: SessionSettings) -> Running {
     let owner = settings.owner.clone();
     let client = redis::Client::open(rig.server.url()).unwrap();
-    let circuit = Arc::new(Circuit::new(rig.keys.platform()));
+    let circuit = Circuit::new(rig.keys.platform());
     let session = Arc::new(
-        Session::new(settings, client, rig.bus.conn(), &rig.keys, circuit.clone())
-            .expect("session settings"),
+        Session::new(
+            settings,
+            client,
+            rig.bus.conn(),
+            &rig.keys,
+            circuit.clone(),
+            None,
+        )
+        .expect("session settings"),
     );
     let stop = CancellationToken::new();
     let task = tokio::spawn(session.clone().run(stop.clone()));
@@ -509,7 +528,7 @@ async fn inbound(rig: &Rig) -> Vec<InboundEvent> {
 }
 
 async fn session_field(rig: &Rig, field: &str) -> Option<String> {
-    let key = format!("{}session", rig.keys.discord());
+    let key = format!("{}shard:0:session", rig.keys.discord());
     rig.cmd(&["HGET", &key, field]).await
 }
 
@@ -535,6 +554,7 @@ async fn identify_then_inbound_events() {
         .unwrap();
     let mut s = settings(&rig, &gw, "gw-1");
     s.gateway_url = None; // from GET /gateway/bot
+    s.shards = ShardCount::Auto; // likewise
     s.api_base = http.api_base.clone();
     let run = start(&rig, s);
 
@@ -542,12 +562,22 @@ async fn identify_then_inbound_events() {
     assert_eq!(p.path, "/?v=10&encoding=json");
     p.hello(45_000);
     let id = p.next_op(2).await;
-    assert_eq!(
-        http.book.lock().unwrap().gateway_bot_auth,
-        vec![format!("Bot {TOKEN}")]
+    let asked = http.book.lock().unwrap().gateway_bot_auth.clone();
+    assert!(
+        !asked.is_empty(),
+        "the URL and shard count come from GET /gateway/bot"
+    );
+    assert!(
+        asked.iter().all(|a| *a == format!("Bot {TOKEN}")),
+        "{asked:?}"
     );
     let d = &id["d"];
     assert_eq!(d["token"], TOKEN);
+    assert_eq!(
+        d["shard"],
+        json!([0, 1]),
+        "the one shard Discord recommends"
+    );
     assert_eq!(d["intents"], DEFAULT_INTENTS);
     assert_eq!(d["properties"]["browser"], "stargazer");
     assert_eq!(d["properties"]["device"], "stargazer");
@@ -697,7 +727,7 @@ async fn identify_then_inbound_events() {
 }
 
 async fn lease_held(rig: &Rig) -> bool {
-    let lease = format!("{}session:lease", rig.keys.discord());
+    let lease = format!("{}shard:0:lease", rig.keys.discord());
     rig.cmd::<Option<String>>(&["GET", &lease]).await.is_some()
 }
 
@@ -1008,7 +1038,7 @@ async fn only_the_lease_holder_connects() {
             .as_deref(),
         Some("2002")
     );
-    let lease = format!("{base}session:lease");
+    let lease = format!("{base}shard:0:lease");
     assert_eq!(
         rig.cmd::<Option<String>>(&["GET", &lease]).await,
         Some(other.owner.clone()),
@@ -1057,7 +1087,7 @@ async fn fatal_close_code_stops_reconnecting() {
     assert!(!run_a.circuit.is_open(), "4014 is not about the token");
     let why = run_b
         .circuit
-        .reason()
+        .open_reason()
         .expect("4004 opens the token's circuit");
     assert!(why.contains("4004"), "{why}");
     let mark: Option<String> = rig_b
@@ -1120,6 +1150,7 @@ api_base = "http://127.0.0.1:9/api/v10"
 token_env = "DC_TOKEN"
 gateway = true
 gateway_url = "{ws}"
+shards = 1
 session_lease_ms = 3000
 "#,
         url = rig.server.url(),
@@ -1157,6 +1188,85 @@ session_lease_ms = 3000
     timeout(Duration::from_secs(10), task)
         .await
         .expect("the gateway stops")
+        .unwrap();
+}
+
+/// Close 4004 on a ready session: the platform's circuit (the engine's,
+/// shared by the adapter and the session) opens with the reason, the
+/// refusal is marked in Redis for the fleet, and one probe — the engine's,
+/// `GET /users/@me` — finds the token working again: the mark is cleared,
+/// the circuit closes and the shard resumes its session. No second prober.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_token_on_the_gateway_is_probed_once_and_the_shard_resumes() {
+    use stargazer::adapters::discord::{DiscordAdapter, DiscordSettings};
+    let rig = Rig::new().await;
+    let mut gw = FakeGateway::start().await;
+    let http = FakeHttp::start(gw.url()).await;
+    let adapter = Arc::new(
+        DiscordAdapter::new(
+            &rig.keys,
+            DiscordSettings {
+                api_base: http.api_base.clone(),
+                token: TOKEN.into(),
+                long_text: stargazer::config::LongText::Split,
+                global_per_second: 50,
+                invalid_request_limit: 9000,
+                request_timeout: Duration::from_secs(5),
+                max_inline_wait: Duration::from_secs(1),
+                toggle: None,
+                nonce_window: Duration::from_secs(120),
+                presence: true,
+                egress_host: "test-host".into(),
+                allowed_mentions: vec!["users".into()],
+                typing_beat: Duration::from_secs(8),
+                application_id: None,
+            },
+            rig.bus.conn(),
+        )
+        .expect("adapter"),
+    );
+    let circuit = adapter.token_circuit();
+    let mut s = settings(&rig, &gw, "gw-1");
+    s.api_base = http.api_base.clone();
+    let session = Arc::new(
+        Session::new(
+            s,
+            redis::Client::open(rig.server.url()).unwrap(),
+            rig.bus.conn(),
+            &rig.keys,
+            circuit.clone(),
+            Some(adapter.clone() as stargazer::adapters::SharedAdapter),
+        )
+        .unwrap(),
+    );
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(session.clone().run(stop.clone()));
+    let mut p = gw.next_peer().await;
+    identify(&mut p, 45_000, "sess-r", &gw.resume_url()).await;
+    eventually!("READY", session.connected().then_some(()));
+    p.close(4004);
+    // Open until the first probe (PROBE_FIRST, 1 s, later).
+    let why = eventually!("4004 opens the platform's circuit", circuit.open_reason());
+    assert!(why.contains("4004"), "{why}");
+    // The probe (after PROBE_FIRST) succeeds: the circuit closes, the mark goes.
+    timeout(T, circuit.closed())
+        .await
+        .expect("the probe closes the circuit");
+    let mark: Option<String> = rig
+        .cmd(&["GET", &format!("{}auth:refused", rig.keys.discord())])
+        .await;
+    assert_eq!(mark, None, "the refusal mark is cleared for the fleet");
+    let mut q = gw.next_peer().await;
+    assert!(q.path.starts_with("/resume?"), "{}", q.path);
+    q.hello(45_000);
+    assert_eq!(q.next_any().await["op"], 6, "the shard resumes its session");
+    q.dispatch("RESUMED", 2, json!({}));
+    eventually!("RESUMED", session.connected().then_some(()));
+    assert_eq!(http.book.lock().unwrap().probes, 1, "one probe, not two");
+    stop.cancel();
+    timeout(Duration::from_secs(5), task)
+        .await
+        .unwrap()
         .unwrap();
 }
 
@@ -1377,4 +1487,595 @@ async fn interactions_are_answered_by_workers_or_deferred_in_time() {
     );
     consumer.shutdown().await;
     run.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// Shards, against the fake Discord that enforces the gateway's rules.
+
+use fake_discord::{FakeDiscord, Rules, guild_on};
+
+fn fleet_settings(rig: &Rig, fake: &FakeDiscord, owner: &str) -> SessionSettings {
+    SessionSettings {
+        platform: rig.keys.platform().to_owned(),
+        token: TOKEN.into(),
+        api_base: fake.api_base.clone(),
+        gateway_url: None,
+        intents: DEFAULT_INTENTS,
+        lease: Duration::from_millis(900),
+        owner: owner.into(),
+        interaction_defer: Duration::from_millis(2000),
+        commands: Vec::new(),
+        shards: ShardCount::Auto,
+    }
+}
+
+/// The shard ids a session holds and has connected.
+fn held(run: &Running) -> Vec<u32> {
+    run.session
+        .shards()
+        .1
+        .into_iter()
+        .filter_map(|(id, up)| up.then_some(id))
+        .collect()
+}
+
+/// The message ids of the inbound messages, in stream order.
+async fn inbound_ids(rig: &Rig) -> Vec<String> {
+    inbound(rig)
+        .await
+        .into_iter()
+        .filter(|e| e.kind == "message")
+        .filter_map(|e| e.message_id)
+        .collect()
+}
+
+/// Wait until the inbound stream holds every id of `want` (and report what
+/// arrived: duplicates included).
+async fn all_inbound(rig: &Rig, want: &[String]) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let got = inbound_ids(rig).await;
+        if want.iter().all(|w| got.contains(w)) {
+            return got;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "missing inbound messages: {:?}",
+            want.iter().filter(|w| !got.contains(w)).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn duplicates(ids: &[String]) -> Vec<String> {
+    let mut seen = std::collections::HashSet::new();
+    ids.iter().filter(|i| !seen.insert(*i)).cloned().collect()
+}
+
+/// Three shards (Discord's recommendation) over two gateways: the first
+/// takes all three, the second's arrival hands one over (2 + 1, resumed, not
+/// identified again); presence reaches every shard, a burst of it stays
+/// within the 120-commands-per-minute limit; when the second stops its shard
+/// moves back (resumed); every guild event is published exactly once; and
+/// the fake saw no identify of one bucket within 5 s of another, no overdue
+/// heartbeat, no 4008.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_shards_spread_over_two_gateways_and_move_back() {
+    let rig = Rig::new().await;
+    let guilds: Vec<u64> = (0..6).map(|k| guild_on((k % 3) as u32, 3, k)).collect();
+    let fake = FakeDiscord::start(Rules {
+        guilds: guilds.clone(),
+        guilds_per_shard: 2,
+        max_concurrency: 2,
+        heartbeat_ms: 600,
+        session_starts: 1000,
+        starts_reset: Duration::from_secs(86_400),
+    })
+    .await;
+    let a = start(&rig, fleet_settings(&rig, &fake, "gw-a"));
+    let all = vec![(0, 3), (1, 3), (2, 3)];
+    // Shards 0 and 2 share identify bucket 0: 5 s apart.
+    eventually!(
+        within 2 * T,
+        "gw-a holds all three shards",
+        (fake.connected_shards() == all && held(&a) == [0, 1, 2]).then_some(())
+    );
+    let b = start(&rig, fleet_settings(&rig, &fake, "gw-b"));
+    eventually!(
+        "2 + 1",
+        (held(&a) == [0, 1] && held(&b) == [2] && fake.connected_shards() == all).then_some(())
+    );
+    assert_eq!(
+        fake.book(|b| b.resumes.iter().map(|r| r.0).collect::<Vec<_>>()),
+        [2],
+        "the handed-over shard is resumed"
+    );
+    let count: Option<String> = rig
+        .cmd(&["HGET", &format!("{}shards", rig.keys.discord()), "count"])
+        .await;
+    assert_eq!(count.as_deref(), Some("3"));
+
+    let mut want = Vec::new();
+    for k in 0..30 {
+        let id = format!("m{k}");
+        let g = guilds[k % guilds.len()];
+        assert_eq!(fake.message(Some(g), &format!("c{g}"), &id, "hi"), 1);
+        want.push(id);
+    }
+    assert_eq!(
+        fake.message(None, "dm1", "m-dm", "a DM"),
+        1,
+        "DMs go to shard 0"
+    );
+    want.push("m-dm".into());
+
+    // A burst of presence: coalesced, within the send limit, on every shard.
+    let base = rig.keys.discord();
+    for i in 0..150 {
+        set_presence(&mut rig.bus.conn(), &base, Some(&format!("p{i}")), None)
+            .await
+            .unwrap();
+    }
+    set_presence(&mut rig.bus.conn(), &base, Some("final"), None)
+        .await
+        .unwrap();
+    eventually!(
+        "the last presence on every shard",
+        (0..3)
+            .all(|s| fake.book(|b| {
+                b.presences
+                    .iter()
+                    .rev()
+                    .find(|p| p.0 == s)
+                    .is_some_and(|p| p.1["activities"][0]["state"] == "final")
+            }))
+            .then_some(())
+    );
+
+    b.stop().await;
+    for k in 30..40 {
+        let id = format!("m{k}");
+        let g = guilds[k % guilds.len()];
+        assert_eq!(
+            fake.message(Some(g), &format!("c{g}"), &id, "during the move"),
+            1
+        );
+        want.push(id);
+    }
+    eventually!(
+        "gw-a holds all three again",
+        (held(&a) == [0, 1, 2] && fake.connected_shards() == all).then_some(())
+    );
+    let got = all_inbound(&rig, &want).await;
+    assert_eq!(
+        duplicates(&got),
+        Vec::<String>::new(),
+        "published exactly once"
+    );
+    assert_eq!(got.len(), want.len());
+    fake.book(|b| {
+        assert_eq!(b.violations, Vec::<String>::new());
+        assert_eq!(
+            b.identifies.len(),
+            3,
+            "one identify per shard; handovers resume"
+        );
+        assert_eq!(b.resumes.iter().filter(|r| r.0 == 2).count(), 2);
+        assert!(
+            b.closes.is_empty(),
+            "the fake closed nobody: {:?}",
+            b.closes
+        );
+    });
+    a.stop().await;
+}
+
+/// A bot that outgrew its shard: Discord closes the identify with 4011, the
+/// fleet re-fetches the recommendation (2), stores it and identifies both
+/// shards, one bucket's identifies 5 s apart; every guild's events arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_4011_reshards_instead_of_giving_up() {
+    let rig = Rig::new().await;
+    let fake = FakeDiscord::start(Rules {
+        guilds: (0..4).map(|k| guild_on(0, 1, k)).collect(),
+        guilds_per_shard: 4,
+        max_concurrency: 1,
+        heartbeat_ms: 1000,
+        session_starts: 1000,
+        starts_reset: Duration::from_secs(86_400),
+    })
+    .await;
+    let a = start(&rig, fleet_settings(&rig, &fake, "gw-a"));
+    eventually!(
+        "one shard",
+        (fake.connected_shards() == [(0, 1)] && held(&a) == [0]).then_some(())
+    );
+    // Four more guilds: one shard may not hold eight. A session timeout
+    // makes the client identify again, which Discord now refuses with 4011.
+    let guilds: Vec<u64> = (0..8).map(|k| guild_on((k % 2) as u32, 2, k)).collect();
+    fake.set_guilds(guilds.clone());
+    fake.kick(0, 4009);
+    // Identifies of bucket 0, 5 s apart: the refused one, shard 0, shard 1.
+    eventually!(
+        within 3 * T,
+        "two shards",
+        (fake.connected_shards() == [(0, 2), (1, 2)] && held(&a) == [0, 1]).then_some(())
+    );
+    let count: Option<String> = rig
+        .cmd(&["HGET", &format!("{}shards", rig.keys.discord()), "count"])
+        .await;
+    assert_eq!(count.as_deref(), Some("2"));
+    let mut want = Vec::new();
+    for (k, g) in guilds.iter().enumerate() {
+        let id = format!("g{k}");
+        assert_eq!(fake.message(Some(*g), &format!("c{g}"), &id, "hi"), 1);
+        want.push(id);
+    }
+    let got = all_inbound(&rig, &want).await;
+    assert_eq!(duplicates(&got), Vec::<String>::new());
+    fake.book(|b| {
+        assert_eq!(b.violations, Vec::<String>::new());
+        assert!(b.closes.iter().any(|c| c.1 == 4011), "{:?}", b.closes);
+        let times: Vec<Instant> = b.identifies.iter().map(|i| i.0).collect();
+        for w in times.windows(2) {
+            assert!(
+                w[1] - w[0] >= Duration::from_secs(5),
+                "identifies {:?} apart",
+                w[1] - w[0]
+            );
+        }
+    });
+    assert!(!a.task.is_finished(), "4011 is not fatal");
+    a.stop().await;
+}
+
+/// Discord allows `session_start_limit.total` IDENTIFYs per window (1,000 a
+/// day; past it the token is reset). With two starts left and a session
+/// that keeps timing out, the third identify waits for the window to reset
+/// (`reset_after` of `GET /gateway/bot`) instead of going over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_session_start_limit_is_waited_out_not_exceeded() {
+    let rig = Rig::new().await;
+    let fake = FakeDiscord::start(Rules {
+        guilds: vec![guild_on(0, 1, 1)],
+        guilds_per_shard: 10,
+        max_concurrency: 1,
+        heartbeat_ms: 1000,
+        session_starts: 2,
+        starts_reset: Duration::from_secs(12),
+    })
+    .await;
+    let a = start(&rig, fleet_settings(&rig, &fake, "gw-a"));
+    for n in 1..=2 {
+        eventually!(
+            within 2 * T,
+            format!("identify {n}"),
+            (fake.book(|b| b.identifies.len()) == n && fake.connected_shards() == [(0, 1)])
+                .then_some(())
+        );
+        // Session timed out: the next connection must identify afresh.
+        fake.kick(0, 4009);
+    }
+    eventually!(
+        within 3 * T,
+        "identify 3, after the reset",
+        (fake.book(|b| b.identifies.len()) == 3 && fake.connected_shards() == [(0, 1)])
+            .then_some(())
+    );
+    fake.book(|b| {
+        assert_eq!(b.violations, Vec::<String>::new());
+        // Without the wait the third would have come 5 s after the second
+        // (the identify spacing), inside the window: a violation above. The
+        // window resets 12 s after the first start, about 7 s after the second.
+        let gap = b.identifies[2].0 - b.identifies[1].0;
+        assert!(gap > Duration::from_secs(6), "{gap:?}");
+    });
+    a.stop().await;
+}
+
+/// The fake is not toothless: a raw client that breaks each rule is closed
+/// the way Discord closes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fake_enforces_discords_gateway_rules() {
+    let fake = FakeDiscord::start(Rules {
+        guilds: (0..4).map(|k| guild_on((k % 2) as u32, 2, k)).collect(),
+        guilds_per_shard: 2,
+        max_concurrency: 1,
+        heartbeat_ms: 300,
+        session_starts: 1000,
+        starts_reset: Duration::from_secs(86_400),
+    })
+    .await;
+    type Raw = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+    async fn open(fake: &FakeDiscord) -> Raw {
+        tokio_tungstenite::connect_async(format!("{}/?v=10&encoding=json", fake.ws_url))
+            .await
+            .unwrap()
+            .0
+    }
+    async fn send(ws: &mut Raw, v: Value) {
+        ws.send(Message::text(v.to_string())).await.unwrap();
+    }
+    /// The next op, or the close code (as 10_000 + code).
+    async fn next(ws: &mut Raw) -> u64 {
+        loop {
+            match timeout(T, ws.next()).await.expect("a frame") {
+                Some(Ok(Message::Text(t))) => {
+                    let v: Value = serde_json::from_str(t.as_str()).unwrap();
+                    if v["op"] != 11 && v["op"] != 10 {
+                        return v["op"].as_u64().unwrap();
+                    }
+                }
+                Some(Ok(Message::Close(f))) => {
+                    return 10_000 + u64::from(u16::from(f.unwrap().code));
+                }
+                Some(Ok(_)) => {}
+                other => panic!("connection ended: {other:?}"),
+            }
+        }
+    }
+    let ident = |shard: Option<[u32; 2]>| {
+        let mut d = json!({"token": TOKEN, "intents": 1, "properties": {}});
+        if let Some(s) = shard {
+            d["shard"] = json!(s);
+        }
+        json!({"op": 2, "d": d})
+    };
+    // A shard id past the count: 4010.
+    let mut ws = open(&fake).await;
+    send(&mut ws, ident(Some([2, 2]))).await;
+    assert_eq!(next(&mut ws).await, 14010);
+    // Four guilds on one shard of at most two: 4011.
+    let mut ws = open(&fake).await;
+    send(&mut ws, ident(None)).await;
+    assert_eq!(next(&mut ws).await, 14011);
+    // A good identify, then another of the same bucket at once: op 9.
+    let mut ok = open(&fake).await;
+    send(&mut ok, ident(Some([0, 2]))).await;
+    assert_eq!(next(&mut ok).await, 0, "READY");
+    let mut ws = open(&fake).await;
+    send(&mut ws, ident(Some([1, 2]))).await;
+    assert_eq!(next(&mut ws).await, 9, "identify rate limited");
+    // No heartbeat: closed 4009 once it is overdue.
+    assert_eq!(
+        loop {
+            let n = next(&mut ok).await;
+            if n > 10_000 {
+                break n;
+            }
+        },
+        14009
+    );
+    // 121 commands within a minute: 4008.
+    let mut ws = open(&fake).await;
+    for _ in 0..121 {
+        send(&mut ws, json!({"op": 1, "d": null})).await;
+    }
+    assert_eq!(next(&mut ws).await, 14008);
+    fake.book(|b| {
+        let v = b.violations.join("\n");
+        for what in [
+            "invalid shard",
+            "identify of bucket 0",
+            "heartbeat overdue",
+            "more than 120",
+        ] {
+            assert!(v.contains(what), "{what} not recorded: {v}");
+        }
+    });
+}
+
+/// A gateway process, killed if the test ends while it runs.
+struct GwProc(std::process::Child);
+
+impl Drop for GwProc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// As a bot developer would run it: `stargazer gateway --config FILE`, two
+/// processes, a bot Discord says needs 3 shards; users keep talking in six
+/// guilds (a message every 40 ms) while the gateway holding two shards is
+/// SIGKILLed. Its shards move to the survivor once their leases expire
+/// (`session_lease_ms = 3000`) and are resumed there, so Discord replays
+/// what the dead one never recorded: every message is published once. The
+/// figures are printed for the issue's closing note.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_shards_over_two_gateway_processes_one_killed() {
+    let rig = Rig::new().await;
+    let guilds: Vec<u64> = (0..6).map(|k| guild_on((k % 3) as u32, 3, k)).collect();
+    let fake = FakeDiscord::start(Rules {
+        guilds: guilds.clone(),
+        guilds_per_shard: 2,
+        max_concurrency: 1,
+        heartbeat_ms: 1000,
+        session_starts: 1000,
+        starts_reset: Duration::from_secs(86_400),
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let base = rig.keys.discord();
+    // Each process serves /readyz and /metrics on a port of its own.
+    let free_port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let ports: std::collections::HashMap<&str, u16> =
+        [("gw-1", free_port()), ("gw-2", free_port())].into();
+    let spawn = |name: &str| {
+        let path = dir.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                r#"
+[redis]
+url = "{url}"
+[gateway]
+consumer_name = "{name}"
+[http]
+listen = "127.0.0.1:{port}"
+[[platform]]
+name = "{platform}"
+adapter = "discord"
+api_base = "{api}"
+token_env = "DC_TOKEN"
+gateway = true
+shards = "auto"
+session_lease_ms = 3000
+"#,
+                url = rig.server.url(),
+                platform = rig.keys.platform(),
+                api = fake.api_base,
+                port = ports[name],
+            ),
+        )
+        .unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_stargazer"))
+            .args(["gateway", "--config"])
+            .arg(&path)
+            .env("DC_TOKEN", TOKEN)
+            .env("RUST_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("start gateway");
+        (GwProc(child), path)
+    };
+    let holders = || async {
+        let mut by: std::collections::BTreeMap<String, Vec<u32>> = Default::default();
+        for s in 0..3u32 {
+            let h: Option<String> = rig.cmd(&["GET", &format!("{base}shard:{s}:lease")]).await;
+            by.entry(h.unwrap_or_else(|| "-".into()))
+                .or_default()
+                .push(s);
+        }
+        by
+    };
+    let all = vec![(0, 3), (1, 3), (2, 3)];
+
+    let (gw1, _) = spawn("gw-1");
+    eventually!(
+        within 3 * T,
+        "gw-1 runs three shards",
+        (fake.connected_shards() == all).then_some(())
+    );
+    let (gw2, config2) = spawn("gw-2");
+    let split = eventually!(within 2 * T, "2 + 1", {
+        let h = holders().await;
+        let sizes: Vec<usize> = h.values().map(Vec::len).collect();
+        (h.len() == 2 && !h.contains_key("-") && fake.connected_shards() == all)
+            .then_some(h)
+            .filter(|_| sizes.contains(&2) && sizes.contains(&1))
+    });
+
+    // Users keep talking while the two-shard holder is killed.
+    let talking = CancellationToken::new();
+    let producer = tokio::spawn({
+        let (fake, guilds, talking) = (fake.clone(), guilds.clone(), talking.clone());
+        async move {
+            let (mut sent, mut misrouted) = (Vec::new(), 0usize);
+            let mut k = 0usize;
+            while !talking.is_cancelled() {
+                let id = format!("u{k}");
+                let g = guilds[k % guilds.len()];
+                if fake.message(Some(g), &format!("c{g}"), &id, "hello") != 1 {
+                    misrouted += 1;
+                }
+                sent.push(id);
+                k += 1;
+                tokio::time::sleep(Duration::from_millis(40)).await;
+            }
+            (sent, misrouted)
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // (the victim's process, the survivor's)
+    let (victim, mut procs) = if split.get("gw-1").map(Vec::len) == Some(2) {
+        ("gw-1", (gw1, gw2))
+    } else {
+        ("gw-2", (gw2, gw1))
+    };
+    let survivor = if victim == "gw-1" { "gw-2" } else { "gw-1" };
+    let killed_at = Instant::now();
+    procs.0.0.kill().expect("SIGKILL");
+    let _ = procs.0.0.wait();
+    let moved = eventually!(within 3 * T, "the dead holder's shards move", {
+        let h = holders().await;
+        (h.get(survivor).map(Vec::len) == Some(3) && fake.connected_shards() == all)
+            .then(|| killed_at.elapsed())
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    talking.cancel();
+    let (sent, misrouted) = producer.await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let got = loop {
+        let got = inbound_ids(&rig).await;
+        if sent.iter().all(|s| got.contains(s)) || Instant::now() > deadline {
+            break got;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let dups = duplicates(&got);
+    let lost: Vec<&String> = sent.iter().filter(|s| !got.contains(s)).collect();
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_stargazer"))
+        .args(["status", "--config"])
+        .arg(&config2)
+        .output()
+        .expect("stargazer status");
+    let http_get = |path: &str| {
+        let url = format!("http://127.0.0.1:{}{path}", ports[survivor]);
+        async move { reqwest::get(url).await.unwrap().text().await.unwrap() }
+    };
+    let readyz = http_get("/readyz").await;
+    let metrics: Vec<String> = http_get("/metrics")
+        .await
+        .lines()
+        .filter(|l| l.starts_with("stargazer_discord_shard"))
+        .map(str::to_owned)
+        .collect();
+    let (identifies, resumes, violations) =
+        fake.book(|b| (b.identifies.len(), b.resumes.clone(), b.violations.clone()));
+    println!(
+        "shards before the kill: {split:?}\nkilled {victim}; after: {:?}\n\
+         time for the dead holder's shards to move (killed → all three connected on {survivor}): {moved:?}\n\
+         inbound messages: expected {}, published {} ({} distinct), duplicates {}, lost {}\n\
+         identifies {identifies}, resumes {resumes:?}, fake violations {violations:?}\n\
+         /readyz of {survivor}: {readyz}\
+         metrics of {survivor}: {metrics:#?}\n\
+         `stargazer status`:\n{}",
+        holders().await,
+        sent.len(),
+        got.len(),
+        got.len() - dups.len(),
+        dups.len(),
+        lost.len(),
+        String::from_utf8_lossy(&status.stdout),
+    );
+    assert_eq!(misrouted, 0, "every event had exactly one shard session");
+    assert_eq!(dups, Vec::<String>::new(), "duplicates");
+    assert_eq!(lost, Vec::<&String>::new(), "lost");
+    assert_eq!(violations, Vec::<String>::new());
+    assert_eq!(
+        identifies, 3,
+        "the moved shards were resumed, not identified again"
+    );
+    assert!(
+        String::from_utf8_lossy(&status.stdout).contains("discord shards (3)"),
+        "status names the shards"
+    );
+    assert!(readyz.contains("shards 0, 1, 2 of 3 held here"), "{readyz}");
+    for s in 0..3 {
+        let want = format!("shard=\"{s}\"");
+        assert!(
+            metrics
+                .iter()
+                .any(|l| l.contains(&want) && l.ends_with(" 1")),
+            "{metrics:?}"
+        );
+    }
+    drop(procs);
 }

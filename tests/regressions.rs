@@ -735,7 +735,7 @@ async fn defect_09_message_key_on_own_keys_is_forbidden() {
 
     let other_chan = "sg:{other}:chan:x";
     let own_chan = "sg:{hook}:chan:y";
-    let lease = "sg:{hook}:discord:session:lease";
+    let lease = "sg:{hook}:discord:shard:0:lease";
     cmd::<()>(&mut c, &["HSET", other_chan, "seq", "5", "done", "5"]).await;
     cmd::<()>(&mut c, &["HSET", own_chan, "seq", "3"]).await;
     cmd::<()>(&mut c, &["SET", lease, "gw-z"]).await;

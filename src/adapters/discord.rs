@@ -44,7 +44,7 @@
 //! past the window. Every such resend is counted by result
 //! (`stargazer_discord_unknown_outcomes_total`).
 //!
-//! Rate limits ([`Limiter`], script `discord/lua/limits.lua`): before each request
+//! Rate limits ([`Limiter`], script `src/bus/lua/discord/limits.lua`): before each request
 //! the adapter takes, atomically in Redis, a permit of the invalid-request
 //! budget, of a global 429's block, of the route's bucket (learned from
 //! `X-RateLimit-Bucket`/`-Limit`/`-Remaining`/`-Reset-After`) and of the
@@ -86,7 +86,6 @@ use crate::envelope::{Action, Button};
 use crate::keys::Keys;
 use crate::toggles::{TOGGLE_MENU, Toggles};
 
-pub mod circuit;
 pub mod gateway;
 pub mod interactions;
 mod limiter;
@@ -104,7 +103,6 @@ use message::{history_message, with_files, with_toggle};
 use rest::Body;
 pub use rest::Route;
 
-pub use circuit::Circuit;
 use render::FileSpec;
 pub use secret::Secret;
 use typing::{Typing, TypingRequest};
@@ -198,13 +196,18 @@ pub struct DiscordAdapter {
     guilds: Mutex<HashMap<String, String>>,
     nonce_window: Duration,
     presence: bool,
-    /// Open while Discord refuses the token (shared with the gateway session).
-    circuit: std::sync::Arc<Circuit>,
+    /// The platform's circuit (the engine's, which this adapter hands it):
+    /// open while Discord refuses the token; the gateway session opens it
+    /// on 4004, the engine's one probe ([`Adapter::probe`]) closes it.
+    circuit: crate::circuit::Circuit,
     allowed_mentions: Vec<String>,
     /// Channels whose typing indicator is kept alive.
     typing: Typing,
     /// The bot's application id (interaction webhooks), once known.
     application: Mutex<Option<String>>,
+    /// The platform's gateway session in this process, if it runs one
+    /// (for `/readyz`: the shards held here).
+    session: std::sync::OnceLock<std::sync::Weak<gateway::Session>>,
 }
 
 /// How many channels' guilds are remembered in memory before starting over.
@@ -299,10 +302,11 @@ impl DiscordAdapter {
             guilds: Mutex::new(HashMap::new()),
             nonce_window: settings.nonce_window,
             presence: settings.presence,
-            circuit: std::sync::Arc::new(Circuit::new(platform)),
+            circuit: crate::circuit::Circuit::new(platform),
             allowed_mentions: settings.allowed_mentions,
             typing: Typing::new(settings.typing_beat),
             application: Mutex::new(settings.application_id),
+            session: std::sync::OnceLock::new(),
         })
     }
 
@@ -320,27 +324,19 @@ impl DiscordAdapter {
         self.typing.is_kept(channel)
     }
 
-    /// The token's circuit, shared with the gateway session.
-    pub fn circuit(&self) -> std::sync::Arc<Circuit> {
+    /// The gateway session this process runs for the platform.
+    pub fn attach_session(&self, session: &std::sync::Arc<gateway::Session>) {
+        let _ = self.session.set(std::sync::Arc::downgrade(session));
+    }
+
+    /// The platform's circuit, which the engine and the gateway session share.
+    pub fn token_circuit(&self) -> crate::circuit::Circuit {
         self.circuit.clone()
     }
 
-    /// A send while the circuit is open: no request, unless a probe is due
-    /// and succeeds (then the circuit closes and the send goes ahead).
-    async fn through_circuit(&self) -> Result<(), AdapterError> {
-        let Some(reason) = self.circuit.reason() else {
-            return Ok(());
-        };
-        if self.circuit.take_probe() && self.probe_token().await.is_ok() {
-            return Ok(());
-        }
-        Err(AdapterError::unauthorized(format!(
-            "discord refuses the bot token ({reason}); sends are stopped until it works again"
-        )))
-    }
-
-    /// `GET /users/@me`, which no user sees: Ok closes the circuit here and
-    /// for every gateway.
+    /// `GET /users/@me`, which no user sees (the engine's probe while the
+    /// circuit is open): Ok clears the refusal mark in Redis, so every
+    /// gateway sends again; the engine then closes this one's circuit.
     async fn probe_token(&self) -> Result<(), AdapterError> {
         let route = Route::new(Method::GET, "/users/@me".into(), "/users/@me", "@me");
         match self.call_api_as(&route, &[], Body::None, true).await {
@@ -349,7 +345,7 @@ impl DiscordAdapter {
                 if let Err(e) = self.limiter.accepted().await {
                     warn!(platform = %self.platform, error = %e, "discord: clearing the refused-token mark failed");
                 }
-                self.circuit.close();
+                crate::metrics::discord_credential_refused(&self.platform, false);
                 Ok(())
             }
             Err(e) => {
@@ -371,7 +367,6 @@ impl DiscordAdapter {
     }
 
     async fn deliver_inner(&self, d: &Delivery<'_>) -> Result<Delivered, AdapterError> {
-        self.through_circuit().await?;
         let env = d.envelope;
         let channel = || {
             env.channel_id
@@ -702,6 +697,30 @@ impl Adapter for DiscordAdapter {
 
     fn probe(&self) -> BoxFuture<'_, Result<(), AdapterError>> {
         Box::pin(async move { self.probe_token().await })
+    }
+
+    fn circuit(&self) -> Option<crate::circuit::Circuit> {
+        Some(self.circuit.clone())
+    }
+
+    /// The shards this gateway holds, e.g. `shards 0, 2 of 3 held here`.
+    fn ready_detail(&self) -> Option<String> {
+        let (count, held) = self.session.get()?.upgrade()?.shards();
+        let list = if held.is_empty() {
+            "none".to_owned()
+        } else {
+            held.iter()
+                .map(|(id, up)| {
+                    if *up {
+                        id.to_string()
+                    } else {
+                        format!("{id} (connecting)")
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        Some(format!("shards {list} of {count} held here"))
     }
 
     fn deliver<'a>(

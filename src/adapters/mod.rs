@@ -170,6 +170,19 @@ pub trait Adapter: Send + Sync + fmt::Debug {
         None
     }
 
+    /// The circuit the platform's engine should use, when the adapter shares
+    /// it with parts of its own (Discord: the gateway session opens it on a
+    /// refused token); None: the engine makes one.
+    fn circuit(&self) -> Option<crate::circuit::Circuit> {
+        None
+    }
+
+    /// What `/readyz` adds about this platform when ready (Discord: the
+    /// shards this gateway holds); None: nothing.
+    fn ready_detail(&self) -> Option<String> {
+        None
+    }
+
     /// While the platform's circuit is open (a send returned [`Retry::Halt`]),
     /// the dispatcher calls this with backoff; `Ok` closes the circuit and
     /// sends resume. It must be cheap and must not send anything a user sees
@@ -332,7 +345,7 @@ pub fn discord_session_from_config(
     token: Option<String>,
     owner: &str,
     bus: &crate::bus::Bus,
-    circuit: Arc<discord::Circuit>,
+    adapter: &Arc<discord::DiscordAdapter>,
 ) -> Result<discord::gateway::Session, String> {
     discord::gateway::Session::new(
         discord::gateway::SessionSettings {
@@ -346,6 +359,7 @@ pub fn discord_session_from_config(
             lease: Duration::from_millis(p.session_lease_ms),
             owner: owner.to_owned(),
             interaction_defer: Duration::from_millis(p.interaction_defer_ms),
+            shards: p.shards,
             commands: p
                 .commands
                 .iter()
@@ -358,7 +372,8 @@ pub fn discord_session_from_config(
         bus.client().clone(),
         bus.conn(),
         bus.keys(),
-        circuit,
+        adapter.token_circuit(),
+        Some(adapter.clone() as SharedAdapter),
     )
 }
 

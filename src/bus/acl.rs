@@ -68,6 +68,14 @@ const GATEWAY: &[&str] = &[
     "+get",
     "+set",
     "+incr",
+    "+pttl",
+    // Discord: the live gateways sharing the shards, the per-host
+    // invalid-request window (sorted sets)
+    "+zadd",
+    "+zrem",
+    "+zremrangebyscore",
+    "+zcard",
+    "+zrange",
     "+publish",
     "+subscribe",
     "+unsubscribe",

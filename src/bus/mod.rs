@@ -21,6 +21,7 @@ use crate::keys::Keys;
 pub mod acl;
 pub mod admin;
 pub mod conn;
+pub mod discord;
 mod engine;
 mod scripts;
 pub use conn::{Conn, Target};

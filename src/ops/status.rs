@@ -48,6 +48,17 @@ pub struct PlatformStatus {
     /// Redis Cluster: the primary (`host:port`) holding the platform's slot.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    /// A Discord platform with a gateway session: each shard and the
+    /// gateway holding it (`None`: nobody now).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub discord_shards: Option<Vec<ShardHolder>>,
+}
+
+/// One Discord gateway shard and its holder.
+#[derive(Debug, Clone, Serialize)]
+pub struct ShardHolder {
+    pub shard: u32,
+    pub holder: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -138,7 +149,27 @@ pub async fn platform_status(bus: &Bus, now_ms: u64) -> RedisResult<PlatformStat
         dead_letters,
         gap_channels,
         node: bus.slot_node().await?,
+        discord_shards: discord_shards(bus).await?,
     })
+}
+
+/// Who holds each shard of a Discord platform's gateway session (`None`
+/// for a platform that never ran one).
+async fn discord_shards(bus: &Bus) -> RedisResult<Option<Vec<ShardHolder>>> {
+    use crate::adapters::discord::gateway::{shard_lease_key, shards_key};
+    use redis::AsyncCommands;
+    let base = bus.keys().discord();
+    let mut conn = bus.conn();
+    let count: Option<u32> = conn.hget(shards_key(&base), "count").await?;
+    let Some(count) = count else {
+        return Ok(None);
+    };
+    let mut out = Vec::new();
+    for shard in 0..count.min(crate::adapters::discord::gateway::shards::MAX_SHARDS) {
+        let holder: Option<String> = conn.get(shard_lease_key(&base, shard)).await?;
+        out.push(ShardHolder { shard, holder });
+    }
+    Ok(Some(out))
 }
 
 /// A duration for people: `850ms`, `12.3s`, `4m05s`, `3h12m`, `2d04h`.
@@ -247,6 +278,19 @@ pub fn render_table(st: &Status) -> String {
                 })
                 .collect();
             out.push_str(&table(&["  CONSUMER", "PENDING", "IDLE"], &rows));
+        }
+        if let Some(shards) = &p.discord_shards {
+            let _ = writeln!(out, "\n{} discord shards ({}):", p.platform, shards.len());
+            let rows: Vec<Vec<String>> = shards
+                .iter()
+                .map(|s| {
+                    vec![
+                        format!("  {}", s.shard),
+                        s.holder.clone().unwrap_or_else(|| "- (free)".into()),
+                    ]
+                })
+                .collect();
+            out.push_str(&table(&["  SHARD", "HELD BY"], &rows));
         }
         if !p.gap_channels.is_empty() {
             let _ = writeln!(out, "\n{} channels waiting on an order gap:", p.platform);

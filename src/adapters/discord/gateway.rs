@@ -1,64 +1,81 @@
 //! The Discord gateway session: one websocket (API v10, JSON encoding, no
-//! compression) per Discord platform, held by exactly one gateway process at a
-//! time, that turns what users do into inbound events and carries presence
-//! updates (op 3).
+//! compression) per shard of a Discord platform, each shard held by exactly
+//! one gateway process of the fleet at a time, that turns what users do into
+//! inbound events and carries presence updates (op 3) on every shard.
 //!
-//! **One holder.** `{base}session:lease` is taken with `SET NX PX` semantics
-//! (value = the gateway's consumer name) and renewed every lease/3 with a
-//! compare-and-pexpire script; only the holder runs the websocket, and a
-//! holder that fails to renew closes it at once. Others try again every
-//! lease/3. On stop the holder closes with code 4000 (not 1000, which would
-//! invalidate the session) and deletes the lease if still its own, so the next
-//! holder RESUMEs.
+//! **Shards** ([`shards`]). The shard count is `shards` (a number) or, with
+//! `shards = "auto"`, what `GET /gateway/bot` recommends, stored for the fleet
+//! in `{base}shards`. Each gateway registers as live in `{base}shard:members`
+//! and takes free shard leases (`{base}shard:<n>:lease`, `SET NX PX`, value =
+//! its consumer name) up to its fair share, ceil(shards / live gateways); one
+//! holding more than its share hands the highest back (closing with 4000 so
+//! the next holder resumes). A dead holder's leases expire after
+//! `session_lease_ms` and the survivors take them. Close 4010/4011 re-fetch
+//! the count and reshard the fleet (once: the count changes only from the
+//! value the gateway saw).
 //!
-//! **Nothing lost across a handover.** `{base}session` (hash `session_id`,
-//! `resume_url`, `seq`, `user_id`) is written on READY; `seq` moves in the same
-//! Lua script (fenced by the lease) as the inbound XADD and the other writes of
-//! the event it belongs to, so the stored seq never runs ahead of what was
-//! recorded and a node that takes over RESUMEs from there: Discord replays
-//! the rest. Events that record nothing move the stored seq lazily (at the
-//! next heartbeat, and on stop). A replayed event at or below the seq already
-//! processed is skipped.
+//! **Identify spacing.** Discord allows one IDENTIFY per rate-limit bucket
+//! (`shard % max_concurrency`) per 5 s for the whole bot: a shard identifies
+//! only once it has set `{base}identify:<bucket>` (`SET NX PX 5000`), so the
+//! fleet keeps the rule whichever gateways hold which shards.
+//!
+//! **One holder per shard.** A holder renews its shard's lease every lease/3
+//! with a compare-and-pexpire script and closes the websocket at once when it
+//! fails to. On stop it closes with code 4000 (not 1000, which would
+//! invalidate the session) and deletes the lease if still its own, so the
+//! next holder RESUMEs.
+//!
+//! **Nothing lost across a handover.** `{base}shard:<n>:session` (hash
+//! `session_id`, `resume_url`, `seq`, `user_id`, `shards`) is written on
+//! READY; `seq` moves in the same Lua script (fenced by the shard's lease) as
+//! the inbound XADD and the other writes of the event it belongs to, so the
+//! stored seq never runs ahead of what was recorded and a node that takes
+//! over RESUMEs from there: Discord replays the rest. Events that record
+//! nothing move the stored seq lazily (at the next heartbeat, and on stop). A
+//! replayed event at or below the seq already processed is skipped. A session
+//! stored for another shard count is not resumed.
 //!
 //! **Presence.** [`set_presence`] stores `{base}presence` (latest wins) and
-//! publishes on the channel of the same name; the holder reads the key on a
-//! notification (and once after READY/RESUMED) and sends op 3 with a custom
-//! status, coalescing bursts and keeping within the gateway's 120 events per
-//! 60 s. Identify carries the stored presence too.
+//! publishes on the channel of the same name; every shard's holder reads the
+//! key on a notification (and once after READY/RESUMED) and sends op 3 with a
+//! custom status, coalescing bursts and keeping within the gateway's 120
+//! events per 60 s. Identify carries the stored presence too.
 //!
 //! **Side tables** for the adapter: `{base}guilds` (channel id → guild id, from
 //! GUILD_CREATE, CHANNEL_CREATE/UPDATE, THREAD_CREATE/UPDATE, MESSAGE_CREATE)
 //! and `{base}nonce:<nonce>` (the id of a message this bot sent with that
 //! nonce, for a day).
 //!
-//! **Lifecycle** (Discord's documented one): Hello → heartbeats (first after
-//! interval × jitter, `d` = last seq; no ACK since the previous one = zombie:
-//! close and resume) → Identify or Resume → READY / RESUMED. Op 7 → resume;
-//! op 9 → resume (d = true) or identify afresh (d = false) after 1–5 s. Close
-//! codes 4010–4014 are fatal (logged with the fix, no reconnect); 4004 (and
-//! a 401 from `GET /gateway/bot`) opens the token's [`super::Circuit`] and the
-//! session reconnects once a probe succeeds;
-//! others reconnect with exponential backoff (1 s doubling to 30 s, reset by
-//! a successful session); three resumes in a row that do not come up give
-//! way to a fresh Identify. At most one IDENTIFY per 5 s from one session.
-
+//! **Lifecycle** (Discord's documented one, per shard): Hello → heartbeats
+//! (first after interval × jitter, `d` = last seq; no ACK since the previous
+//! one = zombie: close and resume) → Identify (with `shard: [n, count]`) or
+//! Resume → READY / RESUMED. Op 7 → resume; op 9 → resume (d = true) or
+//! identify afresh (d = false) after 1–5 s. Close codes 4012–4014 are fatal
+//! (logged with the fix, no reconnect); 4010/4011 reshard; 4004 (and a 401
+//! from `GET /gateway/bot`) opens the platform's [`crate::circuit::Circuit`] and the shard
+//! reconnects once a probe succeeds; others reconnect with exponential
+//! backoff (1 s doubling to 30 s, reset by a successful session); three
+//! resumes in a row that do not come up give way to a fresh Identify.
 //!
-//! **Layout.** [`lease`](self) (keys and fenced scripts), `protocol` (the
-//! [`protocol::Op`] and [`protocol::CloseCode`] enums, presence objects),
-//! `connection` (one websocket from connect to close), `budget` (the send
-//! budget), `events` (pure event mapping); interactions are deferred by
+//! **Layout.** [`lease`](self) (the fenced scripts), `shards` (the
+//! fleet's shard leasing), `runner` (one held shard: lease, reconnects,
+//! stored session, identify slot), `protocol` (the [`protocol::Op`] and
+//! [`protocol::CloseCode`] enums, presence objects), `connection` (one
+//! websocket from connect to close), `budget` (the send budget), `events`
+//! (pure event mapping); interactions are deferred by
 //! [`super::interactions::AutoDefer`].
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::ops::Deref;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::bus::Conn;
 use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
-use redis::{AsyncCommands, RedisResult, Script};
+use redis::{AsyncCommands, RedisResult};
 use reqwest::Url;
 use reqwest::header::AUTHORIZATION;
 use serde_json::{Value, json};
@@ -79,15 +96,21 @@ mod connection;
 mod events;
 mod lease;
 pub mod protocol;
+mod runner;
+pub mod shards;
 
 use connection::watch_presence;
+use runner::Runner;
 
 use budget::{Budget, PRESENCE_RESERVE};
 pub use events::to_inbound;
 use events::{Writes, str_at, writes_for};
-use lease::{ACQUIRE, COMMIT, RELEASE, RENEW, WRITE_SESSION, lease_key, presence_key, session_key};
-pub use lease::{guilds_key, nonce_key, set_presence};
+use lease::{COMMIT, RELEASE, RENEW, WRITE_SESSION, identify_key, presence_key};
+pub use lease::{
+    guilds_key, nonce_key, set_presence, shard_lease_key, shard_session_key, shards_key,
+};
 use protocol::{CloseCode, Op, gateway_request_url, presence_object};
+pub use shards::ShardCount;
 
 /// GUILDS | GUILD_MESSAGES | GUILD_MESSAGE_REACTIONS | DIRECT_MESSAGES |
 /// DIRECT_MESSAGE_REACTIONS | MESSAGE_CONTENT (privileged: enable it in the
@@ -99,6 +122,7 @@ pub const DEFAULT_LEASE: Duration = Duration::from_secs(15);
 const CLOSE_RESUMABLE: u16 = 4000;
 /// How long a bot-sent message's nonce is remembered.
 const NONCE_TTL_S: u64 = 86_400;
+/// Discord's identify rate limit: one per bucket per this long.
 const IDENTIFY_GAP: Duration = Duration::from_secs(5);
 const BACKOFF_BASE: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -130,6 +154,8 @@ pub struct SessionSettings {
     pub interaction_defer: Duration,
     /// Application commands registered on READY (Discord's command objects).
     pub commands: Vec<Value>,
+    /// How many shards the bot runs: Discord's recommendation, or a number.
+    pub shards: ShardCount,
 }
 
 impl SessionSettings {
@@ -146,6 +172,7 @@ impl SessionSettings {
             owner: owner.to_owned(),
             interaction_defer: Duration::from_millis(2000),
             commands: Vec::new(),
+            shards: ShardCount::Auto,
         }
     }
 }
@@ -157,6 +184,8 @@ struct Resume {
     resume_url: Option<String>,
     seq: Option<u64>,
     user_id: Option<String>,
+    /// The shard count the session was identified with.
+    shards: Option<u32>,
 }
 
 impl Resume {
@@ -177,7 +206,8 @@ enum Commit {
     Fenced,
 }
 
-/// How one hold of the lease ended.
+/// How one hold of a shard's lease ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Held {
     Stopped,
     /// The lease was lost, or Redis failed: try again later.
@@ -185,6 +215,8 @@ enum Held {
     Fatal,
     /// Discord refused the token (close 4004, or a 401): the circuit is open.
     Refused,
+    /// Close 4010/4011: the shard count is wrong; reshard.
+    Reshard,
 }
 
 /// How one websocket connection ended.
@@ -194,6 +226,8 @@ enum End {
     Fatal(String),
     /// The token was refused (close 4004, or a 401): wait for the circuit.
     Refused(String),
+    /// Close 4010 (invalid shard) or 4011 (sharding required).
+    Reshard(String),
     /// Connect again (resume if the session is known) after `wait`, or after
     /// the backoff when `None`. `healthy`: the connection had READY/RESUMED.
     Again {
@@ -244,7 +278,19 @@ struct Live {
     presence_due: Option<Instant>,
 }
 
-/// A Discord gateway session; see the module documentation.
+/// What `GET /gateway/bot` answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BotGateway {
+    pub url: String,
+    /// The shard count Discord recommends.
+    pub shards: u32,
+    /// Identifies Discord takes at once (one per bucket per 5 s).
+    pub max_concurrency: u32,
+}
+
+/// A Discord platform's sharded gateway session in this process: it leases
+/// shards from the fleet and runs one websocket per shard it holds; see the
+/// module documentation.
 pub struct Session {
     settings: SessionSettings,
     client: redis::Client,
@@ -254,11 +300,21 @@ pub struct Session {
     /// `sg:{P}:inbound`: written in the same script as the event's seq.
     inbound_key: String,
     http: reqwest::Client,
-    connected: AtomicBool,
-    last_identify: Mutex<Option<Instant>>,
-    gateway_cache: Mutex<Option<String>>,
-    /// The token's circuit, shared with the platform's adapter: a 4004 opens it.
-    circuit: Arc<super::Circuit>,
+    /// The shards this gateway holds now, each with whether it is connected
+    /// (READY or RESUMED).
+    held: Mutex<BTreeMap<u32, Arc<AtomicBool>>>,
+    /// The shard count in force (0 until known).
+    count: AtomicU32,
+    /// Discord's `max_concurrency` (identify buckets); 1 until known.
+    max_concurrency: AtomicU32,
+    gateway_cache: Mutex<Option<BotGateway>>,
+    /// The platform's circuit, the engine's: a 4004 opens it.
+    circuit: crate::circuit::Circuit,
+    /// What probes the token while the circuit is open (the platform's
+    /// adapter: `GET /users/@me`); None: nothing probes (tests).
+    prober: Option<crate::adapters::SharedAdapter>,
+    /// Stops a probe this session started, when the session stops.
+    probe_stop: CancellationToken,
     /// Defers interactions no worker answered in time.
     auto_defer: super::interactions::AutoDefer,
 }
@@ -269,6 +325,7 @@ impl fmt::Debug for Session {
             .field("settings", &self.settings)
             .field("base", &self.base)
             .field("connected", &self.connected())
+            .field("shards", &self.shards())
             .finish()
     }
 }
@@ -281,7 +338,8 @@ impl Session {
         client: redis::Client,
         conn: Conn,
         keys: &Keys,
-        circuit: Arc<super::Circuit>,
+        circuit: crate::circuit::Circuit,
+        prober: Option<crate::adapters::SharedAdapter>,
     ) -> Result<Self, String> {
         settings.token = super::bare_token(settings.token.expose()).into();
         if settings.token.is_empty() {
@@ -318,373 +376,91 @@ impl Session {
             base: keys.discord(),
             inbound_key: keys.inbound(),
             http,
-            connected: AtomicBool::new(false),
-            last_identify: Mutex::new(None),
+            held: Mutex::new(BTreeMap::new()),
+            count: AtomicU32::new(0),
+            max_concurrency: AtomicU32::new(1),
             gateway_cache: Mutex::new(None),
             circuit,
+            prober,
+            probe_stop: CancellationToken::new(),
             auto_defer,
         })
     }
 
-    /// True while this process holds a live, identified or resumed session.
+    /// True while this process holds a live, identified or resumed shard.
     pub fn connected(&self) -> bool {
-        self.connected.load(Ordering::SeqCst)
+        self.lock_held().values().any(|c| c.load(Ordering::SeqCst))
     }
 
-    /// Hold the session whenever this process has the lease, until `stop`.
-    pub async fn run(self: Arc<Self>, stop: CancellationToken) {
-        let tick = self.settings.lease / 3;
-        loop {
-            if stop.is_cancelled() {
-                return;
+    /// The shard count in force (0 until known) and the shards this gateway
+    /// holds, each with whether it is connected.
+    pub fn shards(&self) -> (u32, Vec<(u32, bool)>) {
+        let held = self
+            .lock_held()
+            .iter()
+            .map(|(id, c)| (*id, c.load(Ordering::SeqCst)))
+            .collect();
+        (self.count.load(Ordering::SeqCst), held)
+    }
+
+    fn lock_held(&self) -> std::sync::MutexGuard<'_, BTreeMap<u32, Arc<AtomicBool>>> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// While the token is refused: wait for the platform's circuit to
+    /// close (its one probe, the engine's, runs with backoff).
+    async fn wait_for_token(&self) {
+        self.circuit.closed().await;
+    }
+
+    /// Discord refused the token (close 4004, a 401): open the platform's
+    /// circuit and start its probe, and mark the refusal in Redis so every
+    /// other gateway stops before its next request.
+    async fn refuse(&self, why: &str) {
+        crate::metrics::discord_credential_refused(&self.settings.platform, true);
+        match &self.prober {
+            Some(adapter) => {
+                self.circuit.trip(why, adapter, &self.probe_stop);
             }
-            match self.acquire().await {
-                Ok(true) => {
-                    debug!(platform = %self.settings.platform, owner = %self.settings.owner, "holding the discord session lease");
-                    let held = self.hold(&stop).await;
-                    self.connected.store(false, Ordering::SeqCst);
-                    if let Err(e) = self.release().await {
-                        warn!(platform = %self.settings.platform, error = %e, "could not release the discord session lease");
-                    }
-                    match held {
-                        Held::Stopped => return,
-                        Held::Fatal => {
-                            stop.cancelled().await;
-                            return;
-                        }
-                        Held::Refused => {
-                            tokio::select! {
-                                _ = self.wait_for_token() => {}
-                                _ = stop.cancelled() => return,
-                            }
-                        }
-                        Held::Retry => {}
-                    }
-                }
-                Ok(false) => {}
-                Err(e) => {
-                    warn!(platform = %self.settings.platform, error = %e, "could not take the discord session lease; retrying");
-                }
-            }
-            tokio::select! {
-                _ = sleep(tick) => {}
-                _ = stop.cancelled() => return,
+            None => {
+                self.circuit.open(why);
             }
         }
-    }
-
-    /// While the token is refused: probe it (`GET /users/@me`, shared
-    /// backoff with the adapter's probes) until it works, or until the
-    /// adapter's probe closes the circuit.
-    async fn wait_for_token(&self) {
-        let url = format!("{}/users/@me", self.settings.api_base.trim_end_matches('/'));
-        while self.circuit.is_open() {
-            tokio::select! {
-                _ = sleep(self.circuit.until_probe().max(Duration::from_millis(50))) => {}
-                _ = self.circuit.closed() => return,
-            }
-            if !self.circuit.take_probe() {
-                continue;
-            }
-            let r = self
-                .http
-                .get(&url)
-                .header(
-                    AUTHORIZATION,
-                    format!("Bot {}", self.settings.token.expose()),
-                )
-                .send()
-                .await;
-            match r {
-                Ok(r) if r.status().is_success() => {
-                    crate::metrics::discord_probe(&self.settings.platform, "ok");
-                    let mut conn = self.conn.clone();
-                    let d: RedisResult<()> =
-                        conn.del(super::circuit::refused_key(&self.base)).await;
-                    if let Err(e) = d {
-                        warn!(platform = %self.settings.platform, error = %e, "could not clear the refused discord token");
-                    }
-                    self.circuit.close();
-                }
-                Ok(r) => {
-                    let result = if r.status() == reqwest::StatusCode::UNAUTHORIZED {
-                        "refused"
-                    } else {
-                        "error"
-                    };
-                    crate::metrics::discord_probe(&self.settings.platform, result);
-                }
-                Err(e) => {
-                    crate::metrics::discord_probe(&self.settings.platform, "error");
-                    debug!(platform = %self.settings.platform, error = %e.without_url(), "discord token probe failed");
-                }
-            }
+        let mut conn = self.conn.clone();
+        let r: RedisResult<()> = conn
+            .set_ex(crate::bus::discord::refused_key(&self.base), why, 86_400)
+            .await;
+        if let Err(e) = r {
+            warn!(platform = %self.settings.platform, error = %e, "could not record the refused discord token");
         }
     }
 
     fn lease_ms(&self) -> u64 {
         self.settings.lease.as_millis() as u64
     }
+}
 
-    async fn acquire(&self) -> RedisResult<bool> {
-        self.lease_script(&ACQUIRE).await
-    }
-
-    async fn renew(&self) -> RedisResult<bool> {
-        self.lease_script(&RENEW).await
-    }
-
-    /// Run a lease script (take or renew) for this owner: whether it is ours now.
-    async fn lease_script(&self, script: &Script) -> RedisResult<bool> {
-        let mut conn = self.conn.clone();
-        let n: i64 = script
-            .key(lease_key(&self.base))
-            .arg(&self.settings.owner)
-            .arg(self.lease_ms())
-            .invoke_async(&mut conn)
-            .await?;
-        Ok(n == 1)
-    }
-
-    async fn release(&self) -> RedisResult<()> {
-        let mut conn = self.conn.clone();
-        let _: i64 = RELEASE
-            .key(lease_key(&self.base))
-            .arg(&self.settings.owner)
-            .invoke_async(&mut conn)
-            .await?;
-        Ok(())
-    }
-
-    /// Run the session while the lease is ours.
-    async fn hold(self: &Arc<Self>, stop: &CancellationToken) -> Held {
-        let lost = stop.child_token();
-        let renewer = tokio::spawn({
-            let me = self.clone();
-            let lost = lost.clone();
-            async move { me.keep_lease(lost).await }
-        });
-        let notify = Arc::new(Notify::new());
-        let watcher = tokio::spawn(watch_presence(
-            self.client.clone(),
-            presence_key(&self.base),
-            notify.clone(),
-            lost.clone(),
-        ));
-        let held = self.drive(stop, &lost, &notify).await;
-        lost.cancel();
-        let _ = renewer.await;
-        let _ = watcher.await;
-        held
-    }
-
-    async fn keep_lease(&self, lost: CancellationToken) {
-        let tick = self.settings.lease / 3;
-        loop {
-            tokio::select! {
-                _ = sleep(tick) => {}
-                _ = lost.cancelled() => return,
-            }
-            match self.renew().await {
-                Ok(true) => {}
-                Ok(false) => {
-                    warn!(platform = %self.settings.platform, "the discord session lease is held by another gateway; closing the websocket");
-                    lost.cancel();
-                    return;
-                }
-                Err(e) => {
-                    warn!(platform = %self.settings.platform, error = %e, "could not renew the discord session lease; closing the websocket");
-                    lost.cancel();
-                    return;
-                }
-            }
-        }
-    }
-
-    /// Connect, and reconnect with backoff, until the lease is lost, stop or a fatal close.
-    async fn drive(
-        &self,
-        stop: &CancellationToken,
-        lost: &CancellationToken,
-        notify: &Notify,
-    ) -> Held {
-        let (mut st, mut stored) = match self.load_session().await {
-            Ok(s) => {
-                let stored = s.seq;
-                (s, stored)
-            }
-            Err(e) => {
-                warn!(platform = %self.settings.platform, error = %e, "could not read the stored discord session");
-                return Held::Retry;
-            }
-        };
-        let mut backoff = BACKOFF_BASE;
-        // Resumes in a row that did not come up: past a few, the resume host
-        // is taken to be gone and the session is started afresh.
-        let mut failed_resumes = 0u32;
-        loop {
-            let resuming = st.can_resume();
-            let end = self
-                .connection(&mut st, &mut stored, stop, lost, notify)
-                .await;
-            self.connected.store(false, Ordering::SeqCst);
-            let delay = match end {
-                End::Cancelled => {
-                    return if stop.is_cancelled() {
-                        Held::Stopped
-                    } else {
-                        Held::Retry
-                    };
-                }
-                End::Fatal(why) => {
-                    error!(platform = %self.settings.platform, "discord gateway: {why}; not reconnecting until restarted");
-                    return Held::Fatal;
-                }
-                End::Refused(why) => {
-                    self.circuit.open(&why);
-                    let mut conn = self.conn.clone();
-                    let r: RedisResult<()> = conn
-                        .set_ex(super::circuit::refused_key(&self.base), &why, 86_400)
-                        .await;
-                    if let Err(e) = r {
-                        warn!(platform = %self.settings.platform, error = %e, "could not record the refused discord token");
-                    }
-                    return Held::Refused;
-                }
-                End::Again { wait, healthy } => {
-                    if resuming && !healthy {
-                        failed_resumes += 1;
-                        if failed_resumes >= MAX_FAILED_RESUMES && st.can_resume() {
-                            warn!(platform = %self.settings.platform, attempts = failed_resumes, "resuming the discord session keeps failing; identifying afresh");
-                            st.forget();
-                            stored = None;
-                            if let Err(e) = self.write_session(None).await {
-                                warn!(platform = %self.settings.platform, error = %e, "could not clear the stored discord session");
-                            }
-                            failed_resumes = 0;
-                        }
-                    } else {
-                        failed_resumes = 0;
-                    }
-                    if healthy {
-                        backoff = BACKOFF_BASE;
-                        wait.unwrap_or(Duration::ZERO)
-                    } else {
-                        let d =
-                            wait.unwrap_or_else(|| backoff.mul_f64(0.5 + rand::random::<f64>()));
-                        backoff = (backoff * 2).min(BACKOFF_MAX);
-                        d
-                    }
-                }
-            };
-            crate::metrics::discord_session_event(&self.settings.platform, "reconnect");
-            info!(
-                platform = %self.settings.platform,
-                resume = st.can_resume(),
-                delay_ms = delay.as_millis() as u64,
-                "discord gateway reconnecting"
-            );
-            tokio::select! {
-                _ = sleep(delay) => {}
-                _ = lost.cancelled() => {
-                    return if stop.is_cancelled() { Held::Stopped } else { Held::Retry };
-                }
-            }
-        }
-    }
-
-    async fn load_session(&self) -> RedisResult<Resume> {
-        let mut conn = self.conn.clone();
-        let h: HashMap<String, String> = conn.hgetall(session_key(&self.base)).await?;
-        let mut st = Resume {
-            session_id: h.get("session_id").cloned().filter(|s| !s.is_empty()),
-            resume_url: h.get("resume_url").cloned().filter(|s| !s.is_empty()),
-            seq: h.get("seq").and_then(|s| s.parse().ok()),
-            user_id: h.get("user_id").cloned().filter(|s| !s.is_empty()),
-        };
-        if !st.can_resume() {
-            st.forget();
-        }
-        Ok(st)
-    }
-
-    /// Write (or with `st` = None, delete) the stored session, if the lease is ours.
-    async fn write_session(&self, st: Option<&Resume>) -> RedisResult<Commit> {
-        let mut conn = self.conn.clone();
-        let mut inv = WRITE_SESSION.prepare_invoke();
-        inv.key(lease_key(&self.base))
-            .key(session_key(&self.base))
-            .arg(&self.settings.owner);
-        if let Some(st) = st {
-            let fields = [
-                ("session_id", st.session_id.clone()),
-                ("resume_url", st.resume_url.clone()),
-                ("seq", st.seq.map(|s| s.to_string())),
-                ("user_id", st.user_id.clone()),
-            ];
-            for (k, v) in fields {
-                if let Some(v) = v {
-                    inv.arg(k).arg(v);
-                }
-            }
-        }
-        let n: i64 = inv.invoke_async(&mut conn).await?;
-        Ok(if n == 1 { Commit::Done } else { Commit::Fenced })
-    }
-
-    /// Record one event's writes and move the stored seq, atomically and only
-    /// while the lease is ours.
-    async fn commit(&self, seq: Option<u64>, w: &Writes) -> RedisResult<Commit> {
-        let mut conn = self.conn.clone();
-        let payload = w
-            .event
-            .as_ref()
-            .map(|ev| serde_json::to_string(ev).expect("events serialise"))
-            .unwrap_or_default();
-        let (nonce, message_id) = match &w.nonce {
-            Some((n, m)) => (nonce_key(&self.base, n), m.clone()),
-            None => (nonce_key(&self.base, ""), String::new()),
-        };
-        let mut inv = COMMIT.prepare_invoke();
-        inv.key(lease_key(&self.base))
-            .key(session_key(&self.base))
-            .key(&self.inbound_key)
-            .key(guilds_key(&self.base))
-            .key(nonce)
-            .arg(&self.settings.owner)
-            .arg(seq.map(|s| s.to_string()).unwrap_or_default())
-            .arg(payload)
-            .arg(crate::inbound::INBOUND_MAXLEN)
-            .arg(message_id)
-            .arg(NONCE_TTL_S);
-        for (channel, guild) in &w.guilds {
-            inv.arg(channel).arg(guild);
-        }
-        let n: i64 = inv.invoke_async(&mut conn).await?;
-        Ok(if n == 1 { Commit::Done } else { Commit::Fenced })
-    }
-
+impl Session {
     async fn read_presence(&self) -> RedisResult<Option<Value>> {
         let mut conn = self.conn.clone();
         let raw: Option<String> = conn.get(presence_key(&self.base)).await?;
         Ok(raw.and_then(|r| serde_json::from_str(&r).ok()))
     }
 
-    fn identify_wait(&self) -> Duration {
-        let last = *self.last_identify.lock().unwrap_or_else(|e| e.into_inner());
-        last.map(|t| (t + IDENTIFY_GAP).saturating_duration_since(Instant::now()))
-            .unwrap_or(Duration::ZERO)
-    }
-
-    fn mark_identify(&self) {
-        *self.last_identify.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
-    }
-
-    /// The URL to identify at: the configured one, else `GET /gateway/bot`.
+    /// The URL to identify at: the configured one, else `GET /gateway/bot`'s
+    /// (which also refreshes `max_concurrency`).
     async fn identify_url(&self, lost: &CancellationToken) -> Result<String, End> {
         if let Some(u) = &self.settings.gateway_url {
             return Ok(u.clone());
         }
+        let bot = self.gateway_bot(lost, true).await?;
+        Ok(bot.url)
+    }
+
+    /// Ask `GET /gateway/bot` (URL, recommended shards, session start limit):
+    /// on a failure the last answer, if any. With `start`, an exhausted
+    /// session start limit is waited out (the caller is about to identify).
+    async fn gateway_bot(&self, lost: &CancellationToken, start: bool) -> Result<BotGateway, End> {
         let url = format!(
             "{}/gateway/bot",
             self.settings.api_base.trim_end_matches('/')
@@ -704,9 +480,9 @@ impl Session {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         let failed = |why: String| {
-            if let Some(u) = &cached {
-                warn!(platform = %self.settings.platform, "GET /gateway/bot failed ({why}); using the last gateway URL");
-                Ok(u.clone())
+            if let Some(b) = &cached {
+                warn!(platform = %self.settings.platform, "GET /gateway/bot failed ({why}); using its last answer");
+                Ok(b.clone())
             } else {
                 warn!(platform = %self.settings.platform, "GET /gateway/bot failed: {why}");
                 Err(End::Again {
@@ -734,7 +510,20 @@ impl Session {
             return failed("no `url` in the answer".into());
         };
         let limit = &body["session_start_limit"];
-        if limit.get("remaining").and_then(Value::as_u64) == Some(0) {
+        let bot = BotGateway {
+            url: url.to_owned(),
+            shards: body
+                .get("shards")
+                .and_then(Value::as_u64)
+                .map_or(1, |n| n.clamp(1, u64::from(shards::MAX_SHARDS)) as u32),
+            max_concurrency: limit
+                .get("max_concurrency")
+                .and_then(Value::as_u64)
+                .map_or(1, |n| n.clamp(1, 1024) as u32),
+        };
+        self.max_concurrency
+            .store(bot.max_concurrency, Ordering::SeqCst);
+        if start && limit.get("remaining").and_then(Value::as_u64) == Some(0) {
             let wait = Duration::from_millis(limit["reset_after"].as_u64().unwrap_or(5000));
             warn!(platform = %self.settings.platform, wait_ms = wait.as_millis() as u64, "no discord session starts left today; waiting for the reset");
             tokio::select! {
@@ -742,8 +531,8 @@ impl Session {
                 _ = lost.cancelled() => return Err(End::Cancelled),
             }
         }
-        *self.gateway_cache.lock().unwrap_or_else(|e| e.into_inner()) = Some(url.to_owned());
-        Ok(url.to_owned())
+        *self.gateway_cache.lock().unwrap_or_else(|e| e.into_inner()) = Some(bot.clone());
+        Ok(bot)
     }
 }
 

@@ -41,15 +41,7 @@ pub const MODAL_SUBMIT: u64 = 5;
 /// Discord's "Interaction has already been acknowledged".
 const ALREADY_ACKNOWLEDGED: &str = "code 40060";
 
-/// `{base}interaction:<id>`: the interaction's `type` and who `answered`.
-pub fn claim_key(base: &str, interaction_id: &str) -> String {
-    format!("{base}interaction:{interaction_id}")
-}
-
-/// `{base}application_id`: the bot's application id, from READY.
-pub fn application_key(base: &str) -> String {
-    format!("{base}application_id")
-}
+pub use crate::bus::discord::{application_key, claim_key};
 
 /// The callback type of an automatic (or a worker's) `defer` for an
 /// interaction of `ty`: a deferred update (6) for a component, a deferred

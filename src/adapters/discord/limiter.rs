@@ -1,7 +1,7 @@
 //! The shared rate limiter: Redis state under `sg:{P}:discord:`
-//! (`lua/limits.lua`: route buckets, the global per-second allowance, a
+//! (`bus/lua/discord/limits.lua`: route buckets, the global per-second allowance, a
 //! global 429's block, the refused-token mark) and the host's sliding
-//! invalid-request window (`lua/invalid.lua`).
+//! invalid-request window (`bus/lua/discord/invalid.lua`).
 
 use super::*;
 
@@ -68,10 +68,8 @@ impl Limiter {
             host_key,
             global_per_second: global_per_second.max(1),
             invalid_limit: invalid_limit.max(1),
-            script: std::sync::Arc::new(redis::Script::new(include_str!("lua/limits.lua"))),
-            invalid_script: std::sync::Arc::new(redis::Script::new(include_str!(
-                "lua/invalid.lua"
-            ))),
+            script: std::sync::Arc::new(crate::bus::discord::LIMITS.clone()),
+            invalid_script: std::sync::Arc::new(crate::bus::discord::INVALID.clone()),
         }
     }
 

@@ -66,7 +66,9 @@ impl DiscordAdapter {
             };
             let Some(w) = w else { return Ok(()) };
             if let Some(cause) = w.why.strip_prefix("unauthorized:") {
-                self.circuit.open(cause);
+                // Another gateway (or an earlier request) met the refusal:
+                // the lane's Halt trips this gateway's circuit and its probe.
+                crate::metrics::discord_credential_refused(&self.platform, true);
                 return Err(AdapterError::unauthorized(format!(
                     "discord refuses the bot token ({cause}); sends are stopped until it works again"
                 )));
@@ -163,7 +165,7 @@ impl DiscordAdapter {
             // A verdict on the token, not on this request: stop every send.
             let cause = format!("{what} answered 401");
             if !probe {
-                self.circuit.open(&cause);
+                crate::metrics::discord_credential_refused(&self.platform, true);
             }
             if let Err(e) = self.limiter.refused(&cause).await {
                 warn!(platform = %self.platform, error = %e, "discord: recording the refused token failed");

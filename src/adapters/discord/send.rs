@@ -142,7 +142,7 @@ impl DiscordAdapter {
         let Some(user) = render::dm_user(channel)? else {
             return Ok(channel.to_owned());
         };
-        let key = format!("{}dm", self.state_base);
+        let key = crate::bus::discord::dm_key(&self.state_base);
         let mut conn = self.conn.clone();
         let known: Option<String> = conn.hget(&key, user).await.map_err(|e| {
             AdapterError::transient(format!("reading the DM channel (redis) failed: {e}"))

@@ -1,10 +1,11 @@
-//! One websocket connection of the session, from connect to close: Hello,
-//! Identify or Resume, the heartbeat loop, presence updates within the send
-//! budget, and each payload and dispatch handled.
+//! One websocket connection of a shard, from connect to close: Hello,
+//! Identify (in the fleet's identify slot) or Resume, the heartbeat loop,
+//! presence updates within the send budget, and each payload and dispatch
+//! handled.
 
 use super::*;
 
-impl Session {
+impl Runner {
     /// One websocket connection, from connect to close.
     pub(super) async fn connection(
         &self,
@@ -19,12 +20,10 @@ impl Session {
         let url = if resume {
             st.resume_url.clone().unwrap_or_default()
         } else {
-            let wait = self.identify_wait();
-            if !wait.is_zero() {
-                tokio::select! {
-                    _ = sleep(wait) => {}
-                    _ = lost.cancelled() => return End::Cancelled,
-                }
+            // The fleet's identify slot for this shard's bucket, before
+            // connecting; renewed once the IDENTIFY is sent (Discord counts it).
+            if !self.identify_slot(lost).await {
+                return End::Cancelled;
             }
             match self.identify_url(lost).await {
                 Ok(u) => u,
@@ -68,7 +67,7 @@ impl Session {
             budget: Budget::default(),
         };
         let interval = tokio::select! {
-            h = hello(&mut source) => match h {
+            h = hello(&mut source, self.id) => match h {
                 Ok(i) => i,
                 Err(end) => {
                     link.close().await;
@@ -91,6 +90,7 @@ impl Session {
             let mut d = json!({
                 "token": self.settings.token.expose(),
                 "intents": self.settings.intents,
+                "shard": [self.id, self.count],
                 "properties": {
                     "os": std::env::consts::OS,
                     "browser": "stargazer",
@@ -104,7 +104,6 @@ impl Session {
                     warn!(%platform, error = %e, "could not read the stored presence; identifying without it")
                 }
             }
-            self.mark_identify();
             Op::Identify.payload(d)
         };
         if let Err(e) = link.send(&first).await {
@@ -114,7 +113,10 @@ impl Session {
                 healthy: false,
             };
         }
-        debug!(%platform, resume, "sent {}", if resume { "resume" } else { "identify" });
+        if !resume {
+            self.identify_sent().await;
+        }
+        debug!(%platform, shard = self.id, resume, "sent {}", if resume { "resume" } else { "identify" });
         let jitter = interval.mul_f64(rand::random::<f64>());
         let mut live = Live {
             link,
@@ -260,6 +262,9 @@ impl Session {
             let close = CloseCode::from_code(code);
             if close == CloseCode::AuthenticationFailed {
                 return End::Refused("the gateway closed with 4004 (authentication failed)".into());
+            }
+            if let Some(why) = close.reshards() {
+                return End::Reshard(format!("closed with {code} ({why})"));
             }
             if let Some(why) = close.fix() {
                 return End::Fatal(format!("closed with {code} ({why})"));
@@ -472,7 +477,7 @@ impl Session {
     }
 }
 
-pub(super) async fn hello(source: &mut SplitStream<Ws>) -> Result<Duration, End> {
+pub(super) async fn hello(source: &mut SplitStream<Ws>, shard: u32) -> Result<Duration, End> {
     let unhealthy = End::Again {
         wait: None,
         healthy: false,
@@ -510,13 +515,19 @@ pub(super) async fn hello(source: &mut SplitStream<Ws>) -> Result<Duration, End>
                         "the gateway closed with 4004 (authentication failed)".into(),
                     ));
                 }
+                if let Some(why) = code.and_then(|c| CloseCode::from_code(c).reshards()) {
+                    return Err(End::Reshard(format!(
+                        "closed with {} ({why})",
+                        code.unwrap_or(0)
+                    )));
+                }
                 if let Some(why) = code.and_then(|c| CloseCode::from_code(c).fix()) {
                     return Err(End::Fatal(format!(
                         "closed with {} ({why})",
                         code.unwrap_or(0)
                     )));
                 }
-                warn!(code = ?code, "the discord gateway closed before Hello");
+                warn!(shard, code = ?code, "the discord gateway closed before Hello");
                 return Err(unhealthy);
             }
             Some(Ok(_)) => {}

@@ -1,55 +1,30 @@
 //! The session's Redis state: its keys under `sg:{P}:discord:` and the
-//! scripts (in `../lua/`) that hold the lease and fence every write by it.
+//! scripts that lease the shards and fence every write by the shard's lease
+//! (named and loaded in [`crate::bus::discord`], with every Discord key).
 //!
-//! `session:lease` is taken with `SET NX PX` semantics (value = the holder's
-//! consumer name) and renewed with a compare-and-pexpire; `session` keeps
-//! what a holder needs to resume; `presence` is the latest wanted presence
-//! (also the channel its changes are announced on); `guilds` maps channels
-//! to guilds; `nonce:<nonce>` maps a nonce to the message the bot sent with it.
+//! `shard:<n>:lease` is shard n's lease (value = the holder's consumer name),
+//! taken by `shard_claim.lua` and renewed with a compare-and-pexpire;
+//! `shard:<n>:session` keeps what a holder needs to resume shard n
+//! (`session_id`, `resume_url`, `seq`, `user_id`, `shards`); `shards` is the
+//! fleet's shard count and `max_concurrency`; `shard:members` the live
+//! gateways (owner → expiry), from which each one's fair share follows;
+//! `identify:<bucket>` is Discord's identify rate limit (one per bucket
+//! `shard % max_concurrency` per 5 s), shared by the fleet; `presence` is
+//! the latest wanted presence (also the channel its changes are announced
+//! on); `guilds` maps channels to guilds; `nonce:<nonce>` maps a nonce to the
+//! message the bot sent with it.
 
-use std::sync::LazyLock;
-
-use redis::{RedisResult, Script};
+use redis::RedisResult;
 use serde_json::json;
 
-/// Take (or extend our own) lease.
-pub(super) static ACQUIRE: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("../lua/lease_acquire.lua")));
-/// Extend the lease if still ours.
-pub(super) static RENEW: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("../lua/lease_renew.lua")));
-/// Delete the lease if still ours.
-pub(super) static RELEASE: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("../lua/lease_release.lua")));
-/// Replace the stored session, fenced by the lease.
-pub(super) static WRITE_SESSION: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("../lua/session_write.lua")));
-/// Record one event (inbound, nonce, guilds, seq), fenced by the lease.
-pub(super) static COMMIT: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("../lua/session_commit.lua")));
-
-/// `{base}guilds`: channel id → guild id.
-pub fn guilds_key(base: &str) -> String {
-    format!("{base}guilds")
-}
-
-/// `{base}nonce:<nonce>`: the id of the message this bot sent with `nonce`.
-pub fn nonce_key(base: &str, nonce: &str) -> String {
-    format!("{base}nonce:{nonce}")
-}
-
-pub(super) fn lease_key(base: &str) -> String {
-    format!("{base}session:lease")
-}
-
-pub(super) fn session_key(base: &str) -> String {
-    format!("{base}session")
-}
-
-/// Both the presence key and the channel its changes are announced on.
-pub(super) fn presence_key(base: &str) -> String {
-    format!("{base}presence")
-}
+pub(super) use crate::bus::discord::{
+    LEASE_RELEASE as RELEASE, LEASE_RENEW as RENEW, SESSION_COMMIT as COMMIT,
+    SESSION_WRITE as WRITE_SESSION, SHARD_CLAIM as CLAIM, SHARD_COUNT, identify_key, members_key,
+    presence_key,
+};
+pub use crate::bus::discord::{
+    guilds_key, nonce_key, shard_lease_key, shard_session_key, shards_key,
+};
 
 /// Record the desired presence (latest wins) for the whole platform and
 /// notify the session holder, wherever it runs.
@@ -68,19 +43,4 @@ pub async fn set_presence(
         .ignore()
         .query_async(conn)
         .await
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn keys() {
-        let base = "sg:{discord}:discord:";
-        assert_eq!(guilds_key(base), "sg:{discord}:discord:guilds");
-        assert_eq!(nonce_key(base, "abc"), "sg:{discord}:discord:nonce:abc");
-        assert_eq!(lease_key(base), "sg:{discord}:discord:session:lease");
-        assert_eq!(session_key(base), "sg:{discord}:discord:session");
-        assert_eq!(presence_key(base), "sg:{discord}:discord:presence");
-    }
 }

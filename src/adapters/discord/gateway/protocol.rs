@@ -119,6 +119,16 @@ impl CloseCode {
         )
     }
 
+    /// The shard count is wrong (4010 invalid shard, 4011 sharding
+    /// required): not fatal, the fleet re-fetches the count and reshards.
+    pub fn reshards(self) -> Option<&'static str> {
+        Some(match self {
+            CloseCode::InvalidShard => "invalid shard sent in Identify",
+            CloseCode::ShardingRequired => "sharding required: a shard would hold too many guilds",
+            _ => return None,
+        })
+    }
+
     /// The session cannot be resumed: identify afresh.
     pub fn forgets_session(self) -> bool {
         matches!(self, CloseCode::InvalidSeq | CloseCode::SessionTimedOut)
@@ -129,10 +139,6 @@ impl CloseCode {
         Some(match self {
             CloseCode::AuthenticationFailed => {
                 "authentication failed: the bot token is invalid; set the right token and restart"
-            }
-            CloseCode::InvalidShard => "invalid shard sent in Identify; check the shard settings",
-            CloseCode::ShardingRequired => {
-                "sharding required: the bot is in too many guilds for one unsharded session"
             }
             CloseCode::InvalidApiVersion => "invalid API version; this build speaks gateway v10",
             CloseCode::InvalidIntents => {
@@ -229,12 +235,19 @@ mod tests {
 
     #[test]
     fn fatal_codes() {
-        for c in [4004, 4010, 4011, 4012, 4013, 4014] {
+        for c in [4004, 4012, 4013, 4014] {
             assert!(CloseCode::from_code(c).fix().is_some(), "{c}");
         }
-        for c in [1000, 1001, 4000, 4001, 4002, 4003, 4005, 4007, 4008, 4009] {
+        for c in [
+            1000, 1001, 4000, 4001, 4002, 4003, 4005, 4007, 4008, 4009, 4010, 4011,
+        ] {
             assert!(CloseCode::from_code(c).fix().is_none(), "{c}");
         }
+        // Not fatal: the fleet reshards.
+        for c in [4010, 4011] {
+            assert!(CloseCode::from_code(c).reshards().is_some(), "{c}");
+        }
+        assert!(CloseCode::from_code(4004).reshards().is_none());
         assert!(
             CloseCode::from_code(4014)
                 .fix()
