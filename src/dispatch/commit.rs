@@ -135,14 +135,45 @@ pub(crate) fn lookup_buckets(window: Duration) -> Vec<u64> {
 pub(crate) struct Committer {
     s: Arc<Shared>,
     rx: mpsc::UnboundedReceiver<Done>,
+    /// The message-cache write-backs of committed batches, in commit order.
+    cache: Option<mpsc::UnboundedSender<Vec<(String, String)>>>,
 }
 
 impl Committer {
     pub(crate) fn new(s: Arc<Shared>, rx: mpsc::UnboundedReceiver<Done>) -> Committer {
-        Committer { s, rx }
+        Committer { s, rx, cache: None }
+    }
+
+    /// Writes each committed batch's message-cache pairs (SPEC §2: after the
+    /// commit, idempotent, retried), one batch after another, beside the
+    /// commit task: the lanes are told a commit landed without waiting for
+    /// its write-back (an edit finds its target in the lane's own record of
+    /// sent ids or in the de-duplication records the commit wrote).
+    async fn write_back(s: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Vec<(String, String)>>) {
+        while let Some(pairs) = rx.recv().await {
+            for attempt in 0..5 {
+                match s.bus.write_cache(&pairs).await {
+                    Ok(()) => break,
+                    Err(e) => {
+                        debug!(error = %e, attempt, "message-cache write-back failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+                    }
+                }
+            }
+        }
     }
 
     pub(crate) async fn run(mut self) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.cache = Some(tx);
+        let writer = tokio::spawn(Self::write_back(self.s.clone(), rx));
+        self.commit_all().await;
+        // What was committed is written back before the task ends.
+        self.cache = None;
+        let _ = writer.await;
+    }
+
+    async fn commit_all(&mut self) {
         loop {
             let first = tokio::select! {
                 d = self.rx.recv() => d,
@@ -238,14 +269,10 @@ impl Committer {
         };
         if landed {
             Stats::inc(&s.stats.commits);
-            for attempt in 0..5 {
-                match s.bus.write_cache(&cache).await {
-                    Ok(()) => break,
-                    Err(e) => {
-                        debug!(error = %e, attempt, "message-cache write-back failed; retrying");
-                        tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
-                    }
-                }
+            if !cache.is_empty()
+                && let Some(tx) = &self.cache
+            {
+                let _ = tx.send(cache);
             }
         }
         let platform = s.bus.keys().platform().to_owned();
