@@ -316,6 +316,13 @@ impl Syncer {
             }
         };
         info!(%platform, resume = st.since.is_some(), rooms = st.rooms.len(), pending_joins = st.joins.len(), "matrix sync loop started");
+        #[cfg(feature = "e2ee")]
+        if let Some(c) = self.mx.crypto()
+            && let Err(e) = c.announce(&self.mx).await
+        {
+            // The first sync's processing sends them again.
+            warn!(%platform, error = %e.message, "matrix e2ee: announcing the bot's device keys failed; retried with the sync");
+        }
         let mut backoff = Duration::from_secs(1);
         while !lost.is_cancelled() {
             if !self.retry_joins(&mut st).await {
@@ -362,6 +369,17 @@ impl Syncer {
                 }
                 continue;
             };
+            #[cfg(feature = "e2ee")]
+            if let Some(c) = self.mx.crypto()
+                && let Err(e) = c.receive_sync(&self.mx, &resp).await
+            {
+                warn!(%platform, error = %e.message, "matrix e2ee: the sync's keys could not be processed; the batch will be fetched again");
+                tokio::select! {
+                    _ = sleep(Duration::from_secs(1)) => {}
+                    _ = lost.cancelled() => return,
+                }
+                continue;
+            }
             let step = match self.step(&resp, &st).await {
                 Ok(step) => step,
                 Err(e) => {
@@ -505,7 +523,21 @@ impl Syncer {
             if initial {
                 continue;
             }
+            #[cfg(feature = "e2ee")]
+            let decrypted = match self.mx.crypto() {
+                Some(c) => c.decrypt(&self.mx, room, &evs).await?,
+                None => Default::default(),
+            };
             for ev in &evs {
+                #[cfg(feature = "e2ee")]
+                if let Some(id) = event_id(ev)
+                    && let Some(r) = decrypted.get(id)
+                {
+                    if let Some(e) = self.mx.decrypted_event(room, ev, r).await {
+                        step.events.push(e);
+                    }
+                    continue;
+                }
                 if let Some(e) = self.mx.timeline_event(room, ev).await {
                     step.events.push(e);
                 }
