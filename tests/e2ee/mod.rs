@@ -19,6 +19,9 @@ use stargazer::adapters::matrix::crypto::{mark_sent, request_http};
 
 use super::*;
 
+/// A to-device request that shares a room key.
+type KeyShare = Arc<matrix_sdk_crypto::types::requests::ToDeviceRequest>;
+
 fn raw<T>(v: &Value) -> Raw<T> {
     Raw::from_json(serde_json::value::to_raw_value(v).unwrap())
 }
@@ -170,6 +173,48 @@ impl Element {
     /// Write `text` in the encrypted `room`: the room key shared with every
     /// member's devices first, then the message encrypted. Its event id.
     async fn say(&mut self, room: &str, text: &str) -> String {
+        let (body, keys) = self.encrypt(room, text).await;
+        self.send_keys(keys).await;
+        self.put_encrypted(room, body).await
+    }
+
+    /// Write `text` in `room`, encrypted, but hold back the room key's
+    /// to-device messages: the message's event id, and those to send.
+    async fn say_keys_later(&mut self, room: &str, text: &str) -> (String, Vec<KeyShare>) {
+        let (body, keys) = self.encrypt(room, text).await;
+        (self.put_encrypted(room, body).await, keys)
+    }
+
+    async fn put_encrypted(&self, room: &str, body: Value) -> String {
+        let txn = format!("e{:016x}", rand::random::<u64>());
+        let v = self
+            .call(
+                reqwest::Method::PUT,
+                &format!(
+                    "/_matrix/client/v3/rooms/{}/send/m.room.encrypted/{txn}",
+                    seg(room)
+                ),
+                body,
+            )
+            .await;
+        v["event_id"].as_str().unwrap().to_owned()
+    }
+
+    /// Send the to-device messages that carry a room key.
+    async fn send_keys(&self, keys: Vec<KeyShare>) {
+        for s in keys {
+            self.send_request(
+                &s.txn_id,
+                &AnyOutgoingRequest::ToDeviceRequest((*s).clone()),
+            )
+            .await;
+        }
+    }
+
+    /// `text` encrypted for `room` (the room's members tracked, Olm
+    /// sessions made): the content of its `m.room.encrypted` event, and the
+    /// to-device messages that share its room key, still to send.
+    async fn encrypt(&mut self, room: &str, text: &str) -> (Value, Vec<KeyShare>) {
         self.sync().await;
         let members = self.members(room).await;
         let room_id = RoomId::parse(room).unwrap();
@@ -196,13 +241,6 @@ impl Element {
             )
             .await
             .unwrap();
-        for s in shares {
-            self.send_request(
-                &s.txn_id,
-                &AnyOutgoingRequest::ToDeviceRequest((*s).clone()),
-            )
-            .await;
-        }
         let content = json!({"msgtype": "m.text", "body": text});
         let enc = self
             .machine
@@ -210,18 +248,7 @@ impl Element {
             .await
             .unwrap();
         let body: Value = serde_json::from_str(enc.content.json().get()).unwrap();
-        let txn = format!("e{:016x}", rand::random::<u64>());
-        let v = self
-            .call(
-                reqwest::Method::PUT,
-                &format!(
-                    "/_matrix/client/v3/rooms/{}/send/m.room.encrypted/{txn}",
-                    seg(room)
-                ),
-                body,
-            )
-            .await;
-        v["event_id"].as_str().unwrap().to_owned()
+        (body, shares)
     }
 
     /// The events `sender` sent in `room` as the server has them.
@@ -527,6 +554,45 @@ async fn a_message_sent_by_the_non_syncer_gateway_is_decrypted() {
         "two gateways: the non-syncer's message decrypted by the client (same session {}), the syncer decrypted after it",
         got[1].1
     );
+    worker_stop.cancel();
+    stop.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_whose_key_comes_later_is_published_when_it_arrives() {
+    let rig = Rig::new().await;
+    let (mut dm, stop, task) = encrypted_dm(&rig).await;
+    let worker_stop = CancellationToken::new();
+    let mut read = answering_worker(&rig, worker_stop.clone());
+    let (sent, keys) = dm.alice.say_keys_later(&dm.room, "late news").await;
+    let ev = next_message(&mut read).await;
+    assert_eq!(ev.kind, "encrypted", "{ev:?}");
+    assert_eq!(ev.message_id.as_deref(), Some(sent.as_str()));
+    assert_eq!(ev.extra["awaiting_key"], true, "{ev:?}");
+    assert!(
+        ev.extra["reason"].as_str().unwrap().contains("room key"),
+        "{ev:?}"
+    );
+    let kept: u64 = rig
+        .cmd(&["HLEN", &format!("{}undecrypted", rig.keys.matrix())])
+        .await;
+    assert_eq!(kept, 1);
+
+    // The key arrives: the event is published again, decrypted.
+    dm.alice.send_keys(keys).await;
+    let ev = next_message(&mut read).await;
+    assert_eq!(ev.kind, "message", "{ev:?}");
+    assert_eq!(ev.text.as_deref(), Some("late news"));
+    assert_eq!(ev.message_id.as_deref(), Some(sent.as_str()));
+    assert_eq!(ev.extra["late"], true);
+    assert_eq!(ev.extra["encrypted"], true);
+    let got = dm.alice.read_from(&dm.room, &dm.bot.user_id, 1).await;
+    assert_eq!(got[0].0, "re: late news");
+    let kept: u64 = rig
+        .cmd(&["HLEN", &format!("{}undecrypted", rig.keys.matrix())])
+        .await;
+    assert_eq!(kept, 0, "no longer kept once published");
     worker_stop.cancel();
     stop.cancel();
     task.await.unwrap();

@@ -15,7 +15,9 @@
 //! * `m.room.encrypted` → with the `e2ee` feature, what the decrypted event
 //!   becomes, marked `extra.encrypted: true`; an event that cannot be
 //!   decrypted (or any, in a build without the feature) → `encrypted`
-//!   (`message_id`, `algorithm`, and `reason` when decryption failed).
+//!   (`message_id`, `algorithm`, and `reason` when decryption failed;
+//!   `awaiting_key` when its room key was missing: the syncer publishes it
+//!   again, decrypted and marked `late`, when the key arrives).
 //!
 //! The bot's own events and state events become nothing. Every event carries
 //! the Matrix `event_id` (in `message_id` or `extra.event_id`).
@@ -75,7 +77,7 @@ impl MatrixAdapter {
         &self,
         room: &str,
         ev: &Value,
-        decrypted: &Result<Value, String>,
+        decrypted: &Result<Value, super::crypto::Undecrypted>,
     ) -> Option<InboundEvent> {
         match decrypted {
             Ok(plain) => {
@@ -85,7 +87,11 @@ impl MatrixAdapter {
             }
             Err(why) => {
                 let mut e = self.timeline_event(room, ev).await?;
-                e.extra.insert("reason".into(), Value::from(why.as_str()));
+                e.extra
+                    .insert("reason".into(), Value::from(why.reason.as_str()));
+                if why.missing_key {
+                    e.extra.insert("awaiting_key".into(), Value::Bool(true));
+                }
                 Some(e)
             }
         }

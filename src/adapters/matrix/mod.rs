@@ -170,6 +170,13 @@ impl MatrixKeys {
         format!("{}buttons", self.base)
     }
 
+    /// `undecrypted`: event id → an encrypted event whose room key was
+    /// missing, with its room (JSON), decrypted and published when the key
+    /// arrives (at most 1,000 kept).
+    pub fn undecrypted(&self) -> String {
+        format!("{}undecrypted", self.base)
+    }
+
     /// `crypto:`: the base of the end-to-end encryption store (the `e2ee`
     /// feature; see `crypto::CryptoKeys`).
     pub fn crypto(&self) -> String {

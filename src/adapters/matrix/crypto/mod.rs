@@ -38,8 +38,10 @@
 //! unverified; other users' devices are trusted on first use and every
 //! device of a member receives the room key), no key backup, no key
 //! forwarding to the bot's other devices, media in encrypted rooms is
-//! uploaded unencrypted (only the event is encrypted); an event that cannot
-//! be decrypted is published as `encrypted` with the reason and not retried.
+//! uploaded unencrypted (only the event is encrypted). An event that cannot
+//! be decrypted is published as `encrypted` with the reason; when only its
+//! room key was missing, the syncer keeps it (`sg:{P}:matrix:undecrypted`)
+//! and publishes it decrypted (`late: true`) once the key arrives.
 
 pub mod store;
 
@@ -332,9 +334,21 @@ pub async fn mark_sent(
     r.map_err(|e| e.to_string())
 }
 
+/// Why an event could not be decrypted.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Undecrypted {
+    pub reason: String,
+    /// The room key is not (yet) known — not withheld, not a broken event:
+    /// worth trying again when keys arrive.
+    pub missing_key: bool,
+}
+
 /// What decrypting one room's timeline gave, by event id: the event as it
 /// was before encryption, or why it could not be decrypted.
-pub type Decrypted = HashMap<String, Result<Value, String>>;
+pub type Decrypted = HashMap<String, Result<Value, Undecrypted>>;
+
+/// A room key the machine received: room id and Megolm session id.
+pub type RoomKey = (String, String);
 
 impl Crypto {
     /// The crypto of `platform`, its store under `keys`.
@@ -518,7 +532,12 @@ impl Crypto {
     /// Feed a sync response's to-device events, device-list changes and
     /// one-time-key counts to the machine (decrypting room keys sent to
     /// the bot), then send what that asks for.
-    pub async fn receive_sync(&self, mx: &MatrixAdapter, resp: &Value) -> Result<(), AdapterError> {
+    /// The room keys it brought.
+    pub async fn receive_sync(
+        &self,
+        mx: &MatrixAdapter,
+        resp: &Value,
+    ) -> Result<Vec<RoomKey>, AdapterError> {
         let bad = |e: serde_json::Error| transient("reading the sync response", e);
         let to_device = resp
             .pointer("/to_device/events")
@@ -543,7 +562,7 @@ impl Crypto {
             .map_err(bad)?;
         let locked = self.lock(mx).await?;
         let n = to_device.len();
-        locked
+        let (_, keys) = locked
             .machine()
             .receive_sync_changes(
                 EncryptionSyncChanges {
@@ -564,7 +583,10 @@ impl Crypto {
             // Kept as outgoing by the machine: sent again with the next sync.
             warn!(platform = %self.platform, error = %e.message, "matrix e2ee: sending the machine's requests failed; retried with the next sync");
         }
-        Ok(())
+        Ok(keys
+            .into_iter()
+            .map(|k| (k.room_id.to_string(), k.session_id))
+            .collect())
     }
 
     /// Decrypt the `m.room.encrypted` events among `events` of `room`.
@@ -592,8 +614,12 @@ impl Crypto {
             let Some(id) = ev.get("event_id").and_then(Value::as_str) else {
                 continue;
             };
+            let broken = |e: &dyn std::fmt::Display| Undecrypted {
+                reason: e.to_string(),
+                missing_key: false,
+            };
             let r = match raw::<EncryptedEvent>(ev) {
-                Err(e) => Err(e.to_string()),
+                Err(e) => Err(broken(&e)),
                 Ok(r) => match locked
                     .machine()
                     .decrypt_room_event(&r, &room_id, &decryption_settings())
@@ -601,18 +627,24 @@ impl Crypto {
                 {
                     Ok(d) => serde_json::from_str::<Value>(d.event.json().get())
                         .map(|plain| merge(ev, plain))
-                        .map_err(|e| e.to_string()),
+                        .map_err(|e| broken(&e)),
                     Err(matrix_sdk_crypto::MegolmError::Store(e)) => {
                         return Err(transient("the crypto store", e));
                     }
-                    Err(e) => Err(e.to_string()),
+                    Err(e @ matrix_sdk_crypto::MegolmError::MissingRoomKey(None)) => {
+                        Err(Undecrypted {
+                            reason: e.to_string(),
+                            missing_key: true,
+                        })
+                    }
+                    Err(e) => Err(broken(&e)),
                 },
             };
             match &r {
                 Ok(_) => crate::metrics::matrix_decryption(&self.platform, "ok"),
                 Err(why) => {
                     crate::metrics::matrix_decryption(&self.platform, "failed");
-                    warn!(platform = %self.platform, %room, event = %id, reason = %why, "matrix e2ee: an event could not be decrypted");
+                    warn!(platform = %self.platform, %room, event = %id, reason = %why.reason, "matrix e2ee: an event could not be decrypted");
                 }
             }
             out.insert(id.to_owned(), r);
