@@ -816,6 +816,69 @@ fn merge(ev: &Value, plain: Value) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::redis_server::RedisServer;
+
+    /// A store on `server` whose writes carry `token`, and its fence.
+    async fn store(conn: &Conn, keys: &CryptoKeys, token: &str) -> (RedisStore, Arc<Fence>) {
+        let fence = Arc::new(Fence::default());
+        *fence.token.lock().unwrap() = token.to_owned();
+        let s = RedisStore::load(conn.clone(), keys.clone(), fence.clone())
+            .await
+            .expect("load");
+        (s, fence)
+    }
+
+    #[tokio::test]
+    async fn the_device_survives_a_rebuild_and_a_stale_holder_writes_nothing() {
+        let bin = std::env::var("STARGAZER_REDIS_SERVER").ok();
+        let server = RedisServer::start(bin.as_deref()).expect("redis-server");
+        let client = redis::Client::open(server.url()).unwrap();
+        let conn = Conn::Single(redis::aio::ConnectionManager::new(client).await.unwrap());
+        let keys = CryptoKeys::new("sg:{mx}:matrix:crypto:");
+        let user = UserId::parse("@bot:h").unwrap();
+        let device = OwnedDeviceId::from("DEV");
+        let mut c = conn.clone();
+        let set = |k: String, v: &'static str| {
+            let mut c = conn.clone();
+            async move { c.set::<_, _, ()>(k, v).await.unwrap() }
+        };
+
+        set(keys.slot(Slot::Lock), "gw-a").await;
+        let (s, fence_a) = store(&conn, &keys, "gw-a").await;
+        let a = OlmMachine::with_store(&user, &device, s, None)
+            .await
+            .unwrap();
+        let generation: u64 = c.get(keys.slot(Slot::Generation)).await.unwrap();
+        assert!(generation > 0, "the new account was written");
+        assert_eq!(fence_a.generation.load(Ordering::SeqCst), generation);
+        assert!(!fence_a.poisoned.load(Ordering::SeqCst));
+
+        // Another gateway holds the lock now and builds from Redis: the
+        // same device, the same identity keys.
+        set(keys.slot(Slot::Lock), "gw-b").await;
+        let (s, _) = store(&conn, &keys, "gw-b").await;
+        let b = OlmMachine::with_store(&user, &device, s, None)
+            .await
+            .unwrap();
+        assert_eq!(a.identity_keys().curve25519, b.identity_keys().curve25519);
+        assert_eq!(a.identity_keys().ed25519, b.identity_keys().ed25519);
+
+        // The former holder, not knowing, changes its state: refused, and
+        // its machine is marked stale; Redis keeps what b saw.
+        let other = UserId::parse("@u:h").unwrap();
+        assert!(a.update_tracked_users([&*other]).await.is_err());
+        assert!(fence_a.poisoned.load(Ordering::SeqCst));
+        let tracked: HashMap<String, String> = c.hgetall(keys.slot(Slot::Tracked)).await.unwrap();
+        assert!(tracked.is_empty(), "{tracked:?}");
+        let after: u64 = c.get(keys.slot(Slot::Generation)).await.unwrap();
+        assert_eq!(after, generation);
+        // The holder's write goes through and moves the generation.
+        b.update_tracked_users([&*other]).await.unwrap();
+        let tracked: HashMap<String, String> = c.hgetall(keys.slot(Slot::Tracked)).await.unwrap();
+        assert_eq!(tracked.get("@u:h").map(String::as_str), Some("1"));
+        let moved: u64 = c.get(keys.slot(Slot::Generation)).await.unwrap();
+        assert!(moved > generation);
+    }
 
     #[test]
     fn keys_share_one_hash_tag_in_slot_order() {
