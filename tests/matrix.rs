@@ -345,6 +345,7 @@ struct User {
     base: String,
     user_id: String,
     /// The device of the access token (registration makes one).
+    #[cfg_attr(not(feature = "e2ee"), allow(dead_code))]
     device_id: String,
     token: String,
     http: reqwest::Client,
