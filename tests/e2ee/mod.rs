@@ -466,7 +466,10 @@ async fn a_restarted_gateway_keeps_its_device_and_still_decrypts() {
     stop.cancel();
     task.await.unwrap();
     let account: Option<String> = rig
-        .cmd(&["GET", &format!("{}crypto:account", rig.keys.matrix())])
+        .cmd(&[
+            "GET",
+            &format!("{}crypto:{}:account", rig.keys.matrix(), dm.bot.device_id),
+        ])
         .await;
     assert!(account.is_some(), "the account is in Redis");
 

@@ -6,15 +6,16 @@
 //! (`device_id` of `GET /account/whoami`). Its account (identity keys,
 //! one-time keys), Olm sessions, Megolm sessions, the devices it knows and
 //! the users it tracks live in the crypto store ([`store::RedisStore`]) under
-//! `sg:{P}:matrix:crypto:` — one hash slot, so it is Cluster-safe.
+//! `sg:{P}:matrix:crypto:<device>:` — one hash slot, so it is Cluster-safe;
+//! a new token (a new device) starts a store of its own.
 //!
 //! **One crypto operation at a time, fleet-wide.** Every operation — feeding
 //! a sync response's to-device events, device lists and one-time-key counts
 //! to the machine, decrypting a room's events, sharing a room key and
 //! encrypting — runs under the platform's crypto lock
-//! (`sg:{P}:matrix:crypto:lock`, `SET NX PX` with a fresh token, renewed
+//! (`sg:{P}:matrix:crypto:<device>:lock`, `SET NX PX` with a fresh token, renewed
 //! while held, released only by its holder). Every write of the store is a
-//! script fenced by that token which bumps `sg:{P}:matrix:crypto:generation`;
+//! script fenced by that token which bumps `…:crypto:<device>:generation`;
 //! a holder that lost the lock writes nothing. A process keeps its machine
 //! between operations only while the generation is the one its own last
 //! write produced: when another gateway wrote since (or a write of its own
@@ -148,6 +149,13 @@ impl CryptoKeys {
     pub fn all(&self) -> Vec<String> {
         SLOTS.iter().map(|(s, _)| self.slot(*s)).collect()
     }
+
+    /// The keys of one device (`…:crypto:<device>:`): a new access token —
+    /// a new device — starts a store of its own instead of meeting another
+    /// device's account.
+    pub fn for_device(&self, device: &str) -> CryptoKeys {
+        CryptoKeys::new(format!("{}{device}:", self.base))
+    }
 }
 
 /// The machine this process built, and what fences its store.
@@ -177,10 +185,13 @@ enum RoomCrypto {
 pub struct Crypto {
     platform: String,
     conn: Conn,
+    /// The platform's base (`sg:{P}:matrix:crypto:`); the store is under
+    /// the device's keys in it.
     keys: CryptoKeys,
     /// Lock tokens start with this (platform / instance).
     owner: String,
-    device: OnceCell<OwnedDeviceId>,
+    /// The bot's device and its store's keys, once known.
+    device: OnceCell<(OwnedDeviceId, CryptoKeys)>,
     state: tokio::sync::Mutex<Option<Built>>,
     rooms: std::sync::Mutex<HashMap<String, RoomCrypto>>,
 }
@@ -190,7 +201,7 @@ impl std::fmt::Debug for Crypto {
         f.debug_struct("Crypto")
             .field("platform", &self.platform)
             .field("keys", &self.keys)
-            .field("device", &self.device.get())
+            .field("device", &self.device.get().map(|(d, _)| d))
             .finish_non_exhaustive()
     }
 }
@@ -364,8 +375,12 @@ impl Crypto {
         }
     }
 
-    /// The bot's device id: the access token's, from `/account/whoami`.
-    async fn device(&self, mx: &MatrixAdapter) -> Result<OwnedDeviceId, AdapterError> {
+    /// The bot's device id (the access token's, from `/account/whoami`) and
+    /// the keys of its store.
+    async fn device(
+        &self,
+        mx: &MatrixAdapter,
+    ) -> Result<(OwnedDeviceId, CryptoKeys), AdapterError> {
         self.device
             .get_or_try_init(|| async {
                 let v = mx
@@ -382,16 +397,16 @@ impl Crypto {
                         "matrix e2ee: /account/whoami names no device_id (an appservice or device-less token cannot hold keys)",
                     )
                 })?;
-                Ok(OwnedDeviceId::from(d))
+                Ok((OwnedDeviceId::from(d), self.keys.for_device(d)))
             })
             .await
             .cloned()
     }
 
-    async fn lease(&self, token: &str, mode: &str) -> redis::RedisResult<bool> {
+    async fn lease(&self, keys: &CryptoKeys, token: &str, mode: &str) -> redis::RedisResult<bool> {
         let mut conn = self.conn.clone();
         let n: i64 = LEASE
-            .key(self.keys.slot(Slot::Lock))
+            .key(keys.slot(Slot::Lock))
             .arg(token)
             .arg(LOCK_TTL.as_millis() as u64)
             .arg(mode)
@@ -403,13 +418,13 @@ impl Crypto {
     /// Take the platform's crypto lock (waiting for another holder up to
     /// [`LOCK_WAIT`]) and make the machine current.
     pub async fn lock(&self, mx: &MatrixAdapter) -> Result<Locked<'_>, AdapterError> {
-        let device = self.device(mx).await?;
+        let (device, keys) = self.device(mx).await?;
         let state = self.state.lock().await;
         let token = format!("{}/{:016x}", self.owner, rand::random::<u64>());
         let deadline = Instant::now() + LOCK_WAIT;
         let mut wait = Duration::from_millis(2);
         while !self
-            .lease(&token, "take")
+            .lease(&keys, &token, "take")
             .await
             .map_err(|e| transient("taking the crypto lock", e))?
         {
@@ -423,7 +438,7 @@ impl Crypto {
         }
         let renew = AbortOnDrop(tokio::spawn({
             let mut conn = self.conn.clone();
-            let key = self.keys.slot(Slot::Lock);
+            let key = keys.slot(Slot::Lock);
             let token = token.clone();
             async move {
                 loop {
@@ -445,10 +460,10 @@ impl Crypto {
             state,
             token: token.clone(),
             conn: self.conn.clone(),
-            lock_key: self.keys.slot(Slot::Lock),
+            lock_key: keys.slot(Slot::Lock),
             _renew: renew,
         };
-        self.refresh(locked, &mx.user_id, &device).await
+        self.refresh(locked, &mx.user_id, &device, &keys).await
     }
 
     /// Keep the machine if Redis holds what it last wrote, else build it anew.
@@ -457,10 +472,11 @@ impl Crypto {
         mut locked: Locked<'a>,
         user: &str,
         device: &OwnedDeviceId,
+        keys: &CryptoKeys,
     ) -> Result<Locked<'a>, AdapterError> {
         let mut conn = self.conn.clone();
         let generation: Option<u64> = conn
-            .get(self.keys.slot(Slot::Generation))
+            .get(keys.slot(Slot::Generation))
             .await
             .map_err(|e| transient("reading the crypto generation", e))?;
         let generation = generation.unwrap_or(0);
@@ -475,7 +491,7 @@ impl Crypto {
         let fence = Arc::new(Fence::default());
         *fence.token.lock().expect("fence lock") = locked.token.clone();
         fence.generation.store(generation, Ordering::SeqCst);
-        let store = RedisStore::load(self.conn.clone(), self.keys.clone(), fence.clone())
+        let store = RedisStore::load(self.conn.clone(), keys.clone(), fence.clone())
             .await
             .map_err(|e| transient("loading the crypto store", e))?;
         let user = UserId::parse(user).map_err(|e| transient("the bot's user id", e))?;
@@ -884,6 +900,10 @@ mod tests {
     fn keys_share_one_hash_tag_in_slot_order() {
         let k = CryptoKeys::new("sg:{mx}:matrix:crypto:");
         assert_eq!(k.slot(Slot::Lock), "sg:{mx}:matrix:crypto:lock");
+        assert_eq!(
+            k.for_device("DEV").slot(Slot::Account),
+            "sg:{mx}:matrix:crypto:DEV:account"
+        );
         assert_eq!(k.slot(Slot::Custom), "sg:{mx}:matrix:crypto:custom");
         let all = k.all();
         assert_eq!(all.len(), SLOTS.len());
