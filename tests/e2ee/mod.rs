@@ -442,6 +442,29 @@ async fn an_encrypted_dm_is_read_and_answered() {
         "encrypted DM: read by the worker after {read_after:?}, the answer decrypted by the other client after {answered_after:?} (session {})",
         got[0].1
     );
+    // Syncs that bring nothing write no crypto state (the generation stays,
+    // so the fleet's other gateways keep their machines).
+    let generation = format!(
+        "{}crypto:{}:generation",
+        rig.keys.matrix(),
+        dm.bot.device_id
+    );
+    let before: u64 = rig.cmd(&["GET", &generation]).await;
+    // (Reactions stay in the clear: two syncs that bring one each.)
+    for n in 1..=2 {
+        dm.alice.user.react(&dm.room, &sent, &format!("{n}")).await;
+        eventually("the reaction", T, || async {
+            inbound(&rig)
+                .await
+                .iter()
+                .filter(|e| e.kind == "reaction")
+                .count()
+                == n
+        })
+        .await;
+    }
+    let after: u64 = rig.cmd(&["GET", &generation]).await;
+    assert_eq!(before, after, "idle syncs moved the crypto generation");
     // Once: nothing more reached the worker.
     let inbound_msgs = messages(&inbound(&rig).await).len();
     assert_eq!(inbound_msgs, 1);

@@ -110,6 +110,11 @@ pub struct RedisStore {
     conn: Conn,
     keys: CryptoKeys,
     fence: Arc<Fence>,
+    /// The account pickle Redis holds: the machine saves the account after
+    /// every sync (one-time-key counts), mostly unchanged, and a write that
+    /// changes nothing would still move the generation and make every other
+    /// gateway rebuild its machine.
+    account: Mutex<Option<String>>,
 }
 
 impl fmt::Debug for RedisStore {
@@ -139,8 +144,10 @@ impl RedisStore {
                 conn,
                 keys,
                 fence,
+                account: Mutex::new(None),
             });
         };
+        let stored = account.clone();
         let pickle: PickledAccount = serde_json::from_str(&account)?;
         let account = Account::from_pickle(pickle)?;
         let device_keys = account.device_keys();
@@ -251,6 +258,7 @@ impl RedisStore {
             conn,
             keys,
             fence,
+            account: Mutex::new(Some(stored)),
         })
     }
 
@@ -377,8 +385,13 @@ impl CryptoStore for RedisStore {
 
     async fn save_pending_changes(&self, changes: PendingChanges) -> Result<()> {
         if let Some(a) = &changes.account {
-            self.write(vec![Op::set(Slot::Account, json(&a.pickle())?)])
-                .await?;
+            let pickle = json(&a.pickle())?;
+            let same = self.account.lock().expect("account lock").as_deref() == Some(&pickle);
+            if !same {
+                self.write(vec![Op::set(Slot::Account, pickle.clone())])
+                    .await?;
+                *self.account.lock().expect("account lock") = Some(pickle);
+            }
         }
         Ok(self.mem.save_pending_changes(changes).await?)
     }
