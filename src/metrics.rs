@@ -116,6 +116,12 @@ defs! {
         "Auto-join attempts of invited Matrix rooms, by result: joined, retry (failed for now; tried again with backoff) or refused (for good).";
     MATRIX_DUPLICATE_REACTIONS = "stargazer_matrix_duplicate_reactions_total", Counter, [PLATFORM],
         "Matrix reactions the server already had (M_DUPLICATE_ANNOTATION), counted as delivered.";
+    MATRIX_DECRYPTIONS = "stargazer_matrix_decryptions_total", Counter, [PLATFORM, RESULT],
+        "Encrypted Matrix timeline events the syncer decrypted (e2ee feature), by result: ok, or failed (published as an `encrypted` event with the reason).";
+    MATRIX_ENCRYPTIONS = "stargazer_matrix_encryptions_total", Counter, [PLATFORM],
+        "Outbound Matrix events encrypted with the room's Megolm session (e2ee feature).";
+    MATRIX_CRYPTO_REBUILDS = "stargazer_matrix_crypto_rebuilds_total", Counter, [PLATFORM],
+        "Times this gateway rebuilt its Olm machine from the crypto store in Redis (at the first use, and whenever another gateway of the fleet wrote crypto state since).";
     DISCORD_REFUSED = "stargazer_discord_credential_refused", Gauge, [PLATFORM],
         "1 while Discord refuses the bot token (a 401, or gateway close 4004): every send of the platform is stopped, entries stay pending; 0 once a probe (GET /users/@me) succeeds.";
     DISCORD_PROBES = "stargazer_discord_token_probes_total", Counter, [PLATFORM, RESULT],
@@ -284,6 +290,22 @@ pub fn discord_shard_held(platform: &str, shard: u32, held: bool) {
 /// The Discord shard count in force (see DISCORD_SHARD_COUNT).
 pub fn discord_shard_count(platform: &str, count: u32) {
     gauge!(DISCORD_SHARD_COUNT.name, &p(platform)).set(f64::from(count));
+}
+
+/// An encrypted Matrix event decrypted (`ok`) or not (`failed`).
+pub fn matrix_decryption(platform: &str, result: &'static str) {
+    counter!(MATRIX_DECRYPTIONS.name, PLATFORM => platform.to_owned(), RESULT => result)
+        .increment(1);
+}
+
+/// An outbound Matrix event encrypted.
+pub fn matrix_encryption(platform: &str) {
+    counter!(MATRIX_ENCRYPTIONS.name, &p(platform)).increment(1);
+}
+
+/// The Olm machine rebuilt from Redis.
+pub fn matrix_crypto_rebuild(platform: &str) {
+    counter!(MATRIX_CRYPTO_REBUILDS.name, &p(platform)).increment(1);
 }
 
 /// This gateway took (true) or gave up (false) the Matrix sync lease.

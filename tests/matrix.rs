@@ -344,6 +344,9 @@ fn shared() -> String {
 struct User {
     base: String,
     user_id: String,
+    /// The device of the access token (registration makes one).
+    #[cfg_attr(not(feature = "e2ee"), allow(dead_code))]
+    device_id: String,
     token: String,
     http: reqwest::Client,
 }
@@ -383,6 +386,7 @@ impl User {
             User {
                 base: base.to_owned(),
                 user_id: r["user_id"].as_str().expect("user_id").to_owned(),
+                device_id: r["device_id"].as_str().expect("device_id").to_owned(),
                 token: r["access_token"].as_str().expect("token").to_owned(),
                 http,
             },
@@ -747,6 +751,11 @@ fn messages(evs: &[InboundEvent]) -> Vec<&InboundEvent> {
 async fn since(rig: &Rig) -> Option<String> {
     rig.cmd(&["GET", &rig.keys.matrix_since()]).await
 }
+
+/// End-to-end encryption against a second, encrypting client.
+#[cfg(feature = "e2ee")]
+#[path = "e2ee/mod.rs"]
+mod e2ee;
 
 // ---------------------------------------------------------------------------
 // The tests.

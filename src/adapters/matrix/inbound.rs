@@ -12,8 +12,12 @@
 //! * `m.reaction` → `reaction` (`emoji`, `message_id`), or `button` for a
 //!   keycap digit on the last buttons message;
 //! * `m.room.redaction` → `delete` (`message_id` = the redacted event, `reason`);
-//! * `m.room.encrypted` → `encrypted`: a user wrote in an end-to-end
-//!   encrypted room, which this build cannot read (`message_id`, `algorithm`).
+//! * `m.room.encrypted` → with the `e2ee` feature, what the decrypted event
+//!   becomes, marked `extra.encrypted: true`; an event that cannot be
+//!   decrypted (or any, in a build without the feature) → `encrypted`
+//!   (`message_id`, `algorithm`, and `reason` when decryption failed;
+//!   `awaiting_key` when its room key was missing: the syncer publishes it
+//!   again, decrypted and marked `late`, when the key arrives).
 //!
 //! The bot's own events and state events become nothing. Every event carries
 //! the Matrix `event_id` (in `message_id` or `extra.event_id`).
@@ -64,6 +68,33 @@ impl MatrixAdapter {
             super::seg(server),
             super::seg(id)
         ))
+    }
+
+    /// An encrypted timeline event `ev` as an inbound event, given what
+    /// decrypting it gave (see [`super::crypto::Crypto::decrypt`]).
+    #[cfg(feature = "e2ee")]
+    pub(super) async fn decrypted_event(
+        &self,
+        room: &str,
+        ev: &Value,
+        decrypted: &Result<Value, super::crypto::Undecrypted>,
+    ) -> Option<InboundEvent> {
+        match decrypted {
+            Ok(plain) => {
+                let mut e = self.timeline_event(room, plain).await?;
+                e.extra.insert("encrypted".into(), Value::Bool(true));
+                Some(e)
+            }
+            Err(why) => {
+                let mut e = self.timeline_event(room, ev).await?;
+                e.extra
+                    .insert("reason".into(), Value::from(why.reason.as_str()));
+                if why.missing_key {
+                    e.extra.insert("awaiting_key".into(), Value::Bool(true));
+                }
+                Some(e)
+            }
+        }
     }
 
     /// One timeline event as an inbound event, or `None` for what is not one.

@@ -40,6 +40,8 @@
 //! permanent, with the errcode and the server's text; 5xx, 408 and transport
 //! failures are transient.
 
+#[cfg(feature = "e2ee")]
+pub mod crypto;
 pub mod send;
 pub mod sync;
 mod token;
@@ -167,6 +169,19 @@ impl MatrixKeys {
     pub fn buttons(&self) -> String {
         format!("{}buttons", self.base)
     }
+
+    /// `undecrypted`: event id → an encrypted event whose room key was
+    /// missing, with its room (JSON), decrypted and published when the key
+    /// arrives (at most 1,000 kept).
+    pub fn undecrypted(&self) -> String {
+        format!("{}undecrypted", self.base)
+    }
+
+    /// `crypto:`: the base of the end-to-end encryption store (the `e2ee`
+    /// feature; see `crypto::CryptoKeys`).
+    pub fn crypto(&self) -> String {
+        format!("{}crypto:", self.base)
+    }
 }
 
 /// Where the adapter keeps what every gateway of the fleet must see.
@@ -195,6 +210,9 @@ pub struct MatrixAdapter {
     /// Why the token is refused (a send or a sync got `M_UNKNOWN_TOKEN`),
     /// until a probe or a sync succeeds again.
     refused: Mutex<Option<String>>,
+    /// End-to-end encryption, with the Redis store (see [`crypto`]).
+    #[cfg(feature = "e2ee")]
+    crypto: Option<std::sync::Arc<crypto::Crypto>>,
 }
 
 impl fmt::Debug for MatrixAdapter {
@@ -292,14 +310,34 @@ impl MatrixAdapter {
             buttons: Mutex::new(HashMap::new()),
             shared: None,
             refused: Mutex::new(None),
+            #[cfg(feature = "e2ee")]
+            crypto: None,
         })
     }
 
     /// Keep the buttons messages in Redis (`keys.buttons()`), so a pick is
     /// mapped back by the syncer whichever gateway sent the buttons.
+    ///
+    /// With the `e2ee` feature this also keeps the crypto store there: the
+    /// bot reads and writes in end-to-end encrypted rooms.
     pub fn with_redis(mut self, conn: Conn, keys: MatrixKeys) -> Self {
+        #[cfg(feature = "e2ee")]
+        {
+            self.crypto = Some(std::sync::Arc::new(crypto::Crypto::new(
+                &self.platform,
+                conn.clone(),
+                crypto::CryptoKeys::new(keys.crypto()),
+            )));
+        }
         self.shared = Some(Shared { conn, keys });
         self
+    }
+
+    /// The platform's end-to-end encryption, when this build and its
+    /// Redis have it.
+    #[cfg(feature = "e2ee")]
+    pub fn crypto(&self) -> Option<&std::sync::Arc<crypto::Crypto>> {
+        self.crypto.as_ref()
     }
 
     /// The bot's own user id.
@@ -440,6 +478,10 @@ impl MatrixAdapter {
         txn: &str,
         content: Value,
     ) -> Result<String, Failure> {
+        #[cfg(feature = "e2ee")]
+        let (event_type, content) = self.maybe_encrypt(room, event_type, content).await?;
+        #[cfg(feature = "e2ee")]
+        let event_type = event_type.as_str();
         let path = format!(
             "/_matrix/client/v3/rooms/{}/send/{}/{}",
             seg(room),
@@ -453,6 +495,38 @@ impl MatrixAdapter {
             .and_then(Value::as_str)
             .map(str::to_owned)
             .ok_or_else(|| Failure::transient("matrix send answered without event_id".into()))
+    }
+
+    /// In a room with `m.room.encryption` state, a message event goes out as
+    /// `m.room.encrypted` (reactions and redactions stay in the clear, as
+    /// Matrix has them); anything else as it is.
+    #[cfg(feature = "e2ee")]
+    async fn maybe_encrypt(
+        &self,
+        room: &str,
+        event_type: &str,
+        content: Value,
+    ) -> Result<(String, Value), Failure> {
+        let as_is = (event_type.to_owned(), content);
+        let Some(c) = &self.crypto else {
+            return Ok(as_is);
+        };
+        if as_is.0 != "m.room.message" {
+            return Ok(as_is);
+        }
+        let failure = |err: AdapterError| Failure {
+            errcode: None,
+            soft_logout: false,
+            err,
+        };
+        let Some(settings) = c.room_encryption(self, room).await.map_err(failure)? else {
+            return Ok(as_is);
+        };
+        let encrypted = c
+            .encrypt(self, room, &settings, &as_is.0, &as_is.1)
+            .await
+            .map_err(failure)?;
+        Ok(("m.room.encrypted".to_owned(), encrypted))
     }
 
     /// Upload `data` to the media repository: its `mxc://` URI.

@@ -39,6 +39,14 @@
 //! position, the pending invites and the last event of each room: old room
 //! history is not replayed as new messages.
 //!
+//! **Encrypted rooms** (the `e2ee` feature): each sync answer's to-device
+//! events, device lists and one-time-key counts go to the Olm machine first
+//! (see [`super::crypto`]), then the timeline's `m.room.encrypted` events are
+//! decrypted and published as what they are. One whose room key is missing
+//! is published as `encrypted` and kept in `sg:{P}:matrix:undecrypted` (in
+//! the same commit); when a later sync brings its key it is published
+//! decrypted (`late: true`) and dropped from there, in that sync's commit.
+//!
 //! **A refused token** (`M_UNKNOWN_TOKEN`, soft logout) pauses the sync: it
 //! is retried with backoff up to a minute, while the adapter reports the
 //! cause to `/readyz`; nothing is committed meanwhile.
@@ -113,6 +121,11 @@ struct Step {
     rooms: BTreeMap<String, String>,
     joins: BTreeMap<String, PendingJoin>,
     done: Vec<String>,
+    /// Events whose room key was missing, kept to be decrypted when it
+    /// arrives: event id → `{"room", "event"}` (JSON).
+    undecrypted: BTreeMap<String, String>,
+    /// Kept events now published decrypted.
+    resolved: Vec<String>,
 }
 
 impl Step {
@@ -121,6 +134,8 @@ impl Step {
             && self.rooms.is_empty()
             && self.joins.is_empty()
             && self.done.is_empty()
+            && self.undecrypted.is_empty()
+            && self.resolved.is_empty()
     }
 }
 
@@ -316,6 +331,13 @@ impl Syncer {
             }
         };
         info!(%platform, resume = st.since.is_some(), rooms = st.rooms.len(), pending_joins = st.joins.len(), "matrix sync loop started");
+        #[cfg(feature = "e2ee")]
+        if let Some(c) = self.mx.crypto()
+            && let Err(e) = c.announce(&self.mx).await
+        {
+            // The first sync's processing sends them again.
+            warn!(%platform, error = %e.message, "matrix e2ee: announcing the bot's device keys failed; retried with the sync");
+        }
         let mut backoff = Duration::from_secs(1);
         while !lost.is_cancelled() {
             if !self.retry_joins(&mut st).await {
@@ -362,7 +384,24 @@ impl Syncer {
                 }
                 continue;
             };
-            let step = match self.step(&resp, &st).await {
+            #[cfg(feature = "e2ee")]
+            let room_keys = match self.mx.crypto() {
+                None => Vec::new(),
+                Some(c) => match c.receive_sync(&self.mx, &resp).await {
+                    Ok(keys) => keys,
+                    Err(e) => {
+                        warn!(%platform, error = %e.message, "matrix e2ee: the sync's keys could not be processed; the batch will be fetched again");
+                        tokio::select! {
+                            _ = sleep(Duration::from_secs(1)) => {}
+                            _ = lost.cancelled() => return,
+                        }
+                        continue;
+                    }
+                },
+            };
+            #[cfg(not(feature = "e2ee"))]
+            let room_keys = Vec::new();
+            let step = match self.step(&resp, &st, &room_keys).await {
                 Ok(step) => step,
                 Err(e) => {
                     warn!(%platform, error = %e.message, "matrix: backfilling a gap failed; the batch will be fetched again");
@@ -437,10 +476,19 @@ impl Syncer {
 
     /// What one sync answer commits: its events (gaps backfilled), the
     /// rooms' last events, the invites' outcomes.
-    async fn step(&self, resp: &Value, st: &State) -> Result<Step, AdapterError> {
+    async fn step(
+        &self,
+        resp: &Value,
+        st: &State,
+        room_keys: &[(String, String)],
+    ) -> Result<Step, AdapterError> {
         let initial = st.since.is_none();
         let platform = &self.mx.platform;
         let mut step = Step::default();
+        #[cfg(feature = "e2ee")]
+        self.late_decryptions(room_keys, &mut step).await?;
+        #[cfg(not(feature = "e2ee"))]
+        let _ = room_keys;
         let rooms = resp.get("rooms");
         let joined = rooms.and_then(|r| r.get("join")).and_then(Value::as_object);
         for (room, data) in joined.into_iter().flatten() {
@@ -505,7 +553,27 @@ impl Syncer {
             if initial {
                 continue;
             }
+            #[cfg(feature = "e2ee")]
+            let decrypted = match self.mx.crypto() {
+                Some(c) => c.decrypt(&self.mx, room, &evs).await?,
+                None => Default::default(),
+            };
             for ev in &evs {
+                #[cfg(feature = "e2ee")]
+                if let Some(id) = event_id(ev)
+                    && let Some(r) = decrypted.get(id)
+                {
+                    if let Err(why) = r
+                        && why.missing_key
+                    {
+                        let kept = json!({"room": room, "event": ev}).to_string();
+                        step.undecrypted.insert(id.to_owned(), kept);
+                    }
+                    if let Some(e) = self.mx.decrypted_event(room, ev, r).await {
+                        step.events.push(e);
+                    }
+                    continue;
+                }
                 if let Some(e) = self.mx.timeline_event(room, ev).await {
                     step.events.push(e);
                 }
@@ -534,6 +602,68 @@ impl Syncer {
             self.try_join(room, pending, &mut step).await;
         }
         Ok(step)
+    }
+
+    /// The kept undecryptable events whose room key just arrived, decrypted
+    /// into `step` (published before the batch's own events, marked
+    /// `late: true`, and no longer kept).
+    #[cfg(feature = "e2ee")]
+    async fn late_decryptions(
+        &self,
+        room_keys: &[(String, String)],
+        step: &mut Step,
+    ) -> Result<(), AdapterError> {
+        let Some(c) = self.mx.crypto() else {
+            return Ok(());
+        };
+        if room_keys.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.conn.clone();
+        let kept: HashMap<String, String> =
+            conn.hgetall(self.keys.undecrypted()).await.map_err(|e| {
+                AdapterError::transient(format!(
+                    "matrix: reading the undecrypted events failed: {e}"
+                ))
+            })?;
+        let mut by_room: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+        for v in kept.values() {
+            let Ok(k) = serde_json::from_str::<Value>(v) else {
+                continue;
+            };
+            let (Some(room), Some(session)) = (
+                k.get("room").and_then(Value::as_str),
+                k.pointer("/event/content/session_id")
+                    .and_then(Value::as_str),
+            ) else {
+                continue;
+            };
+            if room_keys.iter().any(|(r, s)| r == room && s == session) {
+                by_room
+                    .entry(room.to_owned())
+                    .or_default()
+                    .push(k["event"].clone());
+            }
+        }
+        for (room, mut evs) in by_room {
+            evs.sort_by_key(|e| e.get("origin_server_ts").and_then(Value::as_u64));
+            let decrypted = c.decrypt(&self.mx, &room, &evs).await?;
+            for ev in &evs {
+                let Some(id) = event_id(ev) else { continue };
+                let Some(r @ Ok(_)) = decrypted.get(id) else {
+                    continue;
+                };
+                if let Some(mut e) = self.mx.decrypted_event(&room, ev, r).await {
+                    e.extra.insert("late".into(), Value::Bool(true));
+                    step.events.push(e);
+                }
+                step.resolved.push(id.to_owned());
+            }
+        }
+        if !step.resolved.is_empty() {
+            info!(platform = %self.mx.platform, events = step.resolved.len(), "matrix e2ee: events kept for a missing room key are decrypted now");
+        }
+        Ok(())
     }
 
     /// Try the join of `room` once, recording the outcome in `step`.
@@ -704,6 +834,8 @@ impl Syncer {
             "rooms": step.rooms,
             "joins": joins,
             "done": step.done,
+            "undecrypted": step.undecrypted,
+            "resolved": step.resolved,
         });
         let mut conn = self.conn.clone();
         let n: i64 = COMMIT
@@ -712,6 +844,7 @@ impl Syncer {
             .key(self.keys.rooms())
             .key(&self.inbound_key)
             .key(self.keys.joins())
+            .key(self.keys.undecrypted())
             .arg(&self.owner)
             .arg(next)
             .arg(crate::inbound::INBOUND_MAXLEN)
