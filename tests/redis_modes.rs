@@ -1131,7 +1131,7 @@ async fn a_seq_taken_while_replicas_are_short_is_reused_not_skipped() {
     let publisher = w
         .publisher()
         .clone()
-        .with_wait_replicas(1, Duration::from_millis(100));
+        .with_wait_replicas(1, Duration::from_millis(500));
     // No replica: the increment lands on the primary, the WAIT is short.
     for _ in 0..3 {
         assert!(publisher.next_seq("c").await.is_err(), "no replica yet");
@@ -1149,7 +1149,8 @@ async fn a_seq_taken_while_replicas_are_short_is_reused_not_skipped() {
     let _replica = replica_of(port);
     let seq = next_seq_once_replicated(&publisher, "c").await;
     assert_eq!(seq, 1);
-    assert_eq!(publisher.next_seq("c").await.unwrap(), 2);
+    // (under load a WAIT may still come back short: then the retry reuses it)
+    assert_eq!(next_seq_once_replicated(&publisher, "c").await, 2);
     // Short again, and another producer takes a seq meanwhile: the held one
     // no longer stands at the counter, so a new one is taken after it.
     drop(_replica);
