@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::bus::{Conn, Target};
+use crate::bus::{Bus, Conn, Target};
 use crate::keys::Keys;
 use crate::redis_server::{RedisCluster, RedisServer};
 
@@ -78,7 +78,8 @@ pub async fn run(
 }
 
 /// Which of `k` shards (contiguous slot ranges, as
-/// [`RedisCluster::start`] assigns them) holds `key`.
+/// [`RedisCluster::start`] assigns them: [`crate::redis_server::even_slots`])
+/// holds `key`.
 async fn shard_of(conn: &mut Conn, key: &str, k: usize) -> Result<usize> {
     let slot: u64 = redis::cmd("CLUSTER")
         .arg("KEYSLOT")
@@ -86,7 +87,7 @@ async fn shard_of(conn: &mut Conn, key: &str, k: usize) -> Result<usize> {
         .query_async(conn)
         .await?;
     Ok((0..k)
-        .find(|i| slot <= (((i + 1) * 16384 / k) - 1) as u64)
+        .find(|&i| slot <= crate::redis_server::even_slots(i, k).1)
         .unwrap_or(k - 1))
 }
 
@@ -152,6 +153,11 @@ async fn one(
         .kill_on_drop(true)
         .spawn()
         .context("starting the gateway")?;
+    let bus = Bus::connect_to(target, Keys::new("sg", "")).await?;
+    let buses: BTreeMap<&String, Bus> = platforms
+        .iter()
+        .map(|p| (p, bus.for_platform(Keys::new("sg", p))))
+        .collect();
     let mut done: BTreeMap<String, f64> = BTreeMap::new();
     let deadline = started + timeout;
     while done.len() < platforms.len() {
@@ -169,7 +175,7 @@ async fn one(
             if done.contains_key(p) {
                 continue;
             }
-            if drained(&mut conn, &Keys::new("sg", p), per_platform).await? {
+            if drained(&buses[p], per_platform).await? {
                 done.insert(p.clone(), started.elapsed().as_secs_f64());
             }
         }
@@ -200,25 +206,15 @@ async fn one(
     })
 }
 
-/// Whether the platform's group has read all `n` entries and holds none
-/// pending (every one delivered and acknowledged).
-async fn drained(conn: &mut Conn, keys: &Keys, n: u64) -> Result<bool> {
-    let groups: redis::RedisResult<Vec<std::collections::HashMap<String, redis::Value>>> =
-        redis::cmd("XINFO")
-            .arg("GROUPS")
-            .arg(keys.outbound())
-            .query_async(conn)
-            .await;
-    let Ok(groups) = groups else {
-        return Ok(false);
-    };
-    let int = |v: Option<&redis::Value>| match v {
-        Some(redis::Value::Int(i)) => Some(*i),
-        _ => None,
-    };
-    Ok(groups
-        .iter()
-        .any(|g| int(g.get("entries-read")) == Some(n as i64) && int(g.get("pending")) == Some(0)))
+/// Whether the platform's gateway group has read all `n` entries and holds
+/// none pending (every one delivered and acknowledged).
+async fn drained(bus: &Bus, n: u64) -> Result<bool> {
+    Ok(bus
+        .group()
+        .await
+        .ok()
+        .flatten()
+        .is_some_and(|g| g.entries_read == Some(n) && g.pending == 0))
 }
 
 /// The header of [`row`]'s table.

@@ -114,22 +114,16 @@ impl Publisher {
         if self.wait.is_none() {
             return self.increment(&key, None).await;
         }
-        let held = self.held(channel);
+        let held = self.held_seqs().get(channel).copied();
         if let Some((seq, token)) = held {
             let cur: Option<u64> = conn.hget(&key, "seq").await?;
             let taker: Option<u64> = conn.get(self.keys.seq_taker(channel)).await?;
             if cur == Some(seq) && taker == Some(token) {
                 self.replicated().await?;
-                self.unconfirmed
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(channel);
+                self.held_seqs().remove(channel);
                 return Ok(seq);
             }
-            self.unconfirmed
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(channel);
+            self.held_seqs().remove(channel);
         }
         let token: u64 = rand::random();
         // One slot, one node: the token follows the increment in the
@@ -137,10 +131,7 @@ impl Publisher {
         // token too, and a token that stands means the increment does.
         let seq = self.increment(&key, Some((channel, token))).await?;
         if let Err(e) = self.replicated().await {
-            self.unconfirmed
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(channel.to_owned(), (seq, token));
+            self.held_seqs().insert(channel.to_owned(), (seq, token));
             return Err(e);
         }
         Ok(seq)
@@ -187,12 +178,11 @@ impl Publisher {
         Ok(seq)
     }
 
-    fn held(&self, channel: &str) -> Option<(u64, u64)> {
-        self.unconfirmed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(channel)
-            .copied()
+    /// The seqs taken whose `WAIT` came back short, per channel.
+    fn held_seqs(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, (u64, u64)>> {
+        self.unconfirmed.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Publish an envelope object. Strict kinds with a channel and no `seq`

@@ -310,7 +310,7 @@ impl RedisCluster {
     fn assign_slots(&self) -> std::io::Result<()> {
         let k = self.nodes.len();
         for (i, n) in self.nodes.iter().enumerate() {
-            let (lo, hi) = (i * 16384 / k, (i + 1) * 16384 / k - 1);
+            let (lo, hi) = even_slots(i, k);
             let r = raw_command(
                 n.port(),
                 &["CLUSTER", "ADDSLOTSRANGE", &lo.to_string(), &hi.to_string()],
@@ -376,6 +376,24 @@ impl RedisCluster {
     pub fn urls(&self) -> Vec<String> {
         self.nodes.iter().map(RedisServer::url).collect()
     }
+}
+
+/// The slots node `i` of `k` primaries serves when the slots are split
+/// evenly, as [`RedisCluster::start`] does without replicas: `lo..=hi`.
+pub fn even_slots(i: usize, k: usize) -> (u64, u64) {
+    ((i * 16384 / k) as u64, ((i + 1) * 16384 / k - 1) as u64)
+}
+
+/// The slot ranges of one `CLUSTER NODES` line (its fields from the ninth:
+/// `lo-hi` or a single slot; migration markers in brackets are skipped).
+pub fn node_line_slots(line: &str) -> Vec<(u64, u64)> {
+    line.split(' ')
+        .skip(8)
+        .filter_map(|r| match r.split_once('-') {
+            Some((lo, hi)) => Some((lo.parse().ok()?, hi.parse().ok()?)),
+            None => r.parse().ok().map(|s| (s, s)),
+        })
+        .collect()
 }
 
 /// One command over a raw connection (RESP2), the reply as text; `None`

@@ -778,12 +778,9 @@ fn try_primary_of(cluster: &RedisCluster, key: &str) -> Option<usize> {
         if f.len() < 9 || !f[2].contains("master") || f[2].contains("fail") {
             continue;
         }
-        let owns = f[8..].iter().any(|r| match r.split_once('-') {
-            Some((lo, hi)) => {
-                (lo.parse::<u64>().unwrap_or(u64::MAX)..=hi.parse().unwrap_or(0)).contains(&slot)
-            }
-            None => r.parse::<u64>().ok() == Some(slot),
-        });
+        let owns = stargazer::redis_server::node_line_slots(line)
+            .iter()
+            .any(|(lo, hi)| (*lo..=*hi).contains(&slot));
         if owns {
             let addr_port: u16 = f[1]
                 .split('@')

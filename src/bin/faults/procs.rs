@@ -231,7 +231,7 @@ impl Redis {
 
     /// The slot ranges this cluster node serves (`CLUSTER NODES`, its
     /// `myself` line).
-    pub async fn own_slots(&self) -> Result<Vec<(u16, u16)>> {
+    pub async fn own_slots(&self) -> Result<Vec<(u64, u64)>> {
         let client = redis::Client::open(self.url())?;
         let mut c = client.get_multiplexed_async_connection().await?;
         let nodes: String = redis::cmd("CLUSTER")
@@ -242,14 +242,7 @@ impl Redis {
             .lines()
             .find(|l| l.split(' ').nth(2).is_some_and(|f| f.contains("myself")))
             .context("no `myself` line in CLUSTER NODES")?;
-        Ok(mine
-            .split(' ')
-            .skip(8)
-            .filter_map(|r| match r.split_once('-') {
-                Some((lo, hi)) => Some((lo.parse().ok()?, hi.parse().ok()?)),
-                None => r.parse().ok().map(|s| (s, s)),
-            })
-            .collect())
+        Ok(stargazer::redis_server::node_line_slots(mine))
     }
 
     pub fn is_running(&mut self) -> bool {

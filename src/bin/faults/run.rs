@@ -479,7 +479,7 @@ async fn start_cluster(s: &Settings, work: &std::path::Path) -> Result<(Redis, V
     let mut c = redis::Client::open(nodes[0].url())?
         .get_multiplexed_async_connection()
         .await?;
-    let slot: u16 = redis::cmd("CLUSTER")
+    let slot: u64 = redis::cmd("CLUSTER")
         .arg("KEYSLOT")
         .arg(format!("sg:{{{}}}:outbound", s.platform))
         .query_async(&mut c)
